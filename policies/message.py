@@ -1,0 +1,224 @@
+"""The one parse of a message that every policy shares.
+
+``ParsedMessage`` wraps the bytes the upstream will receive (already normalised by the
+proxy) and the ``email`` package's parse of them. Expensive views (decoded text parts,
+address lists) are computed on first use and cached, so a message is decoded at most once
+whatever the number of policies.
+
+Everything here is defensive: the stdlib parser raises on some malformed input
+(unknown charsets, missing boundaries, deep nesting), and a policy must never crash on
+a message, so every accessor degrades to a best-effort answer instead.
+"""
+
+from __future__ import annotations
+
+import codecs
+import email
+import email.policy
+import email.utils
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage, Message
+from functools import cached_property
+
+__all__ = ("Address", "MessageParseError", "ParsedMessage", "TextPart", "split_header_block")
+
+
+class MessageParseError(Exception):
+    """The message cannot be parsed safely (e.g. MIME nesting beyond the limit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    """A human-readable body part: text/plain or text/html, decoded to str."""
+
+    content_type: str
+    text: str
+    charset: str
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    display_name: str
+    addr_spec: str
+
+    @property
+    def normalized(self) -> str:
+        """Case-folded addr-spec, for comparing and counting (RFC 5321 local parts are
+        case-sensitive in theory, but every real mail system treats them as equal)."""
+        return self.addr_spec.strip().lower()
+
+
+def split_header_block(raw: bytes) -> tuple[bytes, bytes]:
+    """Split raw message bytes into (header block, rest starting with the blank line).
+
+    The header block ends at the first empty line (RFC 5322 section 2.1). A message
+    without a blank line is all header.
+    """
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        index = raw.find(separator)
+        if index != -1:
+            cut = index + len(separator) // 2
+            return raw[:cut], raw[cut:]
+    if raw.startswith((b"\r\n", b"\n")):
+        return b"", raw
+    return raw, b""
+
+
+def _decode_bytes(payload: bytes, charset: str | None) -> tuple[str, str]:
+    """Decode with the declared charset, falling back safely when it is unknown or wrong."""
+    candidates = [c for c in (charset, "utf-8", "cp1252") if c]
+    for name in candidates:
+        try:
+            codecs.lookup(name)
+        except LookupError:
+            continue
+        try:
+            return payload.decode(name), name
+        except (UnicodeDecodeError, ValueError):
+            continue
+    return payload.decode("latin-1", errors="replace"), "latin-1"
+
+
+class ParsedMessage:
+    """A message parsed once with ``email.policy.default``."""
+
+    def __init__(self, raw: bytes, *, max_mime_depth: int = 50) -> None:
+        self.raw = raw
+        try:
+            parsed = email.message_from_bytes(raw, policy=email.policy.default)
+            assert isinstance(parsed, EmailMessage)
+            self.msg: EmailMessage = parsed
+        except RecursionError as error:
+            raise MessageParseError("MIME structure is nested too deeply to parse") from error
+        depth = self._depth(self.msg, 0, max_mime_depth)
+        if depth > max_mime_depth:
+            raise MessageParseError(f"MIME nesting exceeds the limit of {max_mime_depth} levels")
+
+    @staticmethod
+    def _depth(part: Message, level: int, limit: int) -> int:
+        if level > limit:
+            return level
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            return max(
+                (ParsedMessage._depth(p, level + 1, limit) for p in payload if isinstance(p, Message)), default=level
+            )
+        return level
+
+    # ---- headers ---------------------------------------------------------------------
+
+    def raw_header_values(self, name: str) -> list[str]:
+        """Undecoded values of every field called ``name`` (case-insensitive), in order."""
+        wanted = name.lower()
+        return [str(value) for key, value in self.msg._headers if key.lower() == wanted]  # type: ignore[attr-defined]
+
+    def header_values(self, name: str) -> list[str]:
+        """Decoded values (RFC 2047 words resolved) of every field called ``name``."""
+        out: list[str] = []
+        for raw in self.raw_header_values(name):
+            try:
+                out.append(str(self.msg.policy.header_factory(name, raw)))  # type: ignore[attr-defined]
+            except Exception:  # a malformed field must not crash a policy
+                out.append(raw)
+        return out
+
+    def header(self, name: str) -> str | None:
+        values = self.header_values(name)
+        return values[0] if values else None
+
+    def has_header(self, name: str) -> bool:
+        return any(value.strip() for value in self.raw_header_values(name))
+
+    @cached_property
+    def header_names(self) -> list[str]:
+        return [key for key, _ in self.msg._headers]  # type: ignore[attr-defined]
+
+    @cached_property
+    def defects(self) -> list[str]:
+        found = [type(d).__name__ for d in self.msg.defects]
+        for part in self.msg.walk():
+            if part is not self.msg:
+                found.extend(type(d).__name__ for d in part.defects)
+        return found
+
+    # ---- addresses ---------------------------------------------------------------------
+
+    def addresses(self, *names: str) -> list[Address]:
+        """Addresses in the named fields, group members included, in order of appearance.
+
+        Each field is parsed with the structured parser; where it reports defects the raw
+        value is also parsed leniently and the larger result is kept, because the strict
+        parser drops some malformed but visible addresses. Display names are decoded after
+        the structure is parsed, never before (an encoded comma is not a separator).
+        """
+        out: list[Address] = []
+        for name in names:
+            for raw in self.raw_header_values(name):
+                out.extend(_parse_address_field(name, raw, self.msg))
+        return out
+
+    # ---- body --------------------------------------------------------------------------
+
+    @cached_property
+    def text_parts(self) -> list[TextPart]:
+        """text/plain and text/html parts a reader sees: not attachments, nothing below
+        a message/* part (forwarded mail, bounces)."""
+        return list(self._walk_text(self.msg, top=True))
+
+    def _walk_text(self, part: Message, *, top: bool) -> Iterator[TextPart]:
+        try:
+            ctype = part.get_content_type()
+        except Exception:
+            ctype = "text/plain"
+        if ctype.startswith("message/"):
+            return
+        if part.is_multipart():
+            payload = part.get_payload()
+            if isinstance(payload, list):
+                for sub in payload:
+                    if isinstance(sub, Message):
+                        yield from self._walk_text(sub, top=False)
+            return
+        if not top and (part.get_content_disposition() or "").lower() == "attachment":
+            return
+        if ctype not in ("text/plain", "text/html"):
+            # A multipart declared without a boundary parses as a leaf of a multipart type;
+            # read it as text so that nothing in it goes unseen.
+            if not ctype.startswith("multipart/"):
+                return
+            ctype = "text/plain"
+        try:
+            payload_bytes = part.get_payload(decode=True)
+        except Exception:
+            payload_bytes = None
+        if not isinstance(payload_bytes, bytes):
+            raw_payload = part.get_payload()
+            payload_bytes = raw_payload.encode("utf-8", "surrogateescape") if isinstance(raw_payload, str) else b""
+        try:
+            declared = part.get_content_charset()
+        except Exception:
+            declared = None
+        text, used = _decode_bytes(payload_bytes, declared)
+        yield TextPart(ctype, text, used)
+
+
+def _parse_address_field(name: str, raw: str, msg: EmailMessage) -> list[Address]:
+    strict: list[Address] = []
+    defective = True
+    try:
+        header = msg.policy.header_factory(name, raw)  # type: ignore[attr-defined]
+        strict = [Address(str(a.display_name), str(a.addr_spec)) for a in header.addresses if "@" in str(a.addr_spec)]
+        defective = bool(header.defects)
+    except Exception:
+        strict, defective = [], True
+    if not defective:
+        return strict
+    try:
+        lenient_pairs = email.utils.getaddresses([raw])
+    except Exception:
+        lenient_pairs = []
+    lenient = [Address(display, spec) for display, spec in lenient_pairs if "@" in spec]
+    strict_set = {a.normalized for a in strict}
+    lenient_set = {a.normalized for a in lenient}
+    return lenient if len(lenient_set) > len(strict_set) else strict

@@ -1,0 +1,343 @@
+"""The running application: listeners, the HTTP side, reloads, signals and a clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.auth import UserStore
+from proxy.classify import Classifier
+from proxy.config import ConfigError, ListenerConfig, Settings, load_config
+from proxy.http import build_http_app
+from proxy.logsetup import AuditLog
+from proxy.metrics import Metrics
+from proxy.pipeline import Pipeline
+from proxy.replies import R421_SHUTTING_DOWN
+from proxy.runtime import ListenerState, Runtime, Services
+from proxy.smtp import RelayHandler, SendguardSMTP
+from proxy.upstream import build_upstream
+
+__all__ = ("App", "serve")
+
+log = logging.getLogger("sendguard")
+
+
+class App:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config_path: str | None = None,
+        overrides: Mapping[str, str] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
+        self.environ = environ
+        self.listeners: dict[str, ListenerState] = {}
+        self.servers: dict[str, asyncio.AbstractServer] = {}
+        self.bound: dict[str, tuple[str, int]] = {}
+        self.http_bound: tuple[str, int] | None = None
+        self._runtime: Runtime | None = None
+        self._services: Services | None = None
+        self._http_runner: web.AppRunner | None = None
+        self._accepting = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watch_stamp: tuple[int, int] | None = None
+        self._reload_lock = asyncio.Lock()
+        self._generation = 0
+
+    # ---- AppHandle ------------------------------------------------------------------------
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self._runtime is not None, "App.start() first"
+        return self._runtime
+
+    @property
+    def services(self) -> Services:
+        assert self._services is not None, "App.start() first"
+        return self._services
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # ---- start ----------------------------------------------------------------------------
+
+    def _build_runtime(self, settings: Settings, previous: Runtime | None = None) -> Runtime:
+        metrics = self.services.metrics
+        self._generation += 1
+        upstream = None
+        if previous is not None and previous.settings.upstream == settings.upstream:
+            upstream = previous.upstream  # keep the pool: same upstream, same connections
+        if upstream is None:
+            upstream = build_upstream(
+                settings.upstream, helo_name=self.services.hostname, on_reply=metrics.upstream_reply
+            )
+        pipeline = Pipeline(settings.policies, resources={}, observer=metrics)
+        metrics.declare_listeners(listener.name for listener in settings.listeners)
+        metrics.declare_policies((entry.id, entry.mode) for entry in settings.policies)
+        metrics.set_config(settings.digest)
+        return Runtime(
+            settings=settings,
+            pipeline=pipeline,
+            classifier=Classifier(settings.classes),
+            upstream=upstream,
+            generation=self._generation,
+        )
+
+    async def start(self) -> None:
+        settings = self.settings
+        hostname = await asyncio.to_thread(socket.getfqdn)
+        self._services = Services(
+            metrics=Metrics(__version__),
+            audit=AuditLog(settings.audit.path, settings.audit.max_size, settings.audit.keep),
+            users=UserStore(settings.users_file),
+            hostname=hostname,
+            version=__version__,
+        )
+        self._runtime = self._build_runtime(settings)
+        loop = asyncio.get_running_loop()
+        try:
+            for config in settings.listeners:
+                await self._start_listener(loop, config)
+            if settings.http.address is not None:
+                await self._start_http(settings)
+        except BaseException:
+            await self.stop()
+            raise
+        self._accepting = True
+        self._log_inventory(settings)
+        if self.config_path and settings.reload.watch:
+            self._watch_stamp = self._stamp()
+            self._spawn(self._watch_config())
+        self.services.metrics.config_last_reload_time.set_to_current_time()
+
+    async def _start_listener(self, loop: asyncio.AbstractEventLoop, config: ListenerConfig) -> None:
+        state = ListenerState(config)
+        self.listeners[config.name] = state
+
+        def factory() -> SendguardSMTP:
+            handler = RelayHandler(self, state)
+            timeouts = self.runtime.settings.timeouts
+            return SendguardSMTP(handler, state, self.services, timeouts.idle, timeouts.session)
+
+        ssl_context = state.tls_context if config.tls.mode == "implicit" else None
+        try:
+            server = await loop.create_server(
+                factory, host=config.address.host, port=config.address.port, ssl=ssl_context, reuse_address=True
+            )
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot listen on {config.address} for listener {config.name!r}: {exc.strerror}"
+            ) from exc
+        self.servers[config.name] = server
+        sockname = server.sockets[0].getsockname()
+        self.bound[config.name] = (sockname[0], sockname[1])
+
+    async def _start_http(self, settings: Settings) -> None:
+        address = settings.http.address
+        assert address is not None
+        runner = web.AppRunner(build_http_app(self.services.metrics, self), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(exc.errno, f"cannot listen on {address} for HTTP: {exc.strerror}") from exc
+        self._http_runner = runner
+        server = site._server
+        if isinstance(server, asyncio.base_events.Server) and server.sockets:
+            sockname = server.sockets[0].getsockname()
+            self.http_bound = (sockname[0], sockname[1])
+
+    def _log_inventory(self, settings: Settings) -> None:
+        for name, (host, port) in self.bound.items():
+            config = settings.listener(name)
+            log.info(
+                "listener %s on %s:%s (tls=%s, auth=%s, trusted=%s)",
+                name,
+                host,
+                port,
+                config.tls.mode,
+                config.auth,
+                ",".join(str(n) for n in config.trusted_networks),
+            )
+        log.info("upstream %s", settings.upstream.address)
+        for entry in settings.policies:
+            log.info(
+                "policy %s (%s) mode=%s on_error=%s classes=%s",
+                entry.id,
+                entry.name,
+                entry.mode,
+                entry.on_error,
+                ",".join(entry.classes),
+            )
+        if self.http_bound:
+            log.info("http on %s:%s (/metrics /healthz /readyz)", *self.http_bound)
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        listening = {name: f"{h}:{p}" for name, (h, p) in self.bound.items()}
+        runtime = self._runtime
+        detail: dict[str, object] = {"listeners": listening, "accepting": self._accepting}
+        if runtime is not None:
+            detail["config"] = runtime.settings.digest
+            detail["upstream"] = runtime.settings.upstream.address
+        return self._accepting and bool(listening), detail
+
+    # ---- reload ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _stamp(self) -> tuple[int, int] | None:
+        if not self.config_path:
+            return None
+        try:
+            stat = os.stat(self.config_path)
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    async def _watch_config(self) -> None:
+        while self._accepting or self._runtime is None:
+            await asyncio.sleep(self.runtime.settings.reload.interval)
+            stamp = self._stamp()
+            if stamp is not None and stamp != self._watch_stamp:
+                self._watch_stamp = stamp
+                await self.reload(reason="file changed")
+
+    async def reload(self, reason: str = "SIGHUP") -> bool:
+        """Load the config again and swap it in atomically; a bad file changes nothing."""
+        if not self.config_path:
+            log.warning("reload requested but sendguard was not started from a file")
+            return False
+        metrics = self.services.metrics
+        async with self._reload_lock:
+            try:
+                settings = await asyncio.to_thread(
+                    load_config, self.config_path, environ=self.environ, overrides=self.overrides
+                )
+            except ConfigError as exc:
+                metrics.config_reloads.labels("failure").inc()
+                metrics.config_last_reload_success.set(0)
+                log.error(
+                    "config reload (%s) refused, keeping the running config: %d problem(s)",
+                    reason,
+                    len(exc.issues),
+                    extra={"fields": {"problems": [str(i) for i in exc.issues]}},
+                )
+                return False
+            old = self.runtime
+            if settings.digest == old.settings.digest:
+                log.info("config reload (%s): file unchanged", reason)
+                metrics.config_last_reload_success.set(1)
+                return True
+            try:
+                runtime = self._build_runtime(settings, previous=old)
+            except Exception:
+                metrics.config_reloads.labels("failure").inc()
+                metrics.config_last_reload_success.set(0)
+                log.exception("config reload (%s) failed while building; keeping the running config", reason)
+                return False
+            self._apply_listener_changes(settings)
+            self._runtime = runtime
+            self.settings = settings
+            old.retired = True
+            self._spawn(self._retire(old, runtime))
+            metrics.config_reloads.labels("success").inc()
+            metrics.config_last_reload_success.set(1)
+            metrics.config_last_reload_time.set_to_current_time()
+            log.info("config reloaded (%s): %s", reason, settings.digest)
+            self._log_inventory(settings)
+            return True
+
+    def _apply_listener_changes(self, settings: Settings) -> None:
+        for config in settings.listeners:
+            state = self.listeners.get(config.name)
+            if state is None:
+                log.warning("new listener %s needs a restart to start listening", config.name)
+                continue
+            old = state.config
+            if (old.address, old.tls.mode) != (config.address, config.tls.mode):
+                log.warning(
+                    "listener %s: address or TLS mode changes need a restart; other settings applied", config.name
+                )
+                config = dataclasses.replace(
+                    config, address=old.address, tls=dataclasses.replace(config.tls, mode=old.tls.mode)
+                )
+            state.update(config)
+        for name in self.listeners:
+            if name not in {c.name for c in settings.listeners}:
+                log.warning("listener %s was removed from the config; it stops at the next restart", name)
+
+    async def _retire(self, old: Runtime, new: Runtime) -> None:
+        await old.wait_idle()
+        await old.pipeline.close()
+        if old.upstream is not new.upstream:
+            await old.upstream.close()
+
+    # ---- stop -----------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Stop listening, let transactions in flight finish (up to the shutdown timeout),
+        then say 421 to whoever is left and close."""
+        self._accepting = False
+        for server in self.servers.values():
+            server.close()
+        runtime = self._runtime
+        if runtime is not None:
+            try:
+                await asyncio.wait_for(runtime.wait_idle(), runtime.settings.timeouts.shutdown)
+            except TimeoutError:
+                log.warning("%d transaction(s) still in flight after the shutdown timeout", runtime.in_flight)
+        for state in self.listeners.values():
+            for session in list(state.sessions):
+                if isinstance(session, SendguardSMTP):
+                    session.close_with(R421_SHUTTING_DOWN)
+        for server in self.servers.values():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
+            self._http_runner = None
+        if runtime is not None:
+            await runtime.pipeline.close()
+            await runtime.upstream.close()
+        if self._services is not None:
+            self._services.audit.close()
+
+
+async def serve(config_path: str, overrides: Mapping[str, str]) -> int:
+    """``sendguard serve``: run until SIGTERM or SIGINT; SIGHUP reloads."""
+    settings = load_config(config_path, overrides=overrides)
+    app = App(settings, config_path=config_path, overrides=overrides)
+    await app.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: app._spawn(app.reload("SIGHUP")))
+    log.info("sendguard %s ready", __version__)
+    await stop.wait()
+    log.info("stopping: draining transactions in flight")
+    await app.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,294 @@
+"""The ``sendguard`` command.
+
+Exit codes: 0 success (or: the message would be accepted), 1 the message would be refused
+or deferred, 2 bad input or bad config (os.EX_USAGE-like), 3 could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from policies.base import Action, Transaction
+from policies.message import ParsedMessage
+from proxy import __version__
+from proxy.auth import add_user
+from proxy.classify import Classifier
+from proxy.config import ConfigError, Settings, load_config, parse_upstream_address
+from proxy.intake import MessageRefused, prepare_message
+from proxy.logsetup import configure_logging
+from proxy.pipeline import Pipeline, PolicyResult, StageDecision
+from proxy.schema import parse_hostport
+
+__all__ = ("main",)
+
+EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_START_FAILED = 0, 1, 2, 3
+
+
+def _hostport(text: str) -> str:
+    try:
+        parse_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _upstream(text: str) -> str:
+    try:
+        return parse_upstream_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sendguard", description="Outbound SMTP filtering proxy.")
+    parser.add_argument("--version", action="version", version=f"sendguard {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", required=True, help="YAML config file")
+    serve.add_argument("--listen", type=_hostport, help="HOST:PORT for the first listener")
+    serve.add_argument("--upstream", type=_upstream, help="HOST:PORT of the upstream MTA, or maildir:PATH")
+    serve.add_argument("--http", type=_hostport, help="HOST:PORT for /metrics, /healthz, /readyz")
+
+    check = commands.add_parser("check", help="run the policies on a message offline; print the decision as JSON")
+    check.add_argument("--config", required=True, help="YAML config file")
+    check.add_argument("--from", dest="sender", help="envelope sender (default: from the headers)")
+    check.add_argument(
+        "--to", dest="recipients", action="append", help="envelope recipient, repeatable (default: To, Cc and Bcc)"
+    )
+    check.add_argument(
+        "--class", dest="message_class", choices=("commercial", "transactional"), help="force the message class"
+    )
+    check.add_argument("--listener", help="listener the message arrives on (default: the first)")
+    check.add_argument("--auth-user", help="AUTH user the message is sent as")
+    check.add_argument("message", help="the message, an .eml file (- for standard input)")
+
+    config = commands.add_parser("config", help="config file tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    config_check = config_commands.add_parser("check", help="validate a config file")
+    config_check.add_argument("file")
+
+    user = commands.add_parser("user", help="AUTH users")
+    user_commands = user.add_subparsers(dest="user_command", required=True, metavar="SUBCOMMAND")
+    user_add = user_commands.add_parser("add", help="add a user or change a password")
+    user_add.add_argument("name")
+    where = user_add.add_mutually_exclusive_group()
+    where.add_argument("--config", help="take the users file from this config (users_file)")
+    where.add_argument("--users-file", help="the users file (default: var/users)")
+    user_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "config":
+            return _config_check(args.file)
+        if args.command == "user":
+            return _user_add(args)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return EXIT_BAD_INPUT
+    parser.error("unknown command")  # exits
+
+
+def _print_config_error(exc: ConfigError) -> None:
+    print(f"sendguard: the config has {len(exc.issues)} problem(s):", file=sys.stderr)
+    for issue in exc.issues:
+        print(f"  {issue}", file=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from proxy.app import serve
+
+    overrides = {k: v for k, v in (("listen", args.listen), ("upstream", args.upstream), ("http", args.http)) if v}
+    settings = load_config(args.config, overrides=overrides)  # refuse to start on bad config
+    configure_logging(settings.logging.format, settings.logging.level)
+    try:
+        return asyncio.run(serve(args.config, overrides))
+    except OSError as exc:
+        logging.getLogger("sendguard").error("cannot start: %s", exc)
+        return EXIT_START_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _config_check(path: str) -> int:
+    settings = load_config(path)
+    print(
+        f"{path}: OK ({len(settings.listeners)} listener(s), {len(settings.policies)} polic(ies), "
+        f"upstream {settings.upstream.address})"
+    )
+    return EXIT_OK
+
+
+def _user_add(args: argparse.Namespace) -> int:
+    users_file = args.users_file or (load_config(args.config).users_file if args.config else "var/users")
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"Password for {args.name}: ")
+        if password != getpass.getpass("Again: "):
+            print("sendguard: the passwords differ", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    try:
+        new = add_user(users_file, args.name, password)
+    except ValueError as exc:
+        print(f"sendguard: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{'added' if new else 'updated'} user {args.name} in {users_file}")
+    return EXIT_OK
+
+
+# ---- check ---------------------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace) -> int:
+    settings = load_config(args.config)
+    try:
+        raw = sys.stdin.buffer.read() if args.message == "-" else Path(args.message).read_bytes()
+    except OSError as exc:
+        print(f"sendguard: cannot read {args.message}: {exc.strerror}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not raw.strip():
+        print(f"sendguard: {args.message} is empty", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.listener is not None and args.listener not in {listener.name for listener in settings.listeners}:
+        print(f"sendguard: no listener is called {args.listener!r}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    result = asyncio.run(
+        run_check(
+            settings,
+            raw,
+            sender=args.sender,
+            recipients=args.recipients,
+            forced_class=args.message_class,
+            listener=args.listener,
+            auth_user=args.auth_user,
+        )
+    )
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    if result["action"] == "error":
+        return EXIT_BAD_INPUT
+    return EXIT_OK if result["action"] == "accept" else EXIT_REFUSED
+
+
+async def run_check(
+    settings: Settings,
+    raw: bytes,
+    *,
+    sender: str | None = None,
+    recipients: Sequence[str] | None = None,
+    forced_class: str | None = None,
+    listener: str | None = None,
+    auth_user: str | None = None,
+) -> dict[str, Any]:
+    """The proxy's decision for one message, without sockets and without side effects."""
+    try:
+        content, message = prepare_message(raw, settings.message)
+    except MessageRefused as refusal:
+        return {
+            "action": "reject" if refusal.reply.code >= 500 else "tempfail",
+            "reply": refusal.reply.line(),
+            "reason": refusal.why,
+            "policies": [],
+        }
+    if sender is None:
+        sender = _sender_from_headers(message)
+    if not recipients:
+        recipients = [a.addr_spec for a in message.addresses("To", "Cc", "Bcc")]
+    if not recipients:
+        return {
+            "action": "error",
+            "reply": None,
+            "reason": "no recipients: give --to or put To: in the message",
+            "policies": [],
+        }
+
+    pipeline = Pipeline(settings.policies)
+    classifier = Classifier(settings.classes)
+    txn = Transaction(
+        txn_id="check",
+        listener=listener or settings.listeners[0].name,
+        client_ip="127.0.0.1",
+        auth_user=auth_user,
+        mail_from=sender,
+    )
+    results: list[PolicyResult] = []
+    try:
+        classification = classifier.from_envelope(txn)
+        txn.message_class = forced_class or (classification.message_class if classification else None)
+        decision = await pipeline.check_mail(txn)
+        results.extend(decision.results)
+        if not decision.accepted:
+            return _check_result(decision, txn, results, {})
+        checked: dict[str, str] = {}
+        refused: dict[str, StageDecision] = {}
+        for recipient in recipients:
+            decision = await pipeline.check_rcpt(txn, recipient, checked)
+            results.extend(decision.results)
+            if decision.accepted:
+                txn.recipients.append(recipient)
+            else:
+                refused[recipient] = decision
+        if not txn.recipients:
+            first = next(iter(refused.values()))
+            return _check_result(first, txn, results, refused)
+        txn.message = message
+        txn.size = len(content)
+        final = classifier.from_message(txn, message)
+        txn.message_class = forced_class or final.message_class
+        decision = await pipeline.check_message(txn, checked)
+        results.extend(decision.results)
+        if not decision.accepted:
+            return _check_result(decision, txn, results, refused)
+        if refused:
+            return _check_result(next(iter(refused.values())), txn, results, refused)
+        out = _check_result(decision, txn, results, refused)
+        additions = [f"{name}: {value}" for edit in decision.edits for name, value in edit.add]
+        if additions:
+            out["added_headers"] = additions
+        return out
+    finally:
+        await pipeline.close()
+
+
+def _sender_from_headers(message: ParsedMessage) -> str:
+    for name in ("Return-Path", "Sender", "From"):
+        addresses = message.addresses(name)
+        if addresses:
+            return addresses[0].addr_spec
+    return ""
+
+
+def _check_result(
+    decision: StageDecision, txn: Transaction, results: list[PolicyResult], refused: dict[str, StageDecision]
+) -> dict[str, Any]:
+    action = decision.action
+    out: dict[str, Any] = {
+        "action": str(action),
+        "reply": decision.reply.line() if decision.reply else "250 2.0.0 Ok",
+        "class": txn.message_class,
+        "sender": txn.mail_from,
+        "recipients": list(txn.recipients),
+        "policies": [r.as_dict() for r in results],
+    }
+    if refused:
+        out["refused_recipients"] = {rcpt: d.reply.line() if d.reply else None for rcpt, d in refused.items()}
+        if action is Action.ACCEPT:
+            out["action"] = str(next(iter(refused.values())).action)
+    return out

@@ -1,0 +1,118 @@
+"""Structured logs on stdout (JSON or logfmt) and the audit log file.
+
+Both go through a queue to a writer thread, so a slow terminal or disk never blocks the
+event loop. Log records carry their structured fields in ``record.fields`` (pass
+``extra={"fields": {...}}``); credentials never reach a record (aiosmtpd's own wire log,
+which would show AUTH exchanges at debug level, is kept at WARNING).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import queue
+import sys
+import time
+from typing import Any, TextIO
+
+__all__ = ("AuditLog", "JsonFormatter", "LogfmtFormatter", "configure_logging", "stop_logging")
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def _base(record: logging.LogRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
+    fields = getattr(record, "fields", None)
+    if isinstance(fields, dict):
+        out.update(fields)
+    if record.exc_info:
+        out["error"] = logging.Formatter().formatException(record.exc_info)
+    return out
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(_base(record), ensure_ascii=False, default=str)
+
+
+def _logfmt_value(value: Any) -> str:
+    if isinstance(value, (dict, list, tuple)):
+        value = json.dumps(value, ensure_ascii=False, default=str)
+    text = "" if value is None else str(value)
+    if text and all(c.isalnum() or c in "._-:/@+<>[]" for c in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return " ".join(f"{key}={_logfmt_value(value)}" for key, value in _base(record).items() if value is not None)
+
+
+def configure_logging(fmt: str = "logfmt", level: str = "info", stream: TextIO | None = None) -> None:
+    """Route every sendguard log line through one queue to stdout."""
+    global _listener
+    stop_logging()
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
+    log_queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(logging.handlers.QueueHandler(log_queue))
+    root.setLevel(level.upper())
+    # aiosmtpd logs every command line at INFO and the wire at DEBUG; keep it quiet.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    _listener = logging.handlers.QueueListener(log_queue, handler, respect_handler_level=True)
+    _listener.start()
+
+
+def stop_logging() -> None:
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
+class AuditLog:
+    """One JSON line per transaction, flushed per line, rotated by size.
+
+    This is the record an administrator shows a regulator: what was decided, by which
+    policy, on what basis, and what the upstream said.
+    """
+
+    def __init__(self, path: str | None, max_size: int, keep: int) -> None:
+        self.path = path
+        self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self._listener: logging.handlers.QueueListener | None = None
+        self._logger = logging.Logger(f"sendguard.audit.{id(self)}")
+        self._logger.propagate = False
+        if path is None:
+            return
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_size, backupCount=keep, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        self._logger.addHandler(logging.handlers.QueueHandler(self._queue))
+        self._listener = logging.handlers.QueueListener(self._queue, handler)
+        self._listener.start()
+
+    def write(self, entry: dict[str, Any]) -> None:
+        if self._listener is None:
+            return
+        self._logger.info("%s", json.dumps(entry, ensure_ascii=False, default=str, separators=(",", ":")))
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()  # drains the queue first
+            for handler in self._listener.handlers:
+                handler.close()
+            self._listener = None

@@ -1,0 +1,142 @@
+"""Every Prometheus metric sendguard exports, defined in one place.
+
+Names start with ``sendguard_``; labels come from bounded sets (listener names, classes,
+policy ids, outcomes, code classes), never from addresses. Every label combination that
+can occur is created at start, at 0, so dashboards and alerts see a series before the
+first event (rspamd does the same for its actions).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from policies.base import MESSAGE_CLASSES
+
+__all__ = ("Metrics",)
+
+MESSAGE_OUTCOMES = ("delivered", "rejected", "tempfailed", "abandoned")
+RECIPIENT_OUTCOMES = ("accepted", "rejected", "tempfailed")
+POLICY_ACTIONS = ("accept", "reject", "tempfail", "error")
+UPSTREAM_STAGES = ("connect", "mail", "rcpt", "data")
+UPSTREAM_CLASSES = ("2xx", "4xx", "5xx", "timeout", "disconnected", "error", "auth_failed")
+CLASSES_OR_UNKNOWN = (*MESSAGE_CLASSES, "unknown")
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, version: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.build_info = Gauge("sendguard_build_info", "Version of sendguard", ["version", "python"], registry=r)
+        self.build_info.labels(version, platform.python_version()).set(1)
+        self.config_info = Gauge("sendguard_config_info", "Hash of the running config file", ["digest"], registry=r)
+        self.config_reloads = Counter(
+            "sendguard_config_reloads_total", "Config reloads by result", ["result"], registry=r
+        )
+        self.config_last_reload_success = Gauge(
+            "sendguard_config_last_reload_success",
+            "1 when the last reload succeeded, 0 when it was refused",
+            registry=r,
+        )
+        self.config_last_reload_time = Gauge(
+            "sendguard_config_last_reload_timestamp_seconds", "When the config was last (re)loaded", registry=r
+        )
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+        self.config_last_reload_success.set(1)
+
+        self.sessions = Counter(
+            "sendguard_sessions_total", "Client sessions by listener and outcome", ["listener", "outcome"], registry=r
+        )
+        self.sessions_active = Gauge("sendguard_sessions_active", "Open client sessions", ["listener"], registry=r)
+        self.auth = Counter("sendguard_auth_total", "AUTH attempts by result", ["listener", "result"], registry=r)
+        self.messages = Counter(
+            "sendguard_messages_total",
+            "Transactions by listener, class and outcome",
+            ["listener", "class", "outcome"],
+            registry=r,
+        )
+        self.recipients = Counter(
+            "sendguard_recipients_total",
+            "Recipients by listener, class and outcome",
+            ["listener", "class", "outcome"],
+            registry=r,
+        )
+        self.message_size = Histogram(
+            "sendguard_message_size_bytes",
+            "Size of messages received",
+            buckets=(1e3, 1e4, 5e4, 1e5, 5e5, 1e6, 5e6, 1e7, 2.5e7, 5e7),
+            registry=r,
+        )
+        self.policy_verdicts = Counter(
+            "sendguard_policy_verdicts_total", "Policy decisions", ["policy", "action", "mode"], registry=r
+        )
+        self.policy_errors = Counter(
+            "sendguard_policy_errors_total", "Policy failures and timeouts", ["policy"], registry=r
+        )
+        self.policy_duration = Histogram(
+            "sendguard_policy_stage_duration_seconds",
+            "Time spent in the policies per SMTP stage",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_replies = Counter(
+            "sendguard_upstream_replies_total", "Upstream replies by stage and class", ["stage", "class"], registry=r
+        )
+        self.upstream_duration = Histogram(
+            "sendguard_upstream_stage_duration_seconds",
+            "Time waiting for the upstream per SMTP stage",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_connections = Gauge(
+            "sendguard_upstream_connections", "Upstream connections by state", ["state"], registry=r
+        )
+        for stage in UPSTREAM_STAGES:
+            self.upstream_duration.labels(stage)
+            for klass in UPSTREAM_CLASSES:
+                self.upstream_replies.labels(stage, klass)
+        for stage in ("mail", "rcpt", "message"):
+            self.policy_duration.labels(stage)
+        for state in ("idle", "busy"):
+            self.upstream_connections.labels(state)
+
+    def declare_listeners(self, names: Iterable[str]) -> None:
+        for listener in names:
+            self.sessions_active.labels(listener)
+            for outcome in ("accepted", "refused_limit"):
+                self.sessions.labels(listener, outcome)
+            for result in ("success", "failure", "blocked"):
+                self.auth.labels(listener, result)
+            for klass in CLASSES_OR_UNKNOWN:
+                for outcome in MESSAGE_OUTCOMES:
+                    self.messages.labels(listener, klass, outcome)
+                for outcome in RECIPIENT_OUTCOMES:
+                    self.recipients.labels(listener, klass, outcome)
+
+    def declare_policies(self, policies: Iterable[tuple[str, str]]) -> None:
+        """``policies``: (policy id, mode) pairs of the running config."""
+        for policy, mode in policies:
+            self.policy_errors.labels(policy)
+            for action in POLICY_ACTIONS:
+                self.policy_verdicts.labels(policy, action, mode)
+
+    def set_config(self, digest: str) -> None:
+        self.config_info.clear()
+        self.config_info.labels(digest).set(1)
+
+    # ---- PipelineObserver -------------------------------------------------------------
+
+    def policy_verdict(self, policy: str, action: str, mode: str, duration: float) -> None:
+        self.policy_verdicts.labels(policy, action, mode).inc()
+
+    def policy_error(self, policy: str) -> None:
+        self.policy_errors.labels(policy).inc()
+
+    def upstream_reply(self, stage: str, klass: str) -> None:
+        self.upstream_replies.labels(stage, klass).inc()

@@ -1,0 +1,111 @@
+"""What a running sendguard is made of, per config generation and for its whole life.
+
+``Runtime`` is everything derived from one config: the settings, the policy pipeline, the
+classifier and the upstream. A reload builds a new Runtime and swaps it in atomically;
+a transaction keeps the Runtime it started with until it ends, so a reload never changes
+the rules in the middle of a message. ``Services`` lives across reloads: metrics, the
+audit log, the users file, the machine's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
+
+from proxy.auth import AuthFailureTracker, UserStore
+from proxy.classify import Classifier
+from proxy.config import ListenerConfig, Settings
+from proxy.logsetup import AuditLog
+from proxy.metrics import Metrics
+from proxy.pipeline import Pipeline
+from proxy.upstream import MaildirUpstream, SmtpUpstream
+
+__all__ = ("ListenerState", "Runtime", "Services", "build_server_tls_context")
+
+log = logging.getLogger("sendguard.runtime")
+
+
+@dataclass
+class Services:
+    metrics: Metrics
+    audit: AuditLog
+    users: UserStore
+    hostname: str
+    version: str
+
+
+@dataclass(eq=False)
+class Runtime:
+    settings: Settings
+    pipeline: Pipeline
+    classifier: Classifier
+    upstream: MaildirUpstream | SmtpUpstream
+    generation: int
+    in_flight: int = 0
+    retired: bool = False
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        if self.in_flight:
+            await self._idle.wait()
+
+
+def build_server_tls_context(config: ListenerConfig) -> ssl.SSLContext | None:
+    if config.tls.mode == "none" or not config.tls.cert or not config.tls.key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls.cert, config.tls.key)
+    return context
+
+
+class ListenerState:
+    """Shared by every session of one listener: its config, TLS context and counters."""
+
+    def __init__(self, config: ListenerConfig) -> None:
+        self.config = config
+        self.tls_context = build_server_tls_context(config)
+        self.active = 0
+        self.per_ip: Counter[str] = Counter()
+        self.auth_failures = AuthFailureTracker(config.max_auth_failures)
+        self.sessions: set[object] = set()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def update(self, config: ListenerConfig) -> None:
+        """Take a reloaded config. The certificate is reloaded into the same SSLContext,
+        so a renewed certificate takes effect for new handshakes without a restart."""
+        self.config = config
+        self.auth_failures.limit = config.max_auth_failures
+        if self.tls_context is not None and config.tls.cert and config.tls.key:
+            self.tls_context.load_cert_chain(config.tls.cert, config.tls.key)
+
+    def is_trusted(self, ip: str) -> bool:
+        return self.in_networks(ip, self.config.trusted_networks)
+
+    @staticmethod
+    def in_networks(ip: str, networks: Iterable[IPv4Network | IPv6Network]) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in networks)

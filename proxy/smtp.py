@@ -1,0 +1,750 @@
+"""SMTP in: the aiosmtpd session, relay authorization, and the lockstep relay handler.
+
+The upstream transaction runs alongside the client's (Postfix's before-queue proxy,
+Haraka's smtp_proxy): MAIL opens an upstream session and relays MAIL, each RCPT is relayed
+and the client gets the upstream's own answer for that recipient, and the client's final
+dot gets 250 only after the upstream said 250 for the message. Policies sit in front of
+each step. Nothing is queued here, so nothing can be lost here: a client that did not get
+250 still has its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from policies.base import Action, Outcome, Reply, Transaction
+from proxy import rawmsg
+from proxy import replies as R
+from proxy.intake import MessageRefused, prepare_message
+from proxy.pipeline import PolicyResult, StageDecision
+from proxy.runtime import ListenerState, Runtime, Services
+from proxy.upstream import SmtpSession, UpstreamSession, UpstreamUnavailable
+
+__all__ = ("AppHandle", "RelayHandler", "SendguardSMTP")
+
+log = logging.getLogger("sendguard.smtp")
+txn_log = logging.getLogger("sendguard.txn")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}( |$)")
+_MAX_ERRORS = 20  # Postfix smtpd_hard_error_limit
+
+
+class AppHandle(Protocol):
+    """What a session needs from the application."""
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+    @property
+    def services(self) -> Services: ...
+
+    @property
+    def accepting(self) -> bool: ...
+
+
+def new_txn_id() -> str:
+    return secrets.token_hex(6)
+
+
+# aiosmtpd's own replies carry no enhanced status code and some leak nothing useful;
+# each is replaced by one that tells the client what to do (RFC 3463, RFC 2034).
+_REWRITES_EXACT = {
+    "500 Error: bad syntax": "500 5.5.2 Syntax error",
+    "500 Command line too long": "500 5.5.2 Command line too long (512 bytes at most, RFC 5321 4.5.3.1.4)",
+    "503 Error: need MAIL command": R.R503_NEED_MAIL.line(),
+    "503 Error: need RCPT command": R.R503_NEED_RCPT.line(),
+    "503 Error: nested MAIL command": "503 5.5.1 Nested MAIL command; finish or RSET the transaction first",
+    "503 Error: send HELO first": "503 5.5.1 Send HELO or EHLO first",
+    "503 Error: send EHLO first": "503 5.5.1 Send EHLO first",
+    "503 Already authenticated": "503 5.5.1 Already authenticated",
+    "530 Must issue a STARTTLS command first": R.R530_STARTTLS_REQUIRED.line(),
+    "454 TLS not available": "454 4.7.0 TLS not available",
+    "554 Command refused due to lack of security": "554 5.7.0 Command refused: the TLS handshake failed",
+    "500 Error: strict ASCII mode": "500 5.6.7 Non-ASCII characters need the SMTPUTF8 extension",
+    "501 Error: SMTPUTF8 disabled": "501 5.5.4 SMTPUTF8 is not available",
+    "501 Error: SMTPUTF8 takes no arguments": "501 5.5.4 SMTPUTF8 takes no arguments",
+    "501 Error: BODY can only be one of 7BIT, 8BITMIME": "501 5.5.4 BODY can only be 7BIT or 8BITMIME",
+    "555 MAIL FROM parameters not recognized or not implemented": "555 5.5.4 MAIL FROM parameters not recognized",
+    "555 RCPT TO parameters not recognized or not implemented": "555 5.5.4 RCPT TO parameters not recognized",
+    "502 EXPN not implemented": "502 5.5.1 EXPN not implemented",
+    "501 Not enough value": "501 5.5.4 AUTH needs a mechanism",
+    "501 Too many values": "501 5.5.4 Too many AUTH arguments",
+    "250 OK": "250 2.0.0 OK",
+    "221 Bye": "221 2.0.0 Bye",
+    "252 Cannot VRFY user, but will accept message and attempt delivery": "252 2.5.2 Cannot VRFY user",
+}
+
+
+@dataclass
+class TxnState:
+    """One transaction from MAIL to its end."""
+
+    txn: Transaction
+    runtime: Runtime
+    started: float
+    upstream: UpstreamSession | None = None
+    smtputf8: bool = False
+    checked: dict[str, str] = field(default_factory=dict)
+    results: list[PolicyResult] = field(default_factory=list)
+    refused: dict[str, Reply] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
+    class_reason: str = ""
+    upstream_lost: bool = False
+
+
+class SendguardSMTP(SMTP):
+    """aiosmtpd's SMTP with sendguard's limits, AUTH, replies and exception handling."""
+
+    AuthLoginUsernameChallenge = "Username:"  # aiosmtpd's "User Name\x00" breaks Go and curl (#566)
+    AuthLoginPasswordChallenge = "Password:"
+
+    def __init__(
+        self,
+        handler: RelayHandler,
+        listener: ListenerState,
+        services: Services,
+        idle_timeout: float,
+        session_timeout: float,
+    ) -> None:
+        config = listener.config
+        self.line_length_limit = int(config.max_line_length)  # read by SMTP.__init__ for the stream limit
+        self.listener = listener
+        self.services = services
+        self.relay = handler
+        self._session_timeout = session_timeout
+        self._session_timer: asyncio.TimerHandle | None = None
+        self._counted_ip: str | None = None
+        self._errors = 0
+        self.client_ip = ""
+        self.in_data = False
+        self.close_after_reply = False
+        super().__init__(
+            handler,
+            data_size_limit=int(config.max_message_size),
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=config.hostname or services.hostname,
+            ident="sendguard ESMTP",
+            tls_context=listener.tls_context if config.tls.mode == "starttls" else None,
+            require_starttls=config.tls.required,
+            timeout=idle_timeout,
+            auth_required=False,
+            auth_require_tls=True,
+            loop=asyncio.get_running_loop(),
+        )
+        handler.server = self
+
+    # ---- connection accounting ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self._original_transport is None and self.transport is None
+        super().connection_made(transport)
+        if not first:
+            return
+        peer = transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]) if peer else ""
+        # Loopback clients may AUTH without TLS (nothing crosses a network); others only
+        # over TLS. An implicit-TLS connection is encrypted from its first byte.
+        implicit = self.listener.config.tls.mode == "implicit"
+        self._auth_require_tls = not (
+            implicit or self.listener.in_networks(self.client_ip, self.listener.config.plaintext_auth_networks)
+        )
+        listener, metrics = self.listener, self.services.metrics
+        config = listener.config
+        refused: Reply | None = None
+        if listener.active >= config.max_sessions:
+            refused = R.R421_SERVER_BUSY
+        elif listener.per_ip[self.client_ip] >= config.max_sessions_per_ip:
+            refused = R.R421_TOO_MANY_SESSIONS
+        if refused is not None:
+            # Refuse before the greeting (RFC 5321 3.1: a 421 greeting) and close.
+            log.warning("refusing session from %s on %s: %s", self.client_ip, listener.name, refused.text)
+            metrics.sessions.labels(listener.name, "refused_limit").inc()
+            if self._handler_coroutine is not None:
+                self._handler_coroutine.cancel()
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(refused.line().encode("ascii") + b"\r\n")
+            transport.close()
+            return
+        self._counted_ip = self.client_ip
+        listener.active += 1
+        listener.per_ip[self.client_ip] += 1
+        listener.sessions.add(self)
+        metrics.sessions.labels(listener.name, "accepted").inc()
+        metrics.sessions_active.labels(listener.name).inc()
+        self._session_timer = self.loop.call_later(self._session_timeout, self._session_expired)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted_ip is not None:
+            listener = self.listener
+            listener.active -= 1
+            listener.per_ip[self._counted_ip] -= 1
+            if listener.per_ip[self._counted_ip] <= 0:
+                del listener.per_ip[self._counted_ip]
+            listener.sessions.discard(self)
+            self.services.metrics.sessions_active.labels(listener.name).dec()
+            self._counted_ip = None
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+        super().connection_lost(error)
+        self.relay.connection_lost()
+
+    def _session_expired(self) -> None:
+        if self.in_data:
+            self.close_after_reply = True  # never cut a relay in flight; close after its reply
+            return
+        log.info("session from %s reached the session time limit", self.client_ip)
+        self.close_with(R.R421_SESSION_TIMEOUT)
+
+    def close_with(self, reply: Reply) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(reply.line().encode("ascii") + b"\r\n")
+            transport.close()
+
+    # ---- replies --------------------------------------------------------------------------
+
+    async def push(self, status: Any) -> None:
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+        text = self._rewrite(text)
+        code = text[:3]
+        if code[:1] in ("4", "5"):
+            self._errors += 1
+        await super().push(text)
+        if self._errors >= _MAX_ERRORS and self.transport is not None and not self.transport.is_closing():
+            log.warning("closing session from %s after %d errors", self.client_ip, self._errors)
+            await super().push("421 4.7.0 Too many errors; closing connection")
+            self.transport.close()
+        elif self.close_after_reply and not self.in_data and code != "354":
+            self.close_with(R.R421_SESSION_TIMEOUT)
+
+    def _rewrite(self, text: str) -> str:
+        if (
+            text.startswith(("220 ", "250-", "334 ", "354 ", "235 ", "214"))
+            or text == "250 HELP"
+            or "\r\n" in text
+            or _ENHANCED.match(text)
+        ):
+            return text
+        exact = _REWRITES_EXACT.get(text)
+        if exact is not None:
+            return exact
+        if text.startswith("500 Line too long"):
+            return R.r500_line_too_long(self.line_length_limit).line()
+        if text.startswith("552 Error:"):
+            return R.r552_message_too_big(self.listener.config.max_message_size).line()
+        if text.startswith("501 Syntax:"):
+            return "501 5.5.4 " + text[4:]
+        if text.startswith("500 Error: command"):
+            return "500 5.5.1 Command not recognized"
+        if text.startswith("502 Could not VRFY"):
+            return "502 5.5.4 Could not VRFY that address"
+        if len(text) >= 4 and text[:3].isdigit() and text[0] in "245" and text[3] in (" ", ""):
+            # Anything else of aiosmtpd's: add the class's generic enhanced status.
+            return f"{text[:3]} {text[0]}.0.0 {text[4:]}".rstrip()
+        return text
+
+    async def handle_exception(self, error: Exception) -> str:
+        """An unexpected exception is a 451 with the transaction id, never aiosmtpd's
+        permanent ``500 Error: (Exception) ...`` with internal details."""
+        txn_id = self.relay.current_txn_id or new_txn_id()
+        log.error("txn %s: internal error in session from %s", txn_id, self.client_ip, exc_info=error)
+        await self.relay.abandon("error")
+        return R.r451_internal(txn_id).line()
+
+    # ---- AUTH -----------------------------------------------------------------------------
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        mode = self.listener.config.auth
+        if mode == "none":
+            await self.push(R.R503_AUTH_NOT_OFFERED.line())
+            return
+        if self._auth_require_tls and not self._tls_protocol:
+            await self.push(R.R538_ENCRYPTION_REQUIRED.line())
+            return
+        if self.listener.auth_failures.blocked(self.client_ip):
+            self.services.metrics.auth.labels(self.listener.name, "blocked").inc()
+            await self.push(R.R454_AUTH_BLOCKED.line())
+            return
+        await super().smtp_AUTH(arg)
+
+    async def _check_login(self, login: bytes, password: bytes) -> AuthResult:
+        metrics, listener = self.services.metrics, self.listener
+        try:
+            name, secret = login.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            name, secret = "", ""
+        ok = bool(name) and await asyncio.to_thread(self.services.users.check, name, secret)
+        if ok:
+            metrics.auth.labels(listener.name, "success").inc()
+            log.info("AUTH success for %s from %s", name, self.client_ip)
+            return AuthResult(success=True, auth_data=LoginPassword(login, b""))
+        metrics.auth.labels(listener.name, "failure").inc()
+        listener.auth_failures.failed(self.client_ip)
+        log.warning("AUTH failure for %r from %s", name[:64], self.client_ip)
+        return AuthResult(success=False, handled=False, message=R.R535_AUTH_INVALID.line())
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1].encode(), validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:  # RFC 4616: [authzid] NUL authcid NUL passwd
+            await self.push("501 5.5.2 Cannot split the AUTH PLAIN value")
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if not isinstance(login, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                login = base64.b64decode(args[1].encode(), validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(login, password)
+
+
+class RelayHandler:
+    """The aiosmtpd handler of one session: relay authorization, policies, lockstep relay."""
+
+    def __init__(self, app: AppHandle, listener: ListenerState) -> None:
+        self.app = app
+        self.listener = listener
+        self.server: SendguardSMTP | None = None
+        self.state: TxnState | None = None
+
+    @property
+    def current_txn_id(self) -> str | None:
+        return self.state.txn.txn_id if self.state else None
+
+    @property
+    def services(self) -> Services:
+        return self.app.services
+
+    # ---- session-level hooks --------------------------------------------------------------
+
+    async def handle_EHLO(
+        self, server: SendguardSMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        await self.abandon("reset")
+        session.host_name = hostname
+        config = self.listener.config
+        caps = self.app.runtime.upstream.capabilities
+        size = int(config.max_message_size)
+        if caps is not None and caps.size:
+            size = min(size, caps.size)
+        out = []
+        for line in responses:
+            keyword = line[4:].split(" ", 1)[0].upper()
+            if keyword == "AUTH" and config.auth == "none":
+                continue
+            if keyword == "SIZE":
+                line = f"250-SIZE {size}"
+            if caps is not None and (
+                (keyword == "SMTPUTF8" and not caps.smtputf8) or (keyword == "8BITMIME" and not caps.eightbitmime)
+            ):
+                continue
+            if line == "250 HELP":
+                out.append("250-ENHANCEDSTATUSCODES")
+            out.append(line)
+        return out
+
+    async def handle_HELO(self, server: SendguardSMTP, session: Session, envelope: Envelope, hostname: str) -> str:
+        await self.abandon("reset")
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    async def handle_RSET(self, server: SendguardSMTP, session: Session, envelope: Envelope) -> str:
+        await self.abandon("reset")
+        return R.R250_RESET.line()
+
+    async def handle_QUIT(self, server: SendguardSMTP, session: Session, envelope: Envelope) -> str:
+        await self.abandon("quit")
+        return "221 2.0.0 Bye"
+
+    async def handle_NOOP(self, server: SendguardSMTP, session: Session, envelope: Envelope, arg: str) -> str:
+        return "250 2.0.0 OK"
+
+    async def handle_VRFY(self, server: SendguardSMTP, session: Session, envelope: Envelope, address: str) -> str:
+        # Never confirm or deny addresses (RFC 5321 3.5.3; avoids address harvesting).
+        return "252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery"
+
+    def connection_lost(self) -> None:
+        if self.state is not None:
+            asyncio.get_running_loop().create_task(self.abandon("disconnected"))
+
+    # ---- MAIL -----------------------------------------------------------------------------
+
+    def _relay_refusal(self, session: Session) -> Reply | None:
+        """Who may relay (Postfix: permit_mynetworks, permit_sasl_authenticated, reject)."""
+        assert self.server is not None
+        config = self.listener.config
+        if session.authenticated:
+            return None
+        if config.auth == "required":
+            return R.R530_AUTH_REQUIRED
+        if self.listener.is_trusted(self.server.client_ip):
+            return None
+        if config.auth == "optional" and (
+            self.server._tls_protocol or not self.server._auth_require_tls or config.tls.mode == "starttls"
+        ):
+            return R.R530_AUTH_REQUIRED
+        return R.R550_RELAY_DENIED
+
+    async def handle_MAIL(
+        self, server: SendguardSMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        refusal = self._relay_refusal(session)
+        if refusal is not None:
+            log.warning("relay refused for %s on %s: %s", server.client_ip, self.listener.name, refusal.code)
+            return refusal.line()
+        if not self.app.accepting:
+            return R.R421_SHUTTING_DOWN.line()
+        sender = "" if address == "<>" else address
+        if _CONTROL.search(sender) or len(sender) > 320:
+            return R.R501_BAD_SENDER.line()
+        options = [o.upper() for o in mail_options]
+        smtputf8 = "SMTPUTF8" in options
+        if not smtputf8 and not sender.isascii():
+            return R.R553_SMTPUTF8_REQUIRED.line()
+
+        runtime = self.app.runtime
+        login = getattr(session.auth_data, "login", None)
+        auth_user = login.decode("utf-8", "replace") if isinstance(login, bytes) else None
+        txn = Transaction(
+            txn_id=new_txn_id(),
+            listener=self.listener.name,
+            client_ip=server.client_ip,
+            helo=session.host_name,
+            auth_user=auth_user if session.authenticated else None,
+            tls=session.ssl is not None or self.listener.config.tls.mode == "implicit",
+            mail_from=sender,
+        )
+        classification = runtime.classifier.from_envelope(txn)
+        if classification is not None:
+            txn.message_class = classification.message_class
+        runtime.enter()
+        state = TxnState(
+            txn=txn,
+            runtime=runtime,
+            started=time.monotonic(),
+            smtputf8=smtputf8,
+            class_reason=classification.reason if classification else "",
+        )
+        self.state = state
+
+        decision = await self._timed_stage(runtime, "mail", runtime.pipeline.check_mail(txn))
+        state.results.extend(decision.results)
+        if not decision.accepted:
+            assert decision.reply is not None
+            await self._end(
+                state, "rejected" if decision.action is Action.REJECT else "tempfailed", client_reply=decision.reply
+            )
+            return decision.reply.line()
+
+        reply = await self._open_upstream(state, sender, options)
+        if not reply.is_success:
+            await self._end(
+                state, "tempfailed" if reply.is_temporary else "rejected", client_reply=reply, upstream_reply=reply
+            )
+            return reply.line()
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return reply.line()
+
+    async def _open_upstream(self, state: TxnState, sender: str, options: list[str]) -> Reply:
+        runtime = state.runtime
+        started = time.perf_counter()
+        try:
+            upstream = await runtime.upstream.open(state.txn.txn_id)
+        except UpstreamUnavailable as exc:
+            return exc.reply
+        state.upstream = upstream
+        caps = upstream.capabilities
+        if state.smtputf8 and not caps.smtputf8:
+            return R.R553_SMTPUTF8_UNSUPPORTED
+        relayed: list[str] = []
+        for option in options:
+            if option == "SMTPUTF8":
+                relayed.append(option)
+            elif option.startswith("BODY="):
+                if option == "BODY=8BITMIME" and not caps.eightbitmime:
+                    return R.R554_8BIT_UNSUPPORTED
+                if caps.eightbitmime:
+                    relayed.append(option)
+            elif option.startswith("SIZE=") and caps.size is not None:
+                relayed.append(option)
+        reply = await upstream.mail(sender, relayed)
+        self.services.metrics.upstream_duration.labels("mail").observe(time.perf_counter() - started)
+        return reply
+
+    # ---- RCPT -----------------------------------------------------------------------------
+
+    async def handle_RCPT(
+        self, server: SendguardSMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        state = self.state
+        if state is None:
+            return R.R503_NEED_MAIL.line()
+        txn, metrics = state.txn, self.services.metrics
+        klass = txn.message_class or "unknown"
+        reply = self._check_recipient_syntax(state, address)
+        if reply is not None:
+            metrics.recipients.labels(txn.listener, klass, "rejected" if reply.code >= 500 else "tempfailed").inc()
+            return reply.line()
+        key = address.lower()
+        if key in state.seen:
+            return R.R250_DUPLICATE_RECIPIENT.line()  # relayed once (Postfix dedups in cleanup too)
+
+        decision = await self._timed_stage(
+            state.runtime, "rcpt", state.runtime.pipeline.check_rcpt(txn, address, state.checked)
+        )
+        state.results.extend(decision.results)
+        if not decision.accepted:
+            assert decision.reply is not None
+            state.refused[address] = decision.reply
+            outcome = "rejected" if decision.action is Action.REJECT else "tempfailed"
+            metrics.recipients.labels(txn.listener, klass, outcome).inc()
+            return decision.reply.line()
+
+        if state.upstream is None or state.upstream_lost:
+            reply = R.r451_upstream_lost(txn.txn_id)
+        else:
+            started = time.perf_counter()
+            reply = await state.upstream.rcpt(address, [])
+            metrics.upstream_duration.labels("rcpt").observe(time.perf_counter() - started)
+            if isinstance(state.upstream, SmtpSession) and state.upstream._released:
+                state.upstream_lost = True
+        if reply.is_success:
+            state.seen.add(key)
+            txn.recipients.append(address)
+            envelope.rcpt_tos.append(address)
+            metrics.recipients.labels(txn.listener, klass, "accepted").inc()
+        else:
+            state.refused[address] = reply
+            metrics.recipients.labels(txn.listener, klass, "tempfailed" if reply.is_temporary else "rejected").inc()
+        return reply.line()
+
+    def _check_recipient_syntax(self, state: TxnState, address: str) -> Reply | None:
+        if address in ("<>", ""):
+            return R.R501_NULL_RECIPIENT
+        if _CONTROL.search(address) or len(address) > 320 or "@" not in address:
+            return R.R501_BAD_RECIPIENT
+        if not state.smtputf8 and not address.isascii():
+            return R.R553_SMTPUTF8_REQUIRED
+        if len(state.txn.recipients) >= self.listener.config.max_recipients:
+            return R.R452_TOO_MANY_RECIPIENTS
+        return None
+
+    # ---- DATA -----------------------------------------------------------------------------
+
+    async def handle_DATA(self, server: SendguardSMTP, session: Session, envelope: Envelope) -> str:
+        state = self.state
+        if state is None or not state.txn.recipients:
+            return R.R503_NEED_RCPT.line()
+        runtime = state.runtime
+        # The idle timer ran from the DATA command through the upload; the relay gets its own
+        # budget: every policy's timeout plus the upstream's data timeout, and a margin.
+        budget = sum(e.timeout for e in runtime.settings.policies) + (runtime.settings.upstream.timeouts.data + 30)
+        server._reset_timeout(budget)
+        server.in_data = True
+        try:
+            reply, upstream_reply, outcome = await self._relay_message(state, envelope.original_content or b"")
+        except asyncio.CancelledError:
+            # The client went away mid-relay: drop the upstream connection without finishing,
+            # so the upstream never completes a message the client will send again.
+            if state.upstream is not None and isinstance(state.upstream, SmtpSession):
+                state.upstream.connection.client.close()
+                state.upstream._release(healthy=False)
+            await self._end(state, "abandoned", client_reply=None)
+            raise
+        finally:
+            server.in_data = False
+        await self._end(state, outcome, client_reply=reply, upstream_reply=upstream_reply)
+        return reply.line()
+
+    async def _relay_message(self, state: TxnState, content: bytes) -> tuple[Reply, Reply | None, str]:
+        txn, runtime = state.txn, state.runtime
+        metrics = self.services.metrics
+        txn.size = len(content)
+        metrics.message_size.observe(len(content))
+
+        def refuse(reply: Reply, why: str) -> tuple[Reply, Reply | None, str]:
+            log.info("txn %s refused before policies: %s", txn.txn_id, why)
+            return reply, None, "tempfailed" if reply.is_temporary else "rejected"
+
+        if state.upstream is None or state.upstream_lost:
+            return refuse(R.r451_upstream_lost(txn.txn_id), "upstream connection lost")
+        try:
+            # Checking and parsing is CPU work; a thread keeps the event loop answering others.
+            content, message = await asyncio.to_thread(prepare_message, content, runtime.settings.message)
+        except MessageRefused as refused:
+            return refuse(refused.reply, refused.why)
+        txn.message = message
+        classification = runtime.classifier.from_message(txn, message)
+        txn.message_class, state.class_reason = classification.message_class, classification.reason
+
+        decision = await self._timed_stage(runtime, "message", runtime.pipeline.check_message(txn, state.checked))
+        state.results.extend(decision.results)
+        if not decision.accepted:
+            assert decision.reply is not None
+            await state.upstream.abort()
+            return decision.reply, None, "rejected" if decision.action is Action.REJECT else "tempfailed"
+
+        outgoing = self._apply_edits(content, runtime, decision)
+        started = time.perf_counter()
+        upstream_reply = await state.upstream.data(outgoing)
+        metrics.upstream_duration.labels("data").observe(time.perf_counter() - started)
+        await state.upstream.finish()
+        client_reply = Reply(upstream_reply.code, upstream_reply.status, f"{upstream_reply.text} [{txn.txn_id}]"[:500])
+        if upstream_reply.is_success:
+            return client_reply, upstream_reply, "delivered"
+        return client_reply, upstream_reply, "tempfailed" if upstream_reply.is_temporary else "rejected"
+
+    @staticmethod
+    def _apply_edits(content: bytes, runtime: Runtime, decision: StageDecision) -> bytes:
+        settings = runtime.settings
+        remove = [*settings.message.strip_headers, settings.classes.header.name]
+        add: list[tuple[str, str]] = []
+        for edit in decision.edits:
+            remove.extend(edit.remove)
+            add.extend(edit.add)
+        content = rawmsg.remove_headers(content, remove)
+        return rawmsg.prepend_headers(content, add)
+
+    # ---- transaction end ------------------------------------------------------------------
+
+    async def _timed_stage(self, runtime: Runtime, stage: str, call: Any) -> StageDecision:
+        started = time.perf_counter()
+        try:
+            decision: StageDecision = await call
+        finally:
+            self.services.metrics.policy_duration.labels(stage).observe(time.perf_counter() - started)
+        return decision
+
+    async def abandon(self, why: str) -> None:
+        """The client left the transaction (RSET, EHLO, QUIT, disconnect, error)."""
+        state = self.state
+        if state is not None:
+            await self._end(state, "abandoned", client_reply=None, note=why)
+
+    async def _end(
+        self,
+        state: TxnState,
+        outcome: str,
+        *,
+        client_reply: Reply | None,
+        upstream_reply: Reply | None = None,
+        note: str = "",
+    ) -> None:
+        if self.state is not state:
+            return  # already ended
+        self.state = None
+        txn, runtime = state.txn, state.runtime
+        try:
+            if state.upstream is not None:
+                if outcome == "delivered":
+                    await state.upstream.finish()
+                else:
+                    await state.upstream.abort()
+        except Exception:
+            log.exception("txn %s: upstream cleanup failed", txn.txn_id)
+        finally:
+            delivered = outcome == "delivered"
+            try:
+                await runtime.pipeline.commit(
+                    txn,
+                    Outcome(
+                        delivered=delivered,
+                        delivered_recipients=tuple(txn.recipients) if delivered else (),
+                        refused_recipients=dict(state.refused),
+                        reply=client_reply,
+                    ),
+                )
+            finally:
+                runtime.leave()
+        self._account(state, outcome, client_reply, upstream_reply, note)
+
+    def _account(
+        self, state: TxnState, outcome: str, client_reply: Reply | None, upstream_reply: Reply | None, note: str
+    ) -> None:
+        txn = state.txn
+        duration = time.monotonic() - state.started
+        klass = txn.message_class or "unknown"
+        self.services.metrics.messages.labels(txn.listener, klass, outcome).inc()
+        message_id = txn.message.header("Message-ID") if txn.message is not None else None
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "txn": txn.txn_id,
+            "listener": txn.listener,
+            "client": txn.client_ip,
+            "helo": txn.helo,
+            "tls": txn.tls,
+            "auth_user": txn.auth_user,
+            "sender": txn.mail_from,
+            "recipients": list(txn.recipients),
+            "refused": {rcpt: reply.line() for rcpt, reply in state.refused.items()},
+            "class": txn.message_class,
+            "class_reason": state.class_reason,
+            "message_id": message_id,
+            "size": txn.size,
+            "policies": [r.as_dict() for r in state.results],
+            "upstream_reply": upstream_reply.line() if upstream_reply else None,
+            "reply": client_reply.line() if client_reply else None,
+            "outcome": outcome,
+            "duration_ms": round(duration * 1000, 1),
+            "config": state.runtime.settings.digest,
+        }
+        if note:
+            entry["note"] = note
+        self.services.audit.write(entry)
+        domain = txn.mail_from.rsplit("@", 1)[-1] if "@" in txn.mail_from else ""
+        txn_log.info(
+            "transaction %s",
+            outcome,
+            extra={
+                "fields": {
+                    "txn": txn.txn_id,
+                    "listener": txn.listener,
+                    "client": txn.client_ip,
+                    "user": txn.auth_user,
+                    "sender_domain": domain,
+                    "rcpts": len(txn.recipients),
+                    "refused": len(state.refused),
+                    "class": txn.message_class,
+                    "size": txn.size,
+                    "outcome": outcome,
+                    "reply": client_reply.line() if client_reply else None,
+                    "policies": ",".join(
+                        f"{r.policy}={r.action}" for r in state.results if r.action is not Action.ACCEPT
+                    )
+                    or None,
+                    "ms": round(duration * 1000, 1),
+                }
+            },
+        )

@@ -1,0 +1,254 @@
+"""Fixtures: real servers on 127.0.0.1 with ephemeral ports, trustme certificates, and a
+running sendguard built from a YAML config written for the test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import os
+import shutil
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import yaml
+
+from proxy.app import App
+from proxy.config import load_config
+from tests.fakes import FakeUpstream, LenientUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "tests" / "corpus"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need_program(name: str) -> str:
+    """Path of an outside program; skip when missing, but fail under CI, where .ci/run installs it."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is not installed, and CI must run this test (.ci/run installs it)")
+        pytest.skip(f"{name} is not installed (apt-get install swaks postfix); the test needs it")
+    return path
+
+
+# ---- TLS --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TLSFiles:
+    ca: trustme.CA
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        return context
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    directory = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    ca_file = directory / "ca.pem"
+    cert_file = directory / "cert.pem"
+    key_file = directory / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    with open(cert_file, "wb") as handle:
+        for blob in cert.cert_chain_pems:
+            handle.write(blob.bytes())
+    return TLSFiles(ca, ca_file, cert_file, key_file)
+
+
+# ---- upstreams --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def upstream_factory() -> AsyncIterator[Callable[..., Awaitable[FakeUpstream]]]:
+    started: list[FakeUpstream] = []
+
+    async def make(**kwargs: Any) -> FakeUpstream:
+        upstream = await FakeUpstream(**kwargs).start()
+        started.append(upstream)
+        return upstream
+
+    yield make
+    for upstream in started:
+        await upstream.stop()
+
+
+@pytest.fixture
+async def upstream(upstream_factory: Callable[..., Awaitable[FakeUpstream]]) -> FakeUpstream:
+    return await upstream_factory()
+
+
+@pytest.fixture
+async def lenient_upstream() -> AsyncIterator[LenientUpstream]:
+    server = await LenientUpstream().start()
+    yield server
+    await server.stop()
+
+
+# ---- sendguard ------------------------------------------------------------------------------
+
+
+def base_config(tmp_path: Path, upstream_address: str) -> dict[str, Any]:
+    return {
+        "listeners": [{"name": "local", "address": "127.0.0.1:0", "trusted_networks": ["127.0.0.0/8"], "auth": "none"}],
+        "users_file": str(tmp_path / "users"),
+        "upstream": {
+            "address": upstream_address,
+            "tls": "none",
+            "timeouts": {"connect": "5s", "command": "5s", "data": "10s"},
+        },
+        "policies": [{"name": "required_headers"}],
+        "audit": {"path": str(tmp_path / "audit.jsonl")},
+        "http": {"address": "127.0.0.1:0"},
+        "reload": {"watch": False},
+        "logging": {"format": "json", "level": "info"},
+    }
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class Proxy:
+    app: App
+    config_path: Path
+    tmp_path: Path
+
+    @property
+    def port(self) -> int:
+        return next(iter(self.app.bound.values()))[1]
+
+    def listener_port(self, name: str) -> int:
+        return self.app.bound[name][1]
+
+    @property
+    def http_port(self) -> int:
+        assert self.app.http_bound is not None
+        return self.app.http_bound[1]
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        import json
+
+        path = self.tmp_path / "audit.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    async def wait_audit(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            lines = self.audit_lines()
+            if len(lines) >= count or asyncio.get_running_loop().time() > deadline:
+                return lines
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def proxy_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
+    started: list[App] = []
+
+    async def make(
+        upstream_address: str, changes: dict[str, Any] | None = None, *, raw: dict[str, Any] | None = None
+    ) -> Proxy:
+        config = raw if raw is not None else merge(base_config(tmp_path, upstream_address), changes or {})
+        path = tmp_path / f"sendguard-{len(started)}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        settings = load_config(path)
+        app = App(settings, config_path=str(path))
+        await app.start()
+        started.append(app)
+        return Proxy(app, path, tmp_path)
+
+    yield make
+    for app in started:
+        await app.stop()
+
+
+@pytest.fixture
+async def proxy(proxy_factory: Callable[..., Awaitable[Proxy]], upstream: FakeUpstream) -> Proxy:
+    return await proxy_factory(upstream.address)
+
+
+# ---- a raw SMTP client ------------------------------------------------------------------------
+
+
+class RawClient:
+    """Speaks SMTP byte by byte, for the inputs a polite client library refuses to send."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int, *, greeting: bool = True, ssl_context: ssl.SSLContext | None = None) -> RawClient:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ssl_context, server_hostname="localhost" if ssl_context else None
+        )
+        client = cls(reader, writer)
+        if greeting:
+            await client.reply()
+        return client
+
+    async def reply(self, timeout: float = 10.0) -> tuple[int, str]:
+        lines: list[str] = []
+        while True:
+            raw = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not raw:
+                return (0, "\n".join(lines) or "<EOF>")
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(line[4:])
+            if len(line) < 4 or line[3] != "-":
+                return int(line[:3]), "\n".join(lines)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def cmd(self, line: str) -> tuple[int, str]:
+        await self.send(line.encode("utf-8") + b"\r\n")
+        return await self.reply()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self.writer.wait_closed()
+
+
+def message(
+    subject: str = "Hello",
+    body: str = "Just a test.",
+    *,
+    sender: str = "alice@example.com",
+    to: str = "bob@example.org",
+    extra: str = "",
+) -> bytes:
+    text = (
+        f"From: Alice <{sender}>\r\nTo: {to}\r\nSubject: {subject}\r\n"
+        f"Date: Sun, 29 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{abs(hash(subject + body))}@example.com>\r\n"
+        f"{extra}\r\n{body}\r\n"
+    )
+    return text.encode("utf-8")

@@ -1,0 +1,278 @@
+"""Test doubles that are real servers: a recording, fault-injecting upstream MTA built on
+aiosmtpd, and a lenient raw upstream that ends DATA on any smuggling sequence.
+
+Both listen on 127.0.0.1 with an ephemeral port, in the test's own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    mail_options: list[str]
+
+
+@dataclass
+class Faults:
+    """What the fake upstream does wrong. Every field is optional; the default is a good MTA."""
+
+    mail_reply: str | None = None  # e.g. "451 4.3.0 try later"
+    rcpt_replies: dict[str, str] = field(default_factory=dict)  # address -> reply
+    data_reply: str | None = None  # reply to the final dot
+    drop_at: str | None = None  # "mail", "rcpt", "data-start", "data-end": close without reply
+    hang_at: str | None = None  # same stages: never answer
+    hang_seconds: float = 30.0
+
+
+class RecordingHandler:
+    def __init__(self, faults: Faults, credentials: tuple[str, str] | None) -> None:
+        self.faults = faults
+        self.messages: list[Received] = []
+        self.commands: list[str] = []
+        self.credentials = credentials
+        self.rsets = 0
+
+    async def _fault(self, server: SMTP, stage: str) -> None:
+        if self.faults.drop_at == stage:
+            assert server.transport is not None
+            server.transport.abort()
+            raise asyncio.CancelledError
+        if self.faults.hang_at == stage:
+            await asyncio.sleep(self.faults.hang_seconds)
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        self.commands.append(f"MAIL {address} {' '.join(options)}".strip())
+        await self._fault(server, "mail")
+        if self.faults.mail_reply:
+            return self.faults.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        self.commands.append(f"RCPT {address}")
+        await self._fault(server, "rcpt")
+        reply = self.faults.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.commands.append("RSET")
+        self.rsets += 1
+        return "250 2.0.0 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.commands.append("DATA")
+        await self._fault(server, "data-end")
+        if self.faults.data_reply:
+            return self.faults.data_reply
+        assert envelope.original_content is not None
+        self.messages.append(
+            Received(
+                str(envelope.mail_from), list(envelope.rcpt_tos), envelope.original_content, list(envelope.mail_options)
+            )
+        )
+        return f"250 2.0.0 Ok: queued as Q{len(self.messages)}"
+
+    def authenticator(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        assert isinstance(auth_data, LoginPassword)
+        if self.credentials and (auth_data.login.decode(), auth_data.password.decode()) == self.credentials:
+            return AuthResult(success=True)
+        return AuthResult(success=False, handled=False)
+
+
+class FaultySMTP(SMTP):
+    """aiosmtpd server whose DATA can break off in the middle of the message."""
+
+    def __init__(self, handler: RecordingHandler, *args: Any, **kwargs: Any) -> None:
+        super().__init__(handler, *args, **kwargs)
+        self.recorder = handler
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if self.recorder.faults.drop_at == "data-start" and self.envelope is not None and self.envelope.rcpt_tos:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            await self._reader.readline()  # one line of the message, then vanish
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        await super().smtp_DATA(arg)
+
+
+class FakeUpstream:
+    """A real SMTP server on 127.0.0.1:0 that records what it receives."""
+
+    def __init__(
+        self,
+        *,
+        faults: Faults | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
+        require_starttls: bool = False,
+        credentials: tuple[str, str] | None = None,
+        smtputf8: bool = True,
+        size_limit: int | None = 33554432,
+    ) -> None:
+        self.faults = faults or Faults()
+        self.handler = RecordingHandler(self.faults, credentials)
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.require_starttls = require_starttls
+        self.smtputf8 = smtputf8
+        self.size_limit = size_limit
+        self.connections = 0
+        self.sessions: list[SMTP] = []
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def drop_all(self) -> None:
+        """Close every open connection, as an upstream's idle timeout would."""
+        for session in self.sessions:
+            if session.transport is not None:
+                session.transport.close()
+
+    def _factory(self) -> SMTP:
+        self.connections += 1
+        kwargs: dict[str, Any] = {
+            "hostname": "upstream.test",
+            "enable_SMTPUTF8": self.smtputf8,
+            "data_size_limit": self.size_limit,
+            "tls_context": None if self.implicit_tls else self.tls_context,
+            "require_starttls": self.require_starttls,
+            "timeout": 60,
+        }
+        if self.handler.credentials:
+            kwargs["authenticator"] = self.handler.authenticator
+            kwargs["auth_required"] = True
+            kwargs["auth_require_tls"] = True
+        session = FaultySMTP(self.handler, **kwargs)
+        self.sessions.append(session)
+        return session
+
+    async def start(self) -> FakeUpstream:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            self._factory, "127.0.0.1", 0, ssl=self.tls_context if self.implicit_tls else None
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), 2)
+
+
+# Every end-of-data variant of the smuggling scanners (reliability anchors 1.2), treated as
+# the end of DATA by this deliberately broken upstream.
+LENIENT_EOD = (
+    b"\r\n.\r\n",
+    b"\n.\n",
+    b"\n.\r\n",
+    b"\r.\r\n",
+    b"\r.\r",
+    b"\r.\n",
+    b"\n.\r",
+    b"\r\n\x00.\r\n",
+    b"\r\n.\r\r\n",
+    b"\r\r\n.\r\r\n",
+)
+
+
+class LenientUpstream:
+    """A raw SMTP server that ends DATA at the first of any smuggling sequence, like the
+    lenient MTAs of CVE-2023-51764. Counts the transactions it accepts and keeps the wire."""
+
+    def __init__(self) -> None:
+        self.wire = bytearray()
+        self.accepted: list[tuple[bytes, bytes]] = []  # (MAIL line, message bytes)
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 lenient.test ESMTP\r\n")
+        buffer = b""
+        mail_line = b""
+        in_data = False
+        try:
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    return
+                self.wire.extend(chunk)
+                buffer += chunk
+                while True:
+                    if in_data:
+                        ends = [(buffer.find(seq), seq) for seq in LENIENT_EOD if buffer.find(seq) != -1]
+                        if not ends:
+                            break
+                        index, seq = min(ends)
+                        self.accepted.append((mail_line, buffer[:index]))
+                        buffer = buffer[index + len(seq) :]
+                        in_data = False
+                        writer.write(b"250 2.0.0 queued\r\n")
+                        continue
+                    line_end = buffer.find(b"\n")
+                    if line_end == -1:
+                        break
+                    line, buffer = buffer[:line_end].rstrip(b"\r"), buffer[line_end + 1 :]
+                    verb = line[:4].upper()
+                    if verb in (b"EHLO", b"HELO"):
+                        writer.write(b"250-lenient.test\r\n250 8BITMIME\r\n")
+                    elif verb == b"MAIL":
+                        mail_line = line
+                        writer.write(b"250 2.1.0 ok\r\n")
+                    elif verb == b"RCPT":
+                        writer.write(b"250 2.1.5 ok\r\n")
+                    elif verb == b"DATA":
+                        in_data = True
+                        writer.write(b"354 go\r\n")
+                    elif verb == b"QUIT":
+                        writer.write(b"221 bye\r\n")
+                        await writer.drain()
+                        return
+                    else:
+                        writer.write(b"250 ok\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def start(self) -> LenientUpstream:
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
