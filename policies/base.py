@@ -176,6 +176,12 @@ class Transaction:
     message_class: str | None = None
     message: ParsedMessage | None = None
     size: int = 0
+    #: Per-policy scratch space for bookkeeping between a check and ``commit`` (e.g. the
+    #: rate-limit reservations to refund), keyed by the policy's id.
+    state: dict[str, Any] = field(default_factory=dict)
+    #: The pipeline's record of per-recipient checks already made: (policy id, recipient)
+    #: -> the class they ran under ("*" when the policy applies to every class).
+    rcpt_checks: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +220,9 @@ class Policy:
         self.options = options
         self.resources: Mapping[str, Any] = resources or {}
 
-    # Each check returns None when the policy has nothing to say at that stage.
+    # Each check returns None when the policy has nothing to say at that stage. A
+    # ``check_rcpt`` that returns None at RCPT time (it needs the headers to decide, say)
+    # is asked again for that recipient after DATA, when ``txn.message`` is set.
     async def check_mail(self, txn: Transaction) -> Verdict | None:
         return None
 

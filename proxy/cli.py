@@ -236,10 +236,9 @@ async def run_check(
         results.extend(decision.results)
         if not decision.accepted:
             return _check_result(decision, txn, results, {})
-        checked: dict[str, str] = {}
         refused: dict[str, StageDecision] = {}
         for recipient in recipients:
-            decision = await pipeline.check_rcpt(txn, recipient, checked)
+            decision = await pipeline.check_rcpt(txn, recipient)
             results.extend(decision.results)
             if decision.accepted:
                 txn.recipients.append(recipient)
@@ -252,7 +251,7 @@ async def run_check(
         txn.size = len(content)
         final = classifier.from_message(txn, message)
         txn.message_class = forced_class or final.message_class
-        decision = await pipeline.check_message(txn, checked)
+        decision = await pipeline.check_message(txn)
         results.extend(decision.results)
         if not decision.accepted:
             return _check_result(decision, txn, results, refused)

@@ -125,9 +125,9 @@ class Pipeline:
                 break
         return decision
 
-    async def check_rcpt(self, txn: Transaction, recipient: str, checked: dict[str, str]) -> StageDecision:
-        """Per-recipient checks at RCPT time. ``checked`` records, per policy id, the class the
-        check ran under ("*" when class-independent), so DATA time knows what is left to do."""
+    async def check_rcpt(self, txn: Transaction, recipient: str) -> StageDecision:
+        """Per-recipient checks at RCPT time, for the policies that apply to the class known
+        so far. Each check that gave an answer is recorded in ``txn.rcpt_checks``."""
         decision = StageDecision()
         for slot in self.slots:
             if not slot.policy.has_stage("rcpt"):
@@ -138,22 +138,27 @@ class Pipeline:
                 scope = txn.message_class
             else:
                 continue  # class unknown yet, or the policy does not apply to it
-            checked[slot.entry.id] = scope
-            stop = await self._record(
-                decision, slot, txn, "rcpt", functools.partial(slot.policy.check_rcpt, txn, recipient), recipient
-            )
+            before = len(decision.results)
+            check = functools.partial(slot.policy.check_rcpt, txn, recipient)
+            stop = await self._record(decision, slot, txn, "rcpt", check, recipient)
+            if len(decision.results) > before:
+                txn.rcpt_checks[(slot.entry.id, recipient)] = scope
             if stop:
                 break
         return decision
 
-    async def check_message(self, txn: Transaction, checked: Mapping[str, str]) -> StageDecision:
+    async def check_message(self, txn: Transaction) -> StageDecision:
         decision = StageDecision()
         for slot in self.slots:
             if not self._applies(slot, txn.message_class):
                 continue
-            deferred = slot.policy.has_stage("rcpt") and checked.get(slot.entry.id) not in ("*", txn.message_class)
-            if deferred and await self._deferred_recipients(decision, slot, txn):
-                return decision
+            if slot.policy.has_stage("rcpt"):
+                pending = [
+                    r for r in txn.recipients
+                    if txn.rcpt_checks.get((slot.entry.id, r)) not in ("*", txn.message_class)
+                ]  # fmt: skip
+                if pending and await self._deferred_recipients(decision, slot, txn, pending):
+                    return decision
             check = functools.partial(slot.policy.check_message, txn)
             if slot.policy.has_stage("message") and await self._record(decision, slot, txn, "message", check):
                 return decision
@@ -176,10 +181,13 @@ class Pipeline:
     def _applies(slot: _Slot, message_class: str | None) -> bool:
         return slot.all_classes or (message_class is not None and message_class in slot.entry.classes)
 
-    async def _deferred_recipients(self, decision: StageDecision, slot: _Slot, txn: Transaction) -> bool:
-        """Run a per-recipient check for every recipient after DATA; refusals become one reply."""
+    async def _deferred_recipients(
+        self, decision: StageDecision, slot: _Slot, txn: Transaction, recipients: list[str]
+    ) -> bool:
+        """Per-recipient checks that could not run at RCPT time, after DATA. The refusals
+        become one reply that names the recipients (one DATA reply covers all of them)."""
         refused: list[tuple[str, PolicyResult]] = []
-        for recipient in txn.recipients:
+        for recipient in recipients:
             before = len(decision.results)
             await self._record(
                 decision,

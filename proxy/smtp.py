@@ -95,7 +95,6 @@ class TxnState:
     started: float
     upstream: UpstreamSession | None = None
     smtputf8: bool = False
-    checked: dict[str, str] = field(default_factory=dict)
     results: list[PolicyResult] = field(default_factory=list)
     refused: dict[str, Reply] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
@@ -521,9 +520,7 @@ class RelayHandler:
         if key in state.seen:
             return R.R250_DUPLICATE_RECIPIENT.line()  # relayed once (Postfix dedups in cleanup too)
 
-        decision = await self._timed_stage(
-            state.runtime, "rcpt", state.runtime.pipeline.check_rcpt(txn, address, state.checked)
-        )
+        decision = await self._timed_stage(state.runtime, "rcpt", state.runtime.pipeline.check_rcpt(txn, address))
         state.results.extend(decision.results)
         if not decision.accepted:
             assert decision.reply is not None
@@ -609,7 +606,7 @@ class RelayHandler:
         classification = runtime.classifier.from_message(txn, message)
         txn.message_class, state.class_reason = classification.message_class, classification.reason
 
-        decision = await self._timed_stage(runtime, "message", runtime.pipeline.check_message(txn, state.checked))
+        decision = await self._timed_stage(runtime, "message", runtime.pipeline.check_message(txn))
         state.results.extend(decision.results)
         if not decision.accepted:
             assert decision.reply is not None

@@ -21,6 +21,7 @@ import yaml
 from proxy.app import App
 from proxy.config import load_config
 from tests.fakes import FakeUpstream, LenientUpstream
+from tests.services import postgres_target, redis_target  # noqa: F401 - fixtures for every test module
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "corpus"
