@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = (
     "MESSAGE_CLASSES",
     "Action",
-    "HeaderEdit",
+    "MessageEdit",
     "Outcome",
     "Policy",
     "PolicyError",
@@ -90,11 +90,16 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True)
-class HeaderEdit:
-    """A change a policy asks for; applied by the proxy, in enforce mode only, before signing."""
+class MessageEdit:
+    """A change a policy asks for; applied by the proxy, in enforce mode only, before signing.
+
+    ``split_per_recipient`` asks the proxy to deliver one copy per recipient, each showing
+    only that recipient in To: (Cc: removed), instead of one copy that shows everyone.
+    """
 
     add: tuple[tuple[str, str], ...] = ()  # (name, value) pairs prepended to the header block
     remove: tuple[str, ...] = ()  # field names removed wherever they occur
+    split_per_recipient: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +115,7 @@ class Verdict:
     reason: str = ""
     reply: Reply | None = None
     evidence: Mapping[str, Any] = field(default_factory=dict)
-    edit: HeaderEdit | None = None
+    edit: MessageEdit | None = None
 
     def __post_init__(self) -> None:
         if self.action is not Action.ACCEPT and self.reply is None:
@@ -127,7 +132,7 @@ class Verdict:
         reason: str = "",
         *,
         evidence: Mapping[str, Any] | None = None,
-        edit: HeaderEdit | None = None,
+        edit: MessageEdit | None = None,
     ) -> Verdict:
         return cls(Action.ACCEPT, reason, None, evidence or {}, edit)
 

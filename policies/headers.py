@@ -14,7 +14,7 @@ import email.utils
 import uuid
 from dataclasses import dataclass, field
 
-from policies.base import HeaderEdit, Policy, Transaction, Verdict
+from policies.base import MessageEdit, Policy, Transaction, Verdict
 
 __all__ = ("RequiredHeadersPolicy",)
 
@@ -96,7 +96,7 @@ class RequiredHeadersPolicy(Policy):
         if additions:
             return Verdict.accept(
                 "added " + ", ".join(name for name, _ in additions),
-                edit=HeaderEdit(add=tuple(additions)),
+                edit=MessageEdit(add=tuple(additions)),
             )
         return Verdict.accept()
 

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from policies.base import MESSAGE_CLASSES, Action, HeaderEdit, Outcome, Policy, Reply, Transaction, Verdict
+from policies.base import MESSAGE_CLASSES, Action, MessageEdit, Outcome, Policy, Reply, Transaction, Verdict
 from proxy.config import PolicyEntry
 from proxy.replies import r451_policy_error
 
@@ -70,7 +70,7 @@ class StageDecision:
     action: Action = Action.ACCEPT
     reply: Reply | None = None
     results: list[PolicyResult] = field(default_factory=list)
-    edits: list[HeaderEdit] = field(default_factory=list)
+    edits: list[MessageEdit] = field(default_factory=list)
 
     @property
     def accepted(self) -> bool:
