@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import typing
 
 import dns.asyncresolver
 import dns.flags
@@ -74,8 +75,7 @@ class DNSServer:
 
         class UDP(asyncio.DatagramProtocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                assert isinstance(transport, asyncio.DatagramTransport)
-                self.transport = transport
+                self.transport = typing.cast(asyncio.DatagramTransport, transport)
 
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
                 self.transport.sendto(server.answer(data), addr)
@@ -101,7 +101,6 @@ class DNSServer:
             except OSError:
                 self._tcp.close()
                 continue
-            assert isinstance(transport, asyncio.DatagramTransport)
             self._udp = transport
             return self
         raise RuntimeError("no free port for the test DNS server")
