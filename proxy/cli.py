@@ -23,7 +23,7 @@ from proxy.auth import add_user
 from proxy.classify import Classifier
 from proxy.config import ConfigError, Settings, load_config, parse_upstream_address
 from proxy.intake import MessageRefused, prepare_message
-from proxy.logsetup import configure_logging
+from proxy.logsetup import configure_logging, stop_logging
 from proxy.pipeline import Pipeline, PolicyResult, StageDecision
 from proxy.schema import parse_hostport
 
@@ -124,6 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_START_FAILED
     except KeyboardInterrupt:
         return EXIT_OK
+    finally:
+        stop_logging()  # flush every queued line before the process ends
 
 
 def _config_check(path: str) -> int:

@@ -487,7 +487,7 @@ def _validate(settings: Settings, conv: Converter) -> None:
     ids: set[str] = set()
     for i, entry in enumerate(settings.policies):
         if entry.id in ids:
-            err(f"policies[{i}].id", f"policy id {entry.id!r} appears twice; give one of them another id:")
+            err(f"policies[{i}].id", f"policy id {entry.id!r} appears twice; give one of them its own id")
         ids.add(entry.id)
         for cls in entry.classes:
             if cls not in MESSAGE_CLASSES:
@@ -502,8 +502,8 @@ def _validate(settings: Settings, conv: Converter) -> None:
             f"policy timeouts plus the upstream data timeout add up to {budget:.0f}s; "
             f"clients give up after {CLIENT_DATA_TERMINATION_WAIT:.0f}s (RFC 5321 4.5.3.2.6), which risks duplicates",
         )
-    if settings.timeouts.idle < 10:
-        err("timeouts.idle", "must be at least 10s")
+    if settings.timeouts.idle < 1:
+        err("timeouts.idle", "must be at least 1s")
     if settings.reload.interval <= 0:
         err("reload.interval", "must be positive")
     if settings.audit.keep < 0:

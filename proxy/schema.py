@@ -80,7 +80,7 @@ def doc(text: str, *, key: str | None = None, **kwargs: Any) -> Any:
 
 
 class Duration(float):
-    """Seconds, written as ``500ms``, ``10s``, ``5m``, ``2h``, ``1d`` or a plain number."""
+    """Seconds, written as ``500ms``, ``10s``, ``5m``, ``2h``, ``1d``, ``2w``, ``2y`` or a plain number."""
 
     def __repr__(self) -> str:
         return f"Duration({float(self)}s)"
@@ -115,7 +115,10 @@ class HostPort:
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+_DURATION_UNITS = {
+    "": 1, "ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600,
+    "d": 86400, "day": 86400, "w": 604800, "week": 604800, "y": 365 * 86400, "year": 365 * 86400,
+}  # fmt: skip
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.I)
 _SIZE_UNITS = {
     "": 1,
@@ -160,7 +163,7 @@ def parse_duration(text: str) -> Duration:
     match = _DURATION_RE.match(text)
     if not match or match.group(2).lower() not in _DURATION_UNITS:
         raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 10s, 5m, 2h, 1d)")
-    return Duration(float(match.group(1)) * _DURATION_UNITS[match.group(2).lower() or "s"])
+    return Duration(float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()])
 
 
 def parse_size(text: str) -> Size:

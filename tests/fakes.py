@@ -103,6 +103,8 @@ class RecordingHandler:
 class FaultySMTP(SMTP):
     """aiosmtpd server whose DATA can break off in the middle of the message."""
 
+    line_length_limit = 65536  # like Postfix, which accepts long lines
+
     def __init__(self, handler: RecordingHandler, *args: Any, **kwargs: Any) -> None:
         super().__init__(handler, *args, **kwargs)
         self.recorder = handler
@@ -170,7 +172,8 @@ class FakeUpstream:
         if self.handler.credentials:
             kwargs["authenticator"] = self.handler.authenticator
             kwargs["auth_required"] = True
-            kwargs["auth_require_tls"] = True
+            # aiosmtpd does not see implicit TLS as TLS (it only tracks STARTTLS)
+            kwargs["auth_require_tls"] = not self.implicit_tls
         session = FaultySMTP(self.handler, **kwargs)
         self.sessions.append(session)
         return session

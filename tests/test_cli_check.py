@@ -1,0 +1,112 @@
+"""`sendguard check`: the pipeline offline, JSON out, exit 0 / 1 / 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, message
+
+CONFIG = ROOT / "config" / "sendguard.yaml"
+
+
+def check(*args: str, stdin: bytes | None = None) -> tuple[int, dict[str, Any] | None, str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", *args], capture_output=True, timeout=60, cwd=ROOT, input=stdin
+    )
+    stdout = result.stdout.decode()
+    return result.returncode, json.loads(stdout) if stdout.strip() else None, result.stderr.decode()
+
+
+def test_accepted_message(tmp_path: Path) -> None:
+    path = tmp_path / "ok.eml"
+    path.write_bytes(message())
+    code, decision, _ = check("--config", str(CONFIG), str(path))
+    assert code == 0
+    assert decision is not None
+    assert decision["action"] == "accept"
+    assert decision["sender"] == "alice@example.com"  # from the headers
+    assert decision["recipients"] == ["bob@example.org"]
+    assert decision["class"] == "transactional"
+    assert decision["policies"] == [
+        {"policy": "required_headers", "stage": "message", "action": "accept", "mode": "enforce", "reason": ""}
+    ]
+
+
+def test_rejected_message_gives_the_reply_and_the_reason(tmp_path: Path) -> None:
+    path = tmp_path / "nofrom.eml"
+    path.write_bytes(b"To: bob@example.org\r\nSubject: x\r\n\r\nbody\r\n")
+    code, decision, _ = check("--config", str(CONFIG), "--from", "a@example.com", str(path))
+    assert code == 1
+    assert decision is not None
+    assert decision["action"] == "reject"
+    assert decision["reply"] == ("550 5.6.0 Message has no From: header (RFC 5322 section 3.6); add one and send again")
+    assert decision["policies"][0]["reason"] == "missing From header"
+
+
+def test_added_headers_are_shown(tmp_path: Path) -> None:
+    path = tmp_path / "nodate.eml"
+    path.write_bytes(b"From: a@example.com\r\nTo: b@example.org\r\n\r\nbody\r\n")
+    code, decision, _ = check("--config", str(CONFIG), str(path))
+    assert code == 0
+    assert decision is not None
+    assert [h.split(":")[0] for h in decision["added_headers"]] == ["Date", "Message-ID"]
+
+
+def test_message_from_stdin_with_explicit_envelope_and_class() -> None:
+    code, decision, _ = check(
+        "--config",
+        str(CONFIG),
+        "--from",
+        "news@example.com",
+        "--to",
+        "x@example.org",
+        "--to",
+        "y@example.org",
+        "--class",
+        "commercial",
+        "-",
+        stdin=message(),
+    )
+    assert code == 0
+    assert decision is not None
+    assert decision["class"] == "commercial"
+    assert decision["recipients"] == ["x@example.org", "y@example.org"]
+
+
+def test_smuggling_content_is_judged_like_the_proxy_does(tmp_path: Path) -> None:
+    path = tmp_path / "nul.eml"
+    path.write_bytes(message() + b"\x00")
+    code, decision, _ = check("--config", str(CONFIG), str(path))
+    assert code == 1
+    assert decision is not None
+    assert decision["reply"].startswith("550 5.6.0 Message contains NUL")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--config", "no-such.yaml", "x.eml"], "cannot read the file"),
+        (["--config", str(CONFIG), "no-such.eml"], "cannot read no-such.eml"),
+        (["--config", str(CONFIG), "--listener", "nope", str(CONFIG)], "no listener is called 'nope'"),
+    ],
+)
+def test_bad_input_exits_2(args: list[str], expected: str) -> None:
+    code, decision, stderr = check(*args)
+    assert code == 2
+    assert decision is None
+    assert expected in stderr
+
+
+def test_no_recipients_anywhere_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "norcpt.eml"
+    path.write_bytes(b"From: a@example.com\r\nSubject: x\r\n\r\nbody\r\n")
+    code, decision, _ = check("--config", str(CONFIG), str(path))
+    assert code == 2
+    assert decision is not None
+    assert decision["action"] == "error"
