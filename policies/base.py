@@ -95,11 +95,18 @@ class MessageEdit:
 
     ``split_per_recipient`` asks the proxy to deliver one copy per recipient, each showing
     only that recipient in To: (Cc: removed), instead of one copy that shows everyone.
+    ``per_recipient`` adds header fields to one recipient's copy only (e.g. that recipient's
+    own unsubscribe link); it also makes the proxy deliver one copy per recipient.
     """
 
     add: tuple[tuple[str, str], ...] = ()  # (name, value) pairs prepended to the header block
     remove: tuple[str, ...] = ()  # field names removed wherever they occur
     split_per_recipient: bool = False
+    per_recipient: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+
+    @property
+    def fans_out(self) -> bool:
+        return self.split_per_recipient or bool(self.per_recipient)
 
 
 @dataclass(frozen=True, slots=True)

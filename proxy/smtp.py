@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from policies.base import Action, Outcome, Reply, Transaction
 from proxy import rawmsg
 from proxy import replies as R
+from proxy.dsn import build_dsn
 from proxy.intake import MessageRefused, prepare_message
 from proxy.pipeline import PolicyResult, StageDecision
 from proxy.runtime import ListenerState, Runtime, Services
@@ -100,6 +101,9 @@ class TxnState:
     seen: set[str] = field(default_factory=set)
     class_reason: str = ""
     upstream_lost: bool = False
+    relayed_options: list[str] = field(default_factory=list)
+    #: Set when the message went out as one copy per recipient: each copy's outcome.
+    copies: dict[str, Reply] | None = None
 
 
 class SendguardSMTP(SMTP):
@@ -498,6 +502,7 @@ class RelayHandler:
                     relayed.append(option)
             elif option.startswith("SIZE=") and caps.size is not None:
                 relayed.append(option)
+        state.relayed_options = relayed
         reply = await upstream.mail(sender, relayed)
         self.services.metrics.upstream_duration.labels("mail").observe(time.perf_counter() - started)
         return reply
@@ -614,6 +619,8 @@ class RelayHandler:
             return decision.reply, None, "rejected" if decision.action is Action.REJECT else "tempfailed"
 
         outgoing = self._apply_edits(content, runtime, decision)
+        if any(edit.fans_out for edit in decision.edits):
+            return await self._deliver_copies(state, outgoing, decision)
         started = time.perf_counter()
         upstream_reply = await state.upstream.data(outgoing)
         metrics.upstream_duration.labels("data").observe(time.perf_counter() - started)
@@ -622,6 +629,83 @@ class RelayHandler:
         if upstream_reply.is_success:
             return client_reply, upstream_reply, "delivered"
         return client_reply, upstream_reply, "tempfailed" if upstream_reply.is_temporary else "rejected"
+
+    async def _deliver_copies(
+        self, state: TxnState, outgoing: bytes, decision: StageDecision
+    ) -> tuple[Reply, Reply | None, str]:
+        """One copy per recipient, each in its own upstream transaction.
+
+        All copies refused: the client gets the refusal (4xx when any was temporary), so it
+        keeps its message. Some delivered: the client gets 250 (a 451 would duplicate the
+        delivered copies) and the refused recipients are reported to the sender in a DSN.
+        """
+        txn = state.txn
+        assert state.upstream is not None
+        await state.upstream.abort()  # the shared transaction is never completed
+        split = any(edit.split_per_recipient for edit in decision.edits)
+        extra: dict[str, list[tuple[str, str]]] = {}
+        for edit in decision.edits:
+            for recipient, fields in edit.per_recipient.items():
+                extra.setdefault(recipient, []).extend(fields)
+        state.copies = {}
+        for recipient in txn.recipients:
+            copy = outgoing
+            if split:
+                copy = rawmsg.prepend_headers(rawmsg.remove_headers(copy, ("To", "Cc")), [("To", recipient)])
+            copy = rawmsg.prepend_headers(copy, extra.get(recipient, ()))
+            state.copies[recipient] = await self._deliver_one(state, txn.mail_from, recipient, copy)
+        delivered = [r for r, reply in state.copies.items() if reply.is_success]
+        failed = [(r, reply) for r, reply in state.copies.items() if not reply.is_success]
+        if not delivered:
+            first = next((reply for _, reply in failed if reply.is_temporary), failed[0][1])
+            outcome = "tempfailed" if first.is_temporary else "rejected"
+            return Reply(first.code, first.status, f"{first.text} [{txn.txn_id}]"[:500]), first, outcome
+        text = f"Delivered as {len(delivered)} separate copies, one per recipient"
+        if failed:
+            text += f"; {len(failed)} refused, reported to the sender"
+            if txn.mail_from:  # never bounce a bounce (RFC 5321 6.1)
+                await self._send_dsn(state, outgoing, failed)
+        return Reply(250, "2.0.0", f"{text} [{txn.txn_id}]"), None, "delivered"
+
+    async def _deliver_one(self, state: TxnState, sender: str, recipient: str, content: bytes) -> Reply:
+        runtime, txn_id = state.runtime, state.txn.txn_id
+        try:
+            session = await runtime.upstream.open(txn_id)
+        except UpstreamUnavailable as exc:
+            return exc.reply
+        try:
+            reply = await session.mail(sender, state.relayed_options)
+            if reply.is_success:
+                reply = await session.rcpt(recipient, [])
+            if reply.is_success:
+                reply = await session.data(content)
+                await session.finish()
+            else:
+                await session.abort()
+        except BaseException:
+            await session.abort()
+            raise
+        return reply
+
+    async def _send_dsn(self, state: TxnState, original: bytes, failed: list[tuple[str, Reply]]) -> None:
+        txn = state.txn
+        report = build_dsn(
+            reporting_host=self.services.hostname,
+            sender=txn.mail_from,
+            original=original,
+            failures=failed,
+            txn_id=txn.txn_id,
+        )
+        reply = await self._deliver_one(state, "", txn.mail_from, report)
+        if reply.is_success:
+            log.warning("txn %s: %d copies refused; DSN sent to the sender", txn.txn_id, len(failed))
+        else:
+            log.error(
+                "txn %s: %d copies refused and the DSN to the sender was refused too: %s",
+                txn.txn_id,
+                len(failed),
+                reply.line(),
+            )
 
     @staticmethod
     def _apply_edits(content: bytes, runtime: Runtime, decision: StageDecision) -> bytes:
@@ -712,6 +796,7 @@ class RelayHandler:
             "size": txn.size,
             "policies": [r.as_dict() for r in state.results],
             "upstream_reply": upstream_reply.line() if upstream_reply else None,
+            "copies": {r: reply.line() for r, reply in state.copies.items()} if state.copies is not None else None,
             "reply": client_reply.line() if client_reply else None,
             "outcome": outcome,
             "duration_ms": round(duration * 1000, 1),

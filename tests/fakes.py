@@ -30,6 +30,7 @@ class Faults:
     mail_reply: str | None = None  # e.g. "451 4.3.0 try later"
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # address -> reply
     data_reply: str | None = None  # reply to the final dot
+    data_replies: dict[str, str] = field(default_factory=dict)  # recipient -> reply to the final dot
     drop_at: str | None = None  # "mail", "rcpt", "data-start", "data-end": close without reply
     hang_at: str | None = None  # same stages: never answer
     hang_seconds: float = 30.0
@@ -83,6 +84,9 @@ class RecordingHandler:
         await self._fault(server, "data-end")
         if self.faults.data_reply:
             return self.faults.data_reply
+        for recipient in envelope.rcpt_tos:
+            if recipient in self.faults.data_replies:
+                return self.faults.data_replies[recipient]
         assert envelope.original_content is not None
         self.messages.append(
             Received(
