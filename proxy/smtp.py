@@ -39,6 +39,10 @@ txn_log = logging.getLogger("sendguard.txn")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}( |$)")
 _MAX_ERRORS = 20  # Postfix smtpd_hard_error_limit
+# Only protocol errors (bad syntax, wrong sequence, failed AUTH) count towards the limit:
+# refusing recipients is normal business (a newsletter with thirty addresses without
+# consent), and "too many recipients" must leave the client free to send the rest later.
+_PROTOCOL_ERROR = re.compile(r"^(50[0-4] |5\d\d 5\.5\.|53[05] |538 )")
 
 
 class AppHandle(Protocol):
@@ -222,8 +226,10 @@ class SendguardSMTP(SMTP):
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
         text = self._rewrite(text)
         code = text[:3]
-        if code[:1] in ("4", "5"):
+        if _PROTOCOL_ERROR.match(text):
             self._errors += 1
+        elif code == "250" and self.in_data:
+            self._errors = 0  # Postfix counts errors "without delivering mail"
         await super().push(text)
         if self._errors >= _MAX_ERRORS and self.transport is not None and not self.transport.is_closing():
             log.warning("closing session from %s after %d errors", self.client_ip, self._errors)

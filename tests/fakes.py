@@ -135,6 +135,7 @@ class FakeUpstream:
         require_starttls: bool = False,
         credentials: tuple[str, str] | None = None,
         smtputf8: bool = True,
+        eightbitmime: bool = True,
         size_limit: int | None = 33554432,
     ) -> None:
         self.faults = faults or Faults()
@@ -143,6 +144,7 @@ class FakeUpstream:
         self.implicit_tls = implicit_tls
         self.require_starttls = require_starttls
         self.smtputf8 = smtputf8
+        self.eightbitmime = eightbitmime
         self.size_limit = size_limit
         self.connections = 0
         self.sessions: list[SMTP] = []
@@ -168,6 +170,7 @@ class FakeUpstream:
         kwargs: dict[str, Any] = {
             "hostname": "upstream.test",
             "enable_SMTPUTF8": self.smtputf8,
+            "decode_data": not self.eightbitmime,  # aiosmtpd offers 8BITMIME only without decoding
             "data_size_limit": self.size_limit,
             "tls_context": None if self.implicit_tls else self.tls_context,
             "require_starttls": self.require_starttls,
