@@ -14,6 +14,7 @@ before-queue proxy does the same "for privacy reasons").
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import re
@@ -117,7 +118,7 @@ class MaildirUpstream:
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self._counter = 0
+        self._counter = itertools.count(1)  # next() is atomic; deliveries run in worker threads
         self._hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         for sub in ("tmp", "new", "cur"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
@@ -133,9 +134,8 @@ class MaildirUpstream:
         return None
 
     def _unique_name(self) -> str:
-        self._counter += 1
         now = time.time()
-        return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{self._counter}.{self._hostname}"
+        return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{next(self._counter)}.{self._hostname}"
 
     def deliver(self, content: bytes, sender: str, recipients: list[str]) -> str:
         """Blocking write; run in a thread. Returns the file name."""
@@ -147,17 +147,18 @@ class MaildirUpstream:
         final_name = f"{name},S={len(body)}"
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(body)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
+            try:
+                view = memoryview(body)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp_path, self.path / "new" / final_name)
         except BaseException:
-            os.close(fd)
-            tmp_path.unlink(missing_ok=True)
+            tmp_path.unlink(missing_ok=True)  # never leave a half-delivered file in tmp/
             raise
-        os.close(fd)
-        os.rename(tmp_path, self.path / "new" / final_name)
         dir_fd = os.open(self.path / "new", os.O_RDONLY)
         try:
             os.fsync(dir_fd)
