@@ -16,6 +16,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.auth import UserStore
+from proxy.backoff import Backoff
 from proxy.classify import Classifier
 from proxy.config import ConfigError, ListenerConfig, Settings, load_config
 from proxy.http import build_http_app
@@ -25,6 +26,7 @@ from proxy.pipeline import Pipeline
 from proxy.replies import R421_SHUTTING_DOWN
 from proxy.runtime import ListenerState, Runtime, Services
 from proxy.smtp import RelayHandler, SendguardSMTP
+from proxy.stores.pauses import open_pause_store
 from proxy.upstream import build_upstream
 
 __all__ = ("App", "serve")
@@ -86,15 +88,23 @@ class App:
             upstream = build_upstream(
                 settings.upstream, helo_name=self.services.hostname, on_reply=metrics.upstream_reply
             )
+        pauses = None
+        if previous is not None and previous.settings.stores.state == settings.stores.state:
+            pauses = previous.pauses  # same shared state: keep the connection
+        if pauses is None:
+            pauses = open_pause_store(settings.stores.state)
         pipeline = Pipeline(settings.policies, resources={}, observer=metrics)
         metrics.declare_listeners(listener.name for listener in settings.listeners)
         metrics.declare_policies((entry.id, entry.mode) for entry in settings.policies)
         metrics.set_config(settings.digest)
+        metrics.declare_backoff_rules((rule.name, rule.scope) for rule in settings.backoff.rules)
         return Runtime(
             settings=settings,
             pipeline=pipeline,
             classifier=Classifier(settings.classes),
             upstream=upstream,
+            pauses=pauses,
+            backoff=Backoff(settings.backoff, pauses, metrics),
             generation=self._generation,
         )
 
@@ -291,6 +301,8 @@ class App:
         await old.pipeline.close()
         if old.upstream is not new.upstream:
             await old.upstream.close()
+        if old.pauses is not new.pauses:
+            await old.pauses.close()
 
     # ---- stop -----------------------------------------------------------------------------
 
@@ -321,6 +333,7 @@ class App:
         if runtime is not None:
             await runtime.pipeline.close()
             await runtime.upstream.close()
+            await runtime.pauses.close()
         if self._services is not None:
             self._services.audit.close()
 

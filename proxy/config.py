@@ -23,6 +23,7 @@ import yaml
 
 from policies import REGISTRY
 from policies.base import MESSAGE_CLASSES, Policy
+from proxy.backoff import BackoffConfig
 from proxy.schema import (
     INVALID,
     ConfigError,
@@ -37,6 +38,7 @@ from proxy.schema import (
     is_invalid,
     parse_hostport,
 )
+from proxy.stores.pauses import PauseStoreConfig
 
 __all__ = (
     "ClassRule",
@@ -252,6 +254,14 @@ class ReloadConfig:
 
 
 @dataclass(frozen=True)
+class StoresConfig:
+    state: PauseStoreConfig = doc(
+        "shared state (pauses, counters, rate-limit buckets): memory for one instance, redis for several",
+        default_factory=PauseStoreConfig,
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     listeners: tuple[ListenerConfig, ...] = doc("where clients connect")
     upstream: UpstreamConfig = doc("where accepted mail goes", default_factory=UpstreamConfig)
@@ -260,6 +270,8 @@ class Settings:
     timeouts: Timeouts = doc("client time limits", default_factory=Timeouts)
     classes: ClassesConfig = doc("how a transaction becomes commercial or transactional", default_factory=ClassesConfig)
     policies: tuple[PolicyEntry, ...] = doc("policies in the order they run", default=())
+    stores: StoresConfig = doc("where state lives", default_factory=StoresConfig)
+    backoff: BackoffConfig = doc("pause sending when the upstream pushes back", default_factory=BackoffConfig)
     audit: AuditConfig = doc("the audit log", default_factory=AuditConfig)
     logging: LoggingConfig = doc("logs on stdout", default_factory=LoggingConfig)
     http: HTTPConfig = doc("metrics and health", default_factory=HTTPConfig)
@@ -508,3 +520,8 @@ def _validate(settings: Settings, conv: Converter) -> None:
         err("reload.interval", "must be positive")
     if settings.audit.keep < 0:
         err("audit.keep", "must not be negative")
+    names_seen: set[str] = set()
+    for i, backoff_rule in enumerate(settings.backoff.rules):
+        if backoff_rule.name in names_seen:
+            err(f"backoff.rules[{i}].name", f"rule name {backoff_rule.name!r} is used twice")
+        names_seen.add(backoff_rule.name)

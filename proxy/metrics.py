@@ -97,6 +97,27 @@ class Metrics:
         self.upstream_connections = Gauge(
             "sendguard_upstream_connections", "Upstream connections by state", ["state"], registry=r
         )
+        self.backoff_matches = Counter(
+            "sendguard_backoff_matches_total", "Upstream replies that matched a backoff rule", ["rule"], registry=r
+        )
+        self.backoff_pauses = Counter(
+            "sendguard_backoff_pauses_total", "Pauses started by a backoff rule", ["rule", "scope"], registry=r
+        )
+        self.pauses_active = Gauge("sendguard_pauses_active", "Pauses in force, by scope", ["scope"], registry=r)
+        self.paused_transactions = Counter(
+            "sendguard_paused_transactions_total", "Transactions deferred because of a pause", ["scope"], registry=r
+        )
+        self.state_errors = Counter(
+            "sendguard_state_store_errors_total",
+            "Failed calls to the shared state store (Redis)",
+            ["operation"],
+            registry=r,
+        )
+        for scope in ("class", "sender", "all"):
+            self.pauses_active.labels(scope)
+            self.paused_transactions.labels(scope)
+        for operation in ("pauses", "backoff"):
+            self.state_errors.labels(operation)
         for stage in UPSTREAM_STAGES:
             self.upstream_duration.labels(stage)
             for klass in UPSTREAM_CLASSES:
@@ -118,6 +139,11 @@ class Metrics:
                     self.messages.labels(listener, klass, outcome)
                 for outcome in RECIPIENT_OUTCOMES:
                     self.recipients.labels(listener, klass, outcome)
+
+    def declare_backoff_rules(self, rules: Iterable[tuple[str, str]]) -> None:
+        for rule, scope in rules:
+            self.backoff_matches.labels(rule)
+            self.backoff_pauses.labels(rule, scope)
 
     def declare_policies(self, policies: Iterable[tuple[str, str]]) -> None:
         """``policies``: (policy id, mode) pairs of the running config."""

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 
 from proxy.auth import AuthFailureTracker, UserStore
+from proxy.backoff import Backoff
 from proxy.classify import Classifier
 from proxy.config import ListenerConfig, Settings
 from proxy.logsetup import AuditLog
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
+from proxy.stores.pauses import PauseStore
 from proxy.upstream import MaildirUpstream, SmtpUpstream
 
 __all__ = ("ListenerState", "Runtime", "Services", "build_server_tls_context")
@@ -46,6 +48,8 @@ class Runtime:
     pipeline: Pipeline
     classifier: Classifier
     upstream: MaildirUpstream | SmtpUpstream
+    pauses: PauseStore
+    backoff: Backoff
     generation: int
     in_flight: int = 0
     retired: bool = False

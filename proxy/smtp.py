@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from policies.base import Action, Outcome, Reply, Transaction
 from proxy import rawmsg
 from proxy import replies as R
+from proxy.backoff import sender_domains
 from proxy.dsn import build_dsn
 from proxy.intake import MessageRefused, prepare_message
 from proxy.pipeline import PolicyResult, StageDecision
@@ -476,7 +477,12 @@ class RelayHandler:
             )
             return decision.reply.line()
 
+        paused = await self._pause_refusal(state, "mail")
+        if paused is not None:
+            await self._end(state, "tempfailed", client_reply=paused)
+            return paused.line()
         reply = await self._open_upstream(state, sender, options)
+        await self._observe(state, "mail", reply)
         if not reply.is_success:
             await self._end(
                 state, "tempfailed" if reply.is_temporary else "rejected", client_reply=reply, upstream_reply=reply
@@ -546,6 +552,7 @@ class RelayHandler:
             started = time.perf_counter()
             reply = await state.upstream.rcpt(address, [])
             metrics.upstream_duration.labels("rcpt").observe(time.perf_counter() - started)
+            await self._observe(state, "rcpt", reply)
             if isinstance(state.upstream, SmtpSession) and state.upstream._released:
                 state.upstream_lost = True
         if reply.is_success:
@@ -616,6 +623,10 @@ class RelayHandler:
         txn.message = message
         classification = runtime.classifier.from_message(txn, message)
         txn.message_class, state.class_reason = classification.message_class, classification.reason
+        paused = await self._pause_refusal(state, "message")
+        if paused is not None:
+            await state.upstream.abort()
+            return paused, None, "tempfailed"
 
         decision = await self._timed_stage(runtime, "message", runtime.pipeline.check_message(txn))
         state.results.extend(decision.results)
@@ -630,6 +641,7 @@ class RelayHandler:
         started = time.perf_counter()
         upstream_reply = await state.upstream.data(outgoing)
         metrics.upstream_duration.labels("data").observe(time.perf_counter() - started)
+        await self._observe(state, "data", upstream_reply)
         await state.upstream.finish()
         client_reply = Reply(upstream_reply.code, upstream_reply.status, f"{upstream_reply.text} [{txn.txn_id}]"[:500])
         if upstream_reply.is_success:
@@ -680,14 +692,16 @@ class RelayHandler:
         except UpstreamUnavailable as exc:
             return exc.reply
         try:
+            stage = "mail"
             reply = await session.mail(sender, state.relayed_options)
             if reply.is_success:
-                reply = await session.rcpt(recipient, [])
+                stage, reply = "rcpt", await session.rcpt(recipient, [])
             if reply.is_success:
-                reply = await session.data(content)
+                stage, reply = "data", await session.data(content)
                 await session.finish()
             else:
                 await session.abort()
+            await self._observe(state, stage, reply)
         except BaseException:
             await session.abort()
             raise
@@ -723,6 +737,54 @@ class RelayHandler:
             add.extend(edit.add)
         content = rawmsg.remove_headers(content, remove)
         return rawmsg.prepend_headers(content, add)
+
+    # ---- pauses and backoff ---------------------------------------------------------------
+
+    async def _pause_refusal(self, state: TxnState, stage: str) -> Reply | None:
+        """451 when a pause (set by a backoff rule or a blocklist listing) covers this mail.
+
+        The shared state being unreachable never stops mail: pauses fail open, counted in
+        sendguard_state_store_errors_total."""
+        txn, metrics = state.txn, self.services.metrics
+        try:
+            pauses = await state.runtime.pauses.active()
+        except Exception as exc:
+            metrics.state_errors.labels("pauses").inc()
+            log.error("txn %s: cannot read pauses from the state store: %s", txn.txn_id, exc)
+            return None
+        for scope in ("class", "sender", "all"):
+            metrics.pauses_active.labels(scope).set(sum(1 for p in pauses if p.scope == scope))
+        domains = sender_domains(txn)
+        for pause in pauses:
+            if not pause.covers(txn.message_class, domains):
+                continue
+            metrics.paused_transactions.labels(pause.scope).inc()
+            what = {
+                "class": f"{pause.value.capitalize()} mail",
+                "sender": f"Mail from {pause.value}",
+                "all": "Sending",
+            }[pause.scope]
+            until = time.strftime("%H:%M UTC", time.gmtime(pause.until))
+            reply = Reply(451, "4.7.1", f"{what} is paused until {until} because {pause.reason}; try again later"[:480])
+            state.results.append(
+                PolicyResult(
+                    policy="pause",
+                    stage=stage,
+                    action=Action.TEMPFAIL,
+                    mode="enforce",
+                    reason=f"{pause.source}: {pause.reason}",
+                    reply=reply,
+                )
+            )
+            return reply
+        return None
+
+    async def _observe(self, state: TxnState, stage: str, reply: Reply) -> None:
+        try:
+            await state.runtime.backoff.observe(stage, reply, state.txn)
+        except Exception as exc:
+            self.services.metrics.state_errors.labels("backoff").inc()
+            log.error("txn %s: backoff bookkeeping failed: %s", state.txn.txn_id, exc)
 
     # ---- transaction end ------------------------------------------------------------------
 

@@ -74,6 +74,10 @@ def reply_from_upstream(code: int, message: str, *, stage: str, txn_id: str) -> 
     if code // 100 not in valid or code > 599:
         log.warning("txn %s: unexpected upstream reply %s at %s", txn_id, code, stage)
         return r451_internal(txn_id)
+    if code == 421:
+        # The upstream is closing *its* connection; ours with the client is fine, and a 421
+        # would tell the client we are closing (RFC 5321 3.8). Same meaning, minus that.
+        code = 451
     text = _CONTROL.sub(" ", message).strip()
     match = _ENHANCED.match(text)
     if match and int(match.group(1)) == code // 100:

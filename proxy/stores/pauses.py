@@ -1,0 +1,193 @@
+"""Pauses and event counters shared by every sendguard instance.
+
+When the upstream pushes back ("421 4.7.0 try again later", Gmail's 4.7.28, Microsoft's
+5.7.708) or a blocklist lists us, sendguard pauses a class of mail or one sender for a while.
+A pause must hold on every instance at once, so it lives in Redis for several instances (a key
+with a TTL per pause) and in memory for one. The same store counts events in sliding windows
+("5 such replies in 10 minutes") with one atomic Lua call per event.
+
+Reading the active pauses happens for every transaction, so ``active()`` answers from a
+snapshot refreshed at most once a second; a new pause reaches every instance within that.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from proxy.schema import Duration, doc
+
+__all__ = ("Pause", "PauseStore", "MemoryPauseStore", "RedisPauseStore", "PauseStoreConfig", "open_pause_store")
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """``scope`` is "class" (value: commercial or transactional), "sender" (value: a domain)
+    or "all" (value: "*")."""
+
+    scope: str
+    value: str
+    until: float  # epoch seconds
+    reason: str
+    source: str  # the rule or check that paused
+
+    def covers(self, message_class: str | None, sender_domains: tuple[str, ...]) -> bool:
+        if self.scope == "all":
+            return True
+        if self.scope == "class":
+            return message_class == self.value
+        return self.value in sender_domains
+
+
+@dataclass(frozen=True)
+class PauseStoreConfig:
+    backend: Literal["memory", "redis"] = doc("memory (one instance) or redis (shared)", default="memory")
+    url: str = doc("Redis URL, e.g. redis://127.0.0.1:6379/0; ${ENV} allowed", default="redis://127.0.0.1:6379/0")
+    key_prefix: str = doc("prefix of every key sendguard writes", default="sendguard:")
+    timeout: Duration = doc("per Redis call", default=Duration(1))
+
+
+class PauseStore(abc.ABC):
+    refresh_interval = 1.0
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock or time.time
+        self._snapshot: list[Pause] = []
+        self._snapshot_at = float("-inf")
+
+    def now(self) -> float:
+        return float(self._clock())
+
+    async def active(self) -> list[Pause]:
+        now = self.now()
+        if now - self._snapshot_at >= self.refresh_interval:
+            self._snapshot = await self._load()
+            self._snapshot_at = now
+        return [p for p in self._snapshot if p.until > now]
+
+    async def pause(self, pause: Pause) -> None:
+        await self._store(pause)
+        self._snapshot_at = float("-inf")  # this instance sees its own pause at once
+
+    async def lift(self, scope: str, value: str) -> None:
+        await self._delete(scope, value)
+        self._snapshot_at = float("-inf")
+
+    @abc.abstractmethod
+    async def hit(self, counter: str, window: float) -> int:
+        """Record one event for ``counter``; return how many happened in the last ``window`` seconds."""
+
+    @abc.abstractmethod
+    async def _load(self) -> list[Pause]: ...
+
+    @abc.abstractmethod
+    async def _store(self, pause: Pause) -> None: ...
+
+    @abc.abstractmethod
+    async def _delete(self, scope: str, value: str) -> None: ...
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryPauseStore(PauseStore):
+    refresh_interval = 0.0  # nothing to fetch
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        super().__init__(clock)
+        self._pauses: dict[tuple[str, str], Pause] = {}
+        self._events: dict[str, deque[float]] = {}
+
+    async def hit(self, counter: str, window: float) -> int:
+        now = self.now()
+        events = self._events.setdefault(counter, deque())
+        events.append(now)
+        while events and events[0] <= now - window:
+            events.popleft()
+        return len(events)
+
+    async def _load(self) -> list[Pause]:
+        now = self.now()
+        for key in [k for k, p in self._pauses.items() if p.until <= now]:
+            del self._pauses[key]
+        return list(self._pauses.values())
+
+    async def _store(self, pause: Pause) -> None:
+        current = self._pauses.get((pause.scope, pause.value))
+        if current is None or current.until < pause.until:  # a pause is only ever extended
+            self._pauses[(pause.scope, pause.value)] = pause
+
+    async def _delete(self, scope: str, value: str) -> None:
+        self._pauses.pop((scope, value), None)
+
+
+# KEYS[1] = counter key; ARGV = now_ms, window_ms, member. Sliding window in a sorted set.
+_HIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('ZCARD', KEYS[1])
+"""
+# KEYS[1] = pause key; ARGV = json, ttl_ms, until. Only ever extends an existing pause.
+_PAUSE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local current_until = cjson.decode(current)['until']
+  if current_until >= tonumber(ARGV[3]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+class RedisPauseStore(PauseStore):
+    def __init__(self, config: PauseStoreConfig, clock: Callable[[], float] | None = None) -> None:
+        import redis.asyncio as redis_asyncio
+
+        super().__init__(clock)
+        self.prefix = config.key_prefix
+        self.redis = redis_asyncio.Redis.from_url(
+            config.url, socket_timeout=config.timeout, socket_connect_timeout=config.timeout
+        )
+        self._hit = self.redis.register_script(_HIT)
+        self._pause = self.redis.register_script(_PAUSE)
+
+    def _key(self, scope: str, value: str) -> str:
+        return f"{self.prefix}pause:{scope}:{value}"
+
+    async def hit(self, counter: str, window: float) -> int:
+        now_ms = int(self.now() * 1000)
+        member = f"{now_ms}:{secrets.token_hex(4)}"
+        count = await self._hit(keys=[f"{self.prefix}events:{counter}"], args=[now_ms, int(window * 1000), member])
+        return int(count)
+
+    async def _load(self) -> list[Pause]:
+        keys = [key async for key in self.redis.scan_iter(match=f"{self.prefix}pause:*", count=100)]
+        if not keys:
+            return []
+        values = await self.redis.mget(keys)
+        return [Pause(**json.loads(value)) for value in values if value is not None]
+
+    async def _store(self, pause: Pause) -> None:
+        ttl_ms = max(1, int((pause.until - self.now()) * 1000))
+        await self._pause(
+            keys=[self._key(pause.scope, pause.value)], args=[json.dumps(asdict(pause)), ttl_ms, pause.until]
+        )
+
+    async def _delete(self, scope: str, value: str) -> None:
+        await self.redis.delete(self._key(scope, value))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+def open_pause_store(config: PauseStoreConfig) -> PauseStore:
+    if config.backend == "redis":
+        return RedisPauseStore(config)
+    return MemoryPauseStore()
