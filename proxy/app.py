@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,8 @@ from proxy.auth import UserStore
 from proxy.backoff import Backoff
 from proxy.classify import Classifier
 from proxy.config import ConfigError, ListenerConfig, Settings, load_config
+from proxy.dkim import Signer
+from proxy.dnscheck import BlocklistWatcher, build_resolver
 from proxy.http import build_http_app
 from proxy.logsetup import AuditLog
 from proxy.metrics import Metrics
@@ -26,7 +29,7 @@ from proxy.pipeline import Pipeline
 from proxy.replies import R421_SHUTTING_DOWN
 from proxy.runtime import ListenerState, Runtime, Services
 from proxy.smtp import RelayHandler, SendguardSMTP
-from proxy.stores.pauses import open_pause_store
+from proxy.stores.pauses import Pause, open_pause_store
 from proxy.upstream import build_upstream
 
 __all__ = ("App", "serve")
@@ -59,6 +62,8 @@ class App:
         self._watch_stamp: tuple[int, int] | None = None
         self._reload_lock = asyncio.Lock()
         self._generation = 0
+        self._blocklist_task: asyncio.Task[None] | None = None
+        self._blocklist_key: object = None
 
     # ---- AppHandle ------------------------------------------------------------------------
 
@@ -93,7 +98,16 @@ class App:
             pauses = previous.pauses  # same shared state: keep the connection
         if pauses is None:
             pauses = open_pause_store(settings.stores.state)
-        pipeline = Pipeline(settings.policies, resources={}, observer=metrics)
+        signer = previous.signer if previous is not None and previous.settings.dkim == settings.dkim else None
+        if signer is None:
+            signer = Signer.from_config(settings.dkim)  # a bad key raises: the reload is refused
+        resolver = None
+        if previous is not None and previous.settings.dns.resolver == settings.dns.resolver:
+            resolver = previous.resolver
+        if resolver is None:
+            resolver = build_resolver(settings.dns.resolver)
+        resources = {"dns": resolver, "dkim": signer, "sending_ips": settings.dns.sending_ips}
+        pipeline = Pipeline(settings.policies, resources=resources, observer=metrics)
         metrics.declare_listeners(listener.name for listener in settings.listeners)
         metrics.declare_policies((entry.id, entry.mode) for entry in settings.policies)
         metrics.set_config(settings.digest)
@@ -105,6 +119,8 @@ class App:
             upstream=upstream,
             pauses=pauses,
             backoff=Backoff(settings.backoff, pauses, metrics),
+            signer=signer,
+            resolver=resolver,
             generation=self._generation,
         )
 
@@ -133,6 +149,7 @@ class App:
         if self.config_path and settings.reload.watch:
             self._watch_stamp = self._stamp()
             self._spawn(self._watch_config())
+        self._start_blocklist_watch(settings)
         self.services.metrics.config_last_reload_time.set_to_current_time()
 
     async def _start_listener(self, loop: asyncio.AbstractEventLoop, config: ListenerConfig) -> None:
@@ -208,6 +225,64 @@ class App:
             detail["upstream"] = runtime.settings.upstream.address
         return self._accepting and bool(listening), detail
 
+    # ---- blocklist watch ------------------------------------------------------------------
+
+    def _start_blocklist_watch(self, settings: Settings) -> None:
+        """(Re)start the watch when what it watches changed; nothing to watch, no task."""
+        key = (settings.dns, tuple(k.domain for k in settings.dkim.keys))
+        if key == self._blocklist_key and self._blocklist_task is not None:
+            return
+        if self._blocklist_task is not None:
+            self._blocklist_task.cancel()
+            self._blocklist_task = None
+        self._blocklist_key = key
+        watcher = BlocklistWatcher.from_config(
+            settings.dns, self.runtime.resolver, dkim_domains=[k.domain for k in settings.dkim.keys]
+        )
+        if not settings.dns.blocklists.enabled or not (watcher.ips or watcher.domains):
+            return
+        self._blocklist_task = asyncio.get_running_loop().create_task(self._blocklist_rounds(watcher))
+
+    async def _blocklist_rounds(self, watcher: BlocklistWatcher) -> None:
+        """Each round: check, export metrics, and keep commercial mail paused (through the
+        shared pause store, so every instance holds) for as long as a listing says so."""
+        metrics = self.services.metrics
+        paused = False
+        while True:
+            try:
+                await watcher.check_now()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("blocklist round failed")
+            reason = watcher.pause_reason()
+            metrics.blocklists(watcher.gauges(), reason is not None, watcher.last_check)
+            pauses = self.runtime.pauses
+            try:
+                if reason is not None:
+                    # Renewed every round; outlives one missed round, ends by itself if we stop.
+                    until = time.time() + 2 * watcher.config.interval + 60
+                    await pauses.pause(
+                        Pause(
+                            "class",
+                            "commercial",
+                            until,
+                            "a sending IP or domain of this server is on a DNS blocklist",
+                            "blocklist",
+                        )
+                    )
+                    if not paused:
+                        log.warning("commercial mail paused: %s", reason)
+                    paused = True
+                elif paused:
+                    await pauses.lift("class", "commercial", "blocklist")
+                    log.info("commercial mail resumed: no pausing blocklist lists us any more")
+                    paused = False
+            except Exception:
+                metrics.state_errors.labels("pauses").inc()
+                log.exception("cannot update the blocklist pause in the state store")
+            await asyncio.sleep(watcher.config.interval)
+
     # ---- reload ---------------------------------------------------------------------------
 
     def _spawn(self, coro: Any) -> None:
@@ -273,6 +348,7 @@ class App:
             metrics.config_reloads.labels("success").inc()
             metrics.config_last_reload_success.set(1)
             metrics.config_last_reload_time.set_to_current_time()
+            self._start_blocklist_watch(settings)
             log.info("config reloaded (%s): %s", reason, settings.digest)
             self._log_inventory(settings)
             return True
@@ -327,6 +403,8 @@ class App:
                 await asyncio.wait_for(server.wait_closed(), 5)
         for task in list(self._tasks):
             task.cancel()
+        if self._blocklist_task is not None:
+            self._blocklist_task.cancel()
         if self._http_runner is not None:
             await self._http_runner.cleanup()
             self._http_runner = None

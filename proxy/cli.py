@@ -18,7 +18,7 @@ from typing import Any
 
 from policies.base import Action, Transaction
 from policies.message import ParsedMessage
-from proxy import __version__
+from proxy import __version__, dns_cli
 from proxy.auth import add_user
 from proxy.classify import Classifier
 from proxy.config import ConfigError, Settings, load_config, parse_upstream_address
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--config", help="take the users file from this config (users_file)")
     where.add_argument("--users-file", help="the users file (default: var/users)")
     user_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+
+    dns_cli.add_commands(commands)  # dkim keygen, domain check
     return parser
 
 
@@ -99,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _config_check(args.file)
         if args.command == "user":
             return _user_add(args)
+        if args.command in ("dkim", "domain"):
+            return dns_cli.run(args)
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_BAD_INPUT

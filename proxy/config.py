@@ -24,6 +24,8 @@ import yaml
 from policies import REGISTRY
 from policies.base import MESSAGE_CLASSES, Policy
 from proxy.backoff import BackoffConfig
+from proxy.dkim import DKIMConfig, dkim_config_problems
+from proxy.dnscheck import DNSConfig
 from proxy.schema import (
     INVALID,
     ConfigError,
@@ -272,6 +274,8 @@ class Settings:
     policies: tuple[PolicyEntry, ...] = doc("policies in the order they run", default=())
     stores: StoresConfig = doc("where state lives", default_factory=StoresConfig)
     backoff: BackoffConfig = doc("pause sending when the upstream pushes back", default_factory=BackoffConfig)
+    dkim: DKIMConfig = doc("DKIM signing, the last change before the upstream", default_factory=DKIMConfig)
+    dns: DNSConfig = doc("resolver, sending IPs and domains, blocklist watch", default_factory=DNSConfig)
     audit: AuditConfig = doc("the audit log", default_factory=AuditConfig)
     logging: LoggingConfig = doc("logs on stdout", default_factory=LoggingConfig)
     http: HTTPConfig = doc("metrics and health", default_factory=HTTPConfig)
@@ -520,6 +524,8 @@ def _validate(settings: Settings, conv: Converter) -> None:
         err("reload.interval", "must be positive")
     if settings.audit.keep < 0:
         err("audit.keep", "must not be negative")
+    for path, message in dkim_config_problems(settings.dkim):
+        err(f"dkim.{path}", message)
     names_seen: set[str] = set()
     for i, backoff_rule in enumerate(settings.backoff.rules):
         if backoff_rule.name in names_seen:

@@ -118,6 +118,29 @@ class Metrics:
             self.paused_transactions.labels(scope)
         for operation in ("pauses", "backoff"):
             self.state_errors.labels(operation)
+        self.blocklist_listed = Gauge(
+            "sendguard_blocklist_listed",
+            "Configured sending IPs or domains listed",
+            ["zone", "target_kind"],
+            registry=r,
+        )
+        self.blocklist_unknown = Gauge(
+            "sendguard_blocklist_unknown",
+            "Configured targets whose listing is unknown (timeout, SERVFAIL, refused)",
+            ["zone", "target_kind"],
+            registry=r,
+        )
+        self.blocklist_last_check = Gauge(
+            "sendguard_blocklist_last_check_timestamp_seconds", "End of the last blocklist round", registry=r
+        )
+        self.commercial_paused_by_blocklist = Gauge(
+            "sendguard_blocklist_pausing_commercial", "1 while a listing pauses commercial mail", registry=r
+        )
+        self.dkim_signatures = Counter(
+            "sendguard_dkim_signatures_total", "Messages by DKIM signing result", ["result"], registry=r
+        )
+        for result in ("signed", "no_key", "no_from", "error"):
+            self.dkim_signatures.labels(result)
         for stage in UPSTREAM_STAGES:
             self.upstream_duration.labels(stage)
             for klass in UPSTREAM_CLASSES:
@@ -151,6 +174,19 @@ class Metrics:
             self.policy_errors.labels(policy)
             for action in POLICY_ACTIONS:
                 self.policy_verdicts.labels(policy, action, mode)
+
+    def blocklists(
+        self, gauges: dict[tuple[str, str], tuple[int, int]], pausing: bool, last_check: float | None
+    ) -> None:
+        """From the blocklist watcher: (zone, target kind) -> (listed, unknown) counts."""
+        self.blocklist_listed.clear()
+        self.blocklist_unknown.clear()
+        for (zone, kind), (listed, unknown) in gauges.items():
+            self.blocklist_listed.labels(zone, kind).set(listed)
+            self.blocklist_unknown.labels(zone, kind).set(unknown)
+        self.commercial_paused_by_blocklist.set(1 if pausing else 0)
+        if last_check is not None:
+            self.blocklist_last_check.set(last_check)
 
     def set_config(self, digest: str) -> None:
         self.config_info.clear()

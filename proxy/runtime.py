@@ -18,10 +18,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 
+import dns.asyncresolver
+
 from proxy.auth import AuthFailureTracker, UserStore
 from proxy.backoff import Backoff
 from proxy.classify import Classifier
 from proxy.config import ListenerConfig, Settings
+from proxy.dkim import Signer
 from proxy.logsetup import AuditLog
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
@@ -50,6 +53,8 @@ class Runtime:
     upstream: MaildirUpstream | SmtpUpstream
     pauses: PauseStore
     backoff: Backoff
+    signer: Signer
+    resolver: dns.asyncresolver.Resolver
     generation: int
     in_flight: int = 0
     retired: bool = False

@@ -26,6 +26,7 @@ from policies.base import Action, Outcome, Reply, Transaction
 from proxy import rawmsg
 from proxy import replies as R
 from proxy.backoff import sender_domains
+from proxy.dkim import DKIMSignError
 from proxy.dsn import build_dsn
 from proxy.intake import MessageRefused, prepare_message
 from proxy.pipeline import PolicyResult, StageDecision
@@ -638,6 +639,11 @@ class RelayHandler:
         outgoing = self._apply_edits(content, runtime, decision)
         if any(edit.fans_out for edit in decision.edits):
             return await self._deliver_copies(state, outgoing, decision)
+        signed = await self._sign(state, outgoing)
+        if isinstance(signed, Reply):
+            await state.upstream.abort()
+            return signed, None, "tempfailed" if signed.is_temporary else "rejected"
+        outgoing = signed
         started = time.perf_counter()
         upstream_reply = await state.upstream.data(outgoing)
         metrics.upstream_duration.labels("data").observe(time.perf_counter() - started)
@@ -671,7 +677,11 @@ class RelayHandler:
             if split:
                 copy = rawmsg.prepend_headers(rawmsg.remove_headers(copy, ("To", "Cc")), [("To", recipient)])
             copy = rawmsg.prepend_headers(copy, extra.get(recipient, ()))
-            state.copies[recipient] = await self._deliver_one(state, txn.mail_from, recipient, copy)
+            signed = await self._sign(state, copy)  # each copy differs, so each is signed
+            if isinstance(signed, Reply):
+                state.copies[recipient] = signed
+                continue
+            state.copies[recipient] = await self._deliver_one(state, txn.mail_from, recipient, signed)
         delivered = [r for r, reply in state.copies.items() if reply.is_success]
         failed = [(r, reply) for r, reply in state.copies.items() if not reply.is_success]
         if not delivered:
@@ -716,6 +726,9 @@ class RelayHandler:
             failures=failed,
             txn_id=txn.txn_id,
         )
+        signed = await self._sign(state, report)
+        if not isinstance(signed, Reply):
+            report = signed
         reply = await self._deliver_one(state, "", txn.mail_from, report)
         if reply.is_success:
             log.warning("txn %s: %d copies refused; DSN sent to the sender", txn.txn_id, len(failed))
@@ -737,6 +750,27 @@ class RelayHandler:
             add.extend(edit.add)
         content = rawmsg.remove_headers(content, remove)
         return rawmsg.prepend_headers(content, add)
+
+    # ---- DKIM -----------------------------------------------------------------------------
+
+    async def _sign(self, state: TxnState, content: bytes) -> bytes | Reply:
+        """DKIM-sign the final bytes (the last change before the upstream); a Reply when the
+        message cannot be signed and dkim.on_error says to refuse it."""
+        runtime, metrics = state.runtime, self.services.metrics
+        if not runtime.signer.enabled:
+            return content
+        try:
+            result = await runtime.signer.sign_async(content)
+        except DKIMSignError as exc:
+            metrics.dkim_signatures.labels("error").inc()
+            log.error("txn %s: DKIM signing failed: %s", state.txn.txn_id, exc)
+            if runtime.settings.dkim.on_error == "send_unsigned":
+                return content
+            if exc.permanent:
+                return Reply(550, "5.6.0", "The message header cannot be DKIM-signed; check its header lines")
+            return R.r451_policy_error(state.txn.txn_id)
+        metrics.dkim_signatures.labels("signed" if result.signatures else result.skipped.replace("-", "_")).inc()
+        return result.message
 
     # ---- pauses and backoff ---------------------------------------------------------------
 

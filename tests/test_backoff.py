@@ -95,7 +95,7 @@ async def test_a_pause_is_extended_never_shortened() -> None:
     clock = Clock()
     store = MemoryPauseStore(clock)
     await store.pause(Pause("class", "commercial", clock.now + 600, "long", "a"))
-    await store.pause(Pause("class", "commercial", clock.now + 60, "short", "b"))
+    await store.pause(Pause("class", "commercial", clock.now + 60, "short", "a"))
     assert [p.reason for p in await store.active()] == ["long"]
     clock.now += 601
     assert await store.active() == []
@@ -211,7 +211,7 @@ async def test_redis_store_round_trip(redis_target: RedisTarget) -> None:
         assert [(p.scope, p.value) for p in await store.active()] == [("sender", "example.com")]
         assert await store.hit("x", 60) == 1
         assert await store.hit("x", 60) == 2
-        await store.lift("sender", "example.com")
+        await store.lift("sender", "example.com", "test")
         assert await store.active() == []
     finally:
         await store.close()

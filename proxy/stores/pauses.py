@@ -75,8 +75,8 @@ class PauseStore(abc.ABC):
         await self._store(pause)
         self._snapshot_at = float("-inf")  # this instance sees its own pause at once
 
-    async def lift(self, scope: str, value: str) -> None:
-        await self._delete(scope, value)
+    async def lift(self, scope: str, value: str, source: str) -> None:
+        await self._delete(scope, value, source)
         self._snapshot_at = float("-inf")
 
     @abc.abstractmethod
@@ -90,7 +90,7 @@ class PauseStore(abc.ABC):
     async def _store(self, pause: Pause) -> None: ...
 
     @abc.abstractmethod
-    async def _delete(self, scope: str, value: str) -> None: ...
+    async def _delete(self, scope: str, value: str, source: str) -> None: ...
 
     async def close(self) -> None:
         return None
@@ -101,7 +101,7 @@ class MemoryPauseStore(PauseStore):
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         super().__init__(clock)
-        self._pauses: dict[tuple[str, str], Pause] = {}
+        self._pauses: dict[tuple[str, str, str], Pause] = {}
         self._events: dict[str, deque[float]] = {}
 
     async def hit(self, counter: str, window: float) -> int:
@@ -119,12 +119,13 @@ class MemoryPauseStore(PauseStore):
         return list(self._pauses.values())
 
     async def _store(self, pause: Pause) -> None:
-        current = self._pauses.get((pause.scope, pause.value))
+        key = (pause.scope, pause.value, pause.source)
+        current = self._pauses.get(key)
         if current is None or current.until < pause.until:  # a pause is only ever extended
-            self._pauses[(pause.scope, pause.value)] = pause
+            self._pauses[key] = pause
 
-    async def _delete(self, scope: str, value: str) -> None:
-        self._pauses.pop((scope, value), None)
+    async def _delete(self, scope: str, value: str, source: str) -> None:
+        self._pauses.pop((scope, value, source), None)
 
 
 # KEYS[1] = counter key; ARGV = now_ms, window_ms, member. Sliding window in a sorted set.
@@ -158,8 +159,10 @@ class RedisPauseStore(PauseStore):
         self._hit = self.redis.register_script(_HIT)
         self._pause = self.redis.register_script(_PAUSE)
 
-    def _key(self, scope: str, value: str) -> str:
-        return f"{self.prefix}pause:{scope}:{value}"
+    def _key(self, scope: str, value: str, source: str) -> str:
+        # One key per source: a backoff rule and a blocklist can pause the same class
+        # independently, and lifting one never lifts the other.
+        return f"{self.prefix}pause:{scope}:{value}:{source}"
 
     async def hit(self, counter: str, window: float) -> int:
         now_ms = int(self.now() * 1000)
@@ -177,11 +180,12 @@ class RedisPauseStore(PauseStore):
     async def _store(self, pause: Pause) -> None:
         ttl_ms = max(1, int((pause.until - self.now()) * 1000))
         await self._pause(
-            keys=[self._key(pause.scope, pause.value)], args=[json.dumps(asdict(pause)), ttl_ms, pause.until]
+            keys=[self._key(pause.scope, pause.value, pause.source)],
+            args=[json.dumps(asdict(pause)), ttl_ms, pause.until],
         )
 
-    async def _delete(self, scope: str, value: str) -> None:
-        await self.redis.delete(self._key(scope, value))
+    async def _delete(self, scope: str, value: str, source: str) -> None:
+        await self.redis.delete(self._key(scope, value, source))
 
     async def close(self) -> None:
         await self.redis.aclose()
