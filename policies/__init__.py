@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from policies.base import Policy
 from policies.headers import RequiredHeadersPolicy
+from policies.ratelimit import RateLimitPolicy
 from policies.sender_domain import SenderDomainPolicy
 
 __all__ = ("REGISTRY", "build_registry")
@@ -30,4 +31,5 @@ def build_registry(*classes: type[Policy]) -> dict[str, type[Policy]]:
 REGISTRY: dict[str, type[Policy]] = build_registry(
     RequiredHeadersPolicy,
     SenderDomainPolicy,
+    RateLimitPolicy,
 )

@@ -29,6 +29,7 @@ from proxy.pipeline import Pipeline
 from proxy.replies import R421_SHUTTING_DOWN
 from proxy.runtime import ListenerState, Runtime, Services
 from proxy.smtp import RelayHandler, SendguardSMTP
+from proxy.stores.limits import open_limit_store
 from proxy.stores.pauses import Pause, open_pause_store
 from proxy.upstream import build_upstream
 
@@ -93,11 +94,11 @@ class App:
             upstream = build_upstream(
                 settings.upstream, helo_name=self.services.hostname, on_reply=metrics.upstream_reply
             )
-        pauses = None
         if previous is not None and previous.settings.stores.state == settings.stores.state:
-            pauses = previous.pauses  # same shared state: keep the connection
-        if pauses is None:
-            pauses = open_pause_store(settings.stores.state)
+            # Same shared state: keep the connections, and the in-memory budgets and pauses.
+            pauses, limits = previous.pauses, previous.limits
+        else:
+            pauses, limits = open_pause_store(settings.stores.state), open_limit_store(settings.stores.state)
         signer = previous.signer if previous is not None and previous.settings.dkim == settings.dkim else None
         if signer is None:
             signer = Signer.from_config(settings.dkim)  # a bad key raises: the reload is refused
@@ -106,7 +107,13 @@ class App:
             resolver = previous.resolver
         if resolver is None:
             resolver = build_resolver(settings.dns.resolver)
-        resources = {"dns": resolver, "dkim": signer, "sending_ips": settings.dns.sending_ips}
+        resources = {
+            "dns": resolver,
+            "dkim": signer,
+            "sending_ips": settings.dns.sending_ips,
+            "limits": limits,
+            "metrics_limit_errors": metrics.ratelimit_store_error,
+        }
         pipeline = Pipeline(settings.policies, resources=resources, observer=metrics)
         metrics.declare_listeners(listener.name for listener in settings.listeners)
         metrics.declare_policies((entry.id, entry.mode) for entry in settings.policies)
@@ -118,6 +125,7 @@ class App:
             classifier=Classifier(settings.classes),
             upstream=upstream,
             pauses=pauses,
+            limits=limits,
             backoff=Backoff(settings.backoff, pauses, metrics),
             signer=signer,
             resolver=resolver,
@@ -379,6 +387,8 @@ class App:
             await old.upstream.close()
         if old.pauses is not new.pauses:
             await old.pauses.close()
+        if old.limits is not new.limits:
+            await old.limits.close()
 
     # ---- stop -----------------------------------------------------------------------------
 
@@ -412,6 +422,7 @@ class App:
             await runtime.pipeline.close()
             await runtime.upstream.close()
             await runtime.pauses.close()
+            await runtime.limits.close()
         if self._services is not None:
             self._services.audit.close()
 

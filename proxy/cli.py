@@ -23,6 +23,7 @@ from proxy.auth import add_user
 from proxy.classify import Classifier
 from proxy.config import ConfigError, Settings, load_config, parse_upstream_address
 from proxy.intake import MessageRefused, prepare_message
+from proxy.limits_cli import add_limits_parser, run_limits
 from proxy.logsetup import configure_logging, stop_logging
 from proxy.pipeline import Pipeline, PolicyResult, StageDecision
 from proxy.schema import parse_hostport
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     user_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
 
     dns_cli.add_commands(commands)  # dkim keygen, domain check
+    add_limits_parser(commands)
     return parser
 
 
@@ -103,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _user_add(args)
         if args.command in ("dkim", "domain"):
             return dns_cli.run(args)
+        if args.command == "limits":
+            return run_limits(args, load_config(args.config))
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_BAD_INPUT

@@ -40,7 +40,7 @@ from proxy.schema import (
     is_invalid,
     parse_hostport,
 )
-from proxy.stores.pauses import PauseStoreConfig
+from proxy.stores.limits import LimitStoreConfig
 
 __all__ = (
     "ClassRule",
@@ -257,9 +257,9 @@ class ReloadConfig:
 
 @dataclass(frozen=True)
 class StoresConfig:
-    state: PauseStoreConfig = doc(
+    state: LimitStoreConfig = doc(
         "shared state (pauses, counters, rate-limit buckets): memory for one instance, redis for several",
-        default_factory=PauseStoreConfig,
+        default_factory=LimitStoreConfig,
     )
 
 
@@ -508,6 +508,12 @@ def _validate(settings: Settings, conv: Converter) -> None:
         for cls in entry.classes:
             if cls not in MESSAGE_CLASSES:
                 err(f"policies[{i}].classes", f"unknown class {cls!r}")
+        for j, spec in enumerate(getattr(entry.options, "limits", ()) if entry.name == "rate_limit" else ()):
+            if spec.hold >= entry.timeout:
+                err(
+                    f"policies[{i}].limits[{j}].hold",
+                    f"must be shorter than the policy's timeout ({entry.timeout:g}s), or the wait ends in 451 4.3.0",
+                )
 
     # The time budget after the final dot must nest inside the client's patience:
     # policies run one after another, then the upstream transfer.

@@ -118,6 +118,14 @@ class Metrics:
             self.paused_transactions.labels(scope)
         for operation in ("pauses", "backoff"):
             self.state_errors.labels(operation)
+        self.ratelimit_store_errors = Counter(
+            "sendguard_ratelimit_store_errors_total",
+            "Rate-limit store failures (reserve: the limit's on_error decided; refund: budget left charged)",
+            ["operation"],
+            registry=r,
+        )
+        for operation in ("reserve", "refund"):
+            self.ratelimit_store_errors.labels(operation)
         self.blocklist_listed = Gauge(
             "sendguard_blocklist_listed",
             "Configured sending IPs or domains listed",
@@ -199,6 +207,9 @@ class Metrics:
 
     def policy_error(self, policy: str) -> None:
         self.policy_errors.labels(policy).inc()
+
+    def ratelimit_store_error(self, operation: str) -> None:
+        self.ratelimit_store_errors.labels(operation).inc()
 
     def upstream_reply(self, stage: str, klass: str) -> None:
         self.upstream_replies.labels(stage, klass).inc()

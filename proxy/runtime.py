@@ -28,6 +28,7 @@ from proxy.dkim import Signer
 from proxy.logsetup import AuditLog
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
+from proxy.stores.limits import LimitStore
 from proxy.stores.pauses import PauseStore
 from proxy.upstream import MaildirUpstream, SmtpUpstream
 
@@ -52,6 +53,7 @@ class Runtime:
     classifier: Classifier
     upstream: MaildirUpstream | SmtpUpstream
     pauses: PauseStore
+    limits: LimitStore
     backoff: Backoff
     signer: Signer
     resolver: dns.asyncresolver.Resolver

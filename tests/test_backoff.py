@@ -14,7 +14,8 @@ import pytest
 from policies.base import Reply, Transaction
 from proxy.backoff import Backoff, BackoffConfig, BackoffRule, ReplyMatch
 from proxy.schema import Rate
-from proxy.stores.pauses import MemoryPauseStore, Pause, PauseStoreConfig, RedisPauseStore
+from proxy.stores.limits import LimitStoreConfig
+from proxy.stores.pauses import MemoryPauseStore, Pause, RedisPauseStore
 from tests.conftest import Proxy, message
 from tests.fakes import FakeUpstream, Faults
 from tests.services import RedisTarget
@@ -205,7 +206,7 @@ async def test_redis_down_lets_mail_flow_and_is_counted(upstream: FakeUpstream, 
 
 
 async def test_redis_store_round_trip(redis_target: RedisTarget) -> None:
-    store = RedisPauseStore(PauseStoreConfig(backend="redis", url=redis_target.url, key_prefix=redis_target.prefix))
+    store = RedisPauseStore(LimitStoreConfig(backend="redis", url=redis_target.url, key_prefix=redis_target.prefix))
     try:
         await store.pause(Pause("sender", "example.com", store.now() + 60, "why", "test"))
         assert [(p.scope, p.value) for p in await store.active()] == [("sender", "example.com")]
@@ -215,3 +216,35 @@ async def test_redis_store_round_trip(redis_target: RedisTarget) -> None:
         assert await store.active() == []
     finally:
         await store.close()
+
+
+async def test_two_instances_share_one_rate_limit_through_redis(
+    redis_target: RedisTarget, upstream: FakeUpstream, proxy_factory: ProxyFactory
+) -> None:
+    shared = {
+        "stores": {"state": {"backend": "redis", "url": redis_target.url, "key_prefix": redis_target.prefix}},
+        "policies": [
+            {"name": "rate_limit", "limits": [{"key": "mail_from", "count": "messages", "rates": ["3/h burst 3"]}]}
+        ],
+    }
+    first = await proxy_factory(upstream.address, shared)
+    second = await proxy_factory(upstream.address, shared)
+    replies: list[tuple[int, str]] = []
+    for i in range(6):
+        proxy = (first, second)[i % 2]
+        try:
+            await aiosmtplib.send(
+                RECEIPT,
+                sender="app@example.com",
+                recipients=["bob@example.org"],
+                hostname="127.0.0.1",
+                port=proxy.port,
+                start_tls=False,
+                timeout=10,
+            )
+            replies.append((250, ""))
+        except aiosmtplib.SMTPSenderRefused as error:
+            replies.append((error.code, error.message))
+    assert [code for code, _ in replies] == [250, 250, 250, 451, 451, 451]
+    assert replies[3][1].startswith("4.7.1 Rate limit reached for sender app@example.com (3/h")
+    assert len(upstream.messages) == 3

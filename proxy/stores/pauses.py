@@ -19,11 +19,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Literal
 
-from proxy.schema import Duration, doc
+from proxy.stores.limits import LimitStoreConfig
 
-__all__ = ("Pause", "PauseStore", "MemoryPauseStore", "RedisPauseStore", "PauseStoreConfig", "open_pause_store")
+__all__ = ("Pause", "PauseStore", "MemoryPauseStore", "RedisPauseStore", "open_pause_store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,14 +42,6 @@ class Pause:
         if self.scope == "class":
             return message_class == self.value
         return self.value in sender_domains
-
-
-@dataclass(frozen=True)
-class PauseStoreConfig:
-    backend: Literal["memory", "redis"] = doc("memory (one instance) or redis (shared)", default="memory")
-    url: str = doc("Redis URL, e.g. redis://127.0.0.1:6379/0; ${ENV} allowed", default="redis://127.0.0.1:6379/0")
-    key_prefix: str = doc("prefix of every key sendguard writes", default="sendguard:")
-    timeout: Duration = doc("per Redis call", default=Duration(1))
 
 
 class PauseStore(abc.ABC):
@@ -148,7 +139,7 @@ return 1
 
 
 class RedisPauseStore(PauseStore):
-    def __init__(self, config: PauseStoreConfig, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, config: LimitStoreConfig, clock: Callable[[], float] | None = None) -> None:
         import redis.asyncio as redis_asyncio
 
         super().__init__(clock)
@@ -191,7 +182,8 @@ class RedisPauseStore(PauseStore):
         await self.redis.aclose()
 
 
-def open_pause_store(config: PauseStoreConfig) -> PauseStore:
+def open_pause_store(config: LimitStoreConfig) -> PauseStore:
+    """Pauses live where the rate-limit budgets live: ``stores.state``."""
     if config.backend == "redis":
         return RedisPauseStore(config)
     return MemoryPauseStore()
