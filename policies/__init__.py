@@ -8,6 +8,7 @@ never claim the same name.
 from __future__ import annotations
 
 from policies.base import Policy
+from policies.consent import ConsentPolicy
 from policies.headers import RequiredHeadersPolicy
 from policies.ratelimit import RateLimitPolicy
 from policies.sender_domain import SenderDomainPolicy
@@ -32,4 +33,5 @@ REGISTRY: dict[str, type[Policy]] = build_registry(
     RequiredHeadersPolicy,
     SenderDomainPolicy,
     RateLimitPolicy,
+    ConsentPolicy,
 )

@@ -223,6 +223,9 @@ class Policy:
     description: ClassVar[str] = ""
     #: Classes the policy applies to unless its config entry says otherwise.
     default_classes: ClassVar[tuple[str, ...]] = MESSAGE_CLASSES
+    #: Shared stores the policy needs in ``resources`` ("consent", "limits", "dns" ...): the
+    #: application opens a store only when a configured policy asks for it.
+    needs: ClassVar[tuple[str, ...]] = ()
 
     @dataclass(frozen=True)
     class Options:
@@ -249,6 +252,12 @@ class Policy:
 
     async def close(self) -> None:
         return None
+
+    @classmethod
+    def instruction_headers(cls, options: Any) -> tuple[str, ...]:
+        """Header fields that instruct this policy (e.g. a topic header): meant for sendguard,
+        never for the recipients, so the proxy removes them before relaying."""
+        return ()
 
     @classmethod
     def has_stage(cls, stage: str) -> bool:

@@ -29,6 +29,7 @@ from proxy.pipeline import Pipeline
 from proxy.replies import R421_SHUTTING_DOWN
 from proxy.runtime import ListenerState, Runtime, Services
 from proxy.smtp import RelayHandler, SendguardSMTP
+from proxy.stores.consent import ConsentStore, open_consent_store
 from proxy.stores.limits import open_limit_store
 from proxy.stores.pauses import Pause, open_pause_store
 from proxy.upstream import build_upstream
@@ -84,7 +85,23 @@ class App:
 
     # ---- start ----------------------------------------------------------------------------
 
-    def _build_runtime(self, settings: Settings, previous: Runtime | None = None) -> Runtime:
+    async def _open_consent(self, settings: Settings, previous: Runtime | None) -> ConsentStore | None:
+        """The consent store, when a configured policy needs it; kept across reloads while
+        stores.consent is unchanged. connect=False: a PostgreSQL that is down at start must not
+        stop transactional mail; commercial mail gets 451 4.3.0 until it is back."""
+        if not settings.needs("consent"):
+            return None
+        if (
+            previous is not None
+            and previous.consent is not None
+            and (previous.settings.stores.consent == settings.stores.consent)
+        ):
+            return previous.consent
+        return await open_consent_store(settings.stores.consent, connect=False)
+
+    def _build_runtime(
+        self, settings: Settings, previous: Runtime | None = None, consent: ConsentStore | None = None
+    ) -> Runtime:
         metrics = self.services.metrics
         self._generation += 1
         upstream = None
@@ -113,6 +130,7 @@ class App:
             "sending_ips": settings.dns.sending_ips,
             "limits": limits,
             "metrics_limit_errors": metrics.ratelimit_store_error,
+            "consent": consent,
         }
         pipeline = Pipeline(settings.policies, resources=resources, observer=metrics)
         metrics.declare_listeners(listener.name for listener in settings.listeners)
@@ -130,6 +148,7 @@ class App:
             signer=signer,
             resolver=resolver,
             generation=self._generation,
+            consent=consent,
         )
 
     async def start(self) -> None:
@@ -142,7 +161,7 @@ class App:
             hostname=hostname,
             version=__version__,
         )
-        self._runtime = self._build_runtime(settings)
+        self._runtime = self._build_runtime(settings, consent=await self._open_consent(settings, None))
         loop = asyncio.get_running_loop()
         try:
             for config in settings.listeners:
@@ -341,9 +360,13 @@ class App:
                 log.info("config reload (%s): file unchanged", reason)
                 metrics.config_last_reload_success.set(1)
                 return True
+            consent: ConsentStore | None = None
             try:
-                runtime = self._build_runtime(settings, previous=old)
+                consent = await self._open_consent(settings, old)
+                runtime = self._build_runtime(settings, previous=old, consent=consent)
             except Exception:
+                if consent is not None and consent is not old.consent:
+                    await consent.close()
                 metrics.config_reloads.labels("failure").inc()
                 metrics.config_last_reload_success.set(0)
                 log.exception("config reload (%s) failed while building; keeping the running config", reason)
@@ -389,6 +412,8 @@ class App:
             await old.pauses.close()
         if old.limits is not new.limits:
             await old.limits.close()
+        if old.consent is not None and old.consent is not new.consent:
+            await old.consent.close()
 
     # ---- stop -----------------------------------------------------------------------------
 
@@ -423,6 +448,8 @@ class App:
             await runtime.upstream.close()
             await runtime.pauses.close()
             await runtime.limits.close()
+            if runtime.consent is not None:
+                await runtime.consent.close()
         if self._services is not None:
             self._services.audit.close()
 

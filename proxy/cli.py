@@ -22,11 +22,13 @@ from proxy import __version__, dns_cli
 from proxy.auth import add_user
 from proxy.classify import Classifier
 from proxy.config import ConfigError, Settings, load_config, parse_upstream_address
+from proxy.consent_cli import add_consent_parser, run_consent_command
 from proxy.intake import MessageRefused, prepare_message
 from proxy.limits_cli import add_limits_parser, run_limits
 from proxy.logsetup import configure_logging, stop_logging
 from proxy.pipeline import Pipeline, PolicyResult, StageDecision
 from proxy.schema import parse_hostport
+from proxy.stores.consent import ConsentStoreError, open_consent_store
 
 __all__ = ("main",)
 
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dns_cli.add_commands(commands)  # dkim keygen, domain check
     add_limits_parser(commands)
+    add_consent_parser(commands)  # consent import, export, show, add, customer, revoke, suppress ...
     return parser
 
 
@@ -107,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return dns_cli.run(args)
         if args.command == "limits":
             return run_limits(args, load_config(args.config))
+        if args.command == "consent":
+            return run_consent_command(args)
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_BAD_INPUT
@@ -127,7 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.logging.format, settings.logging.level)
     try:
         return asyncio.run(serve(args.config, overrides))
-    except OSError as exc:
+    except (OSError, ConsentStoreError) as exc:
         logging.getLogger("sendguard").error("cannot start: %s", exc)
         return EXIT_START_FAILED
     except KeyboardInterrupt:
@@ -229,7 +234,14 @@ async def run_check(
             "policies": [],
         }
 
-    pipeline = Pipeline(settings.policies)
+    consent = None
+    if settings.needs("consent"):
+        try:
+            # connect=False: an unreachable store shows up as the proxy's 451, not as a crash.
+            consent = await open_consent_store(settings.stores.consent, connect=False)
+        except ConsentStoreError as exc:
+            return {"action": "error", "reply": None, "reason": f"consent store: {exc}", "policies": []}
+    pipeline = Pipeline(settings.policies, resources={"consent": consent})
     classifier = Classifier(settings.classes)
     txn = Transaction(
         txn_id="check",
@@ -274,6 +286,8 @@ async def run_check(
         return out
     finally:
         await pipeline.close()
+        if consent is not None:
+            await consent.close()
 
 
 def _sender_from_headers(message: ParsedMessage) -> str:

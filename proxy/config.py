@@ -40,6 +40,7 @@ from proxy.schema import (
     is_invalid,
     parse_hostport,
 )
+from proxy.stores.consent import ConsentStoreConfig
 from proxy.stores.limits import LimitStoreConfig
 
 __all__ = (
@@ -261,6 +262,10 @@ class StoresConfig:
         "shared state (pauses, counters, rate-limit buckets): memory for one instance, redis for several",
         default_factory=LimitStoreConfig,
     )
+    consent: ConsentStoreConfig = doc(
+        "consent records: sqlite (one file, one instance) or postgres (shared by several instances)",
+        default_factory=ConsentStoreConfig,
+    )
 
 
 @dataclass(frozen=True)
@@ -283,6 +288,18 @@ class Settings:
     #: Set by the loader: where the file came from and a hash of its text.
     source: str = field(default="", metadata={"internal": True})
     digest: str = field(default="", metadata={"internal": True})
+
+    def needs(self, resource: str) -> bool:
+        """True when a configured policy needs this shared resource (see Policy.needs)."""
+        return any(resource in entry.policy_class.needs for entry in self.policies)
+
+    @property
+    def instruction_headers(self) -> tuple[str, ...]:
+        """Every header that instructs sendguard (class, topic ...): removed before relaying."""
+        names = [self.classes.header.name]
+        for entry in self.policies:
+            names.extend(entry.policy_class.instruction_headers(entry.options))
+        return tuple(dict.fromkeys(names))
 
     def listener(self, name: str) -> ListenerConfig:
         for listener in self.listeners:

@@ -28,6 +28,7 @@ from proxy.dkim import Signer
 from proxy.logsetup import AuditLog
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
+from proxy.stores.consent import ConsentStore
 from proxy.stores.limits import LimitStore
 from proxy.stores.pauses import PauseStore
 from proxy.upstream import MaildirUpstream, SmtpUpstream
@@ -58,6 +59,7 @@ class Runtime:
     signer: Signer
     resolver: dns.asyncresolver.Resolver
     generation: int
+    consent: ConsentStore | None = None  # opened only when a configured policy needs it
     in_flight: int = 0
     retired: bool = False
     _idle: asyncio.Event = field(default_factory=asyncio.Event)

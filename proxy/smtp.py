@@ -743,7 +743,7 @@ class RelayHandler:
     @staticmethod
     def _apply_edits(content: bytes, runtime: Runtime, decision: StageDecision) -> bytes:
         settings = runtime.settings
-        remove = [*settings.message.strip_headers, settings.classes.header.name]
+        remove = [*settings.message.strip_headers, *settings.instruction_headers]
         add: list[tuple[str, str]] = []
         for edit in decision.edits:
             remove.extend(edit.remove)
