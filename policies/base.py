@@ -97,16 +97,20 @@ class MessageEdit:
     only that recipient in To: (Cc: removed), instead of one copy that shows everyone.
     ``per_recipient`` adds header fields to one recipient's copy only (e.g. that recipient's
     own unsubscribe link); it also makes the proxy deliver one copy per recipient.
+    ``footer`` is a (plain text, HTML) pair appended to the message's readable body parts;
+    ``per_recipient_footer`` gives each recipient's copy its own (and fans out).
     """
 
     add: tuple[tuple[str, str], ...] = ()  # (name, value) pairs prepended to the header block
     remove: tuple[str, ...] = ()  # field names removed wherever they occur
     split_per_recipient: bool = False
     per_recipient: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    footer: tuple[str, str] | None = None
+    per_recipient_footer: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def fans_out(self) -> bool:
-        return self.split_per_recipient or bool(self.per_recipient)
+        return self.split_per_recipient or bool(self.per_recipient) or bool(self.per_recipient_footer)
 
 
 @dataclass(frozen=True, slots=True)
