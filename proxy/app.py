@@ -18,6 +18,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.auth import UserStore
 from proxy.backoff import Backoff
+from proxy.bounces import Bounces
 from proxy.classify import Classifier
 from proxy.config import ConfigError, ListenerConfig, Settings, load_config
 from proxy.dkim import Signer
@@ -86,10 +87,10 @@ class App:
     # ---- start ----------------------------------------------------------------------------
 
     async def _open_consent(self, settings: Settings, previous: Runtime | None) -> ConsentStore | None:
-        """The consent store, when a configured policy needs it; kept across reloads while
+        """The consent store, when a configured policy or bounce suppression needs it; kept across reloads while
         stores.consent is unchanged. connect=False: a PostgreSQL that is down at start must not
         stop transactional mail; commercial mail gets 451 4.3.0 until it is back."""
-        if not settings.needs("consent"):
+        if not (settings.needs("consent") or settings.bounces.suppress):
             return None
         if (
             previous is not None
@@ -145,6 +146,7 @@ class App:
             pauses=pauses,
             limits=limits,
             backoff=Backoff(settings.backoff, pauses, metrics),
+            bounces=Bounces(settings.bounces, consent, pauses, metrics),
             signer=signer,
             resolver=resolver,
             generation=self._generation,

@@ -24,6 +24,7 @@ import yaml
 from policies import REGISTRY
 from policies.base import MESSAGE_CLASSES, Policy
 from proxy.backoff import BackoffConfig
+from proxy.bounces import BounceConfig
 from proxy.dkim import DKIMConfig, dkim_config_problems
 from proxy.dnscheck import DNSConfig
 from proxy.schema import (
@@ -279,6 +280,9 @@ class Settings:
     policies: tuple[PolicyEntry, ...] = doc("policies in the order they run", default=())
     stores: StoresConfig = doc("where state lives", default_factory=StoresConfig)
     backoff: BackoffConfig = doc("pause sending when the upstream pushes back", default_factory=BackoffConfig)
+    bounces: BounceConfig = doc(
+        "suppress dead addresses; pause senders that bounce too much", default_factory=BounceConfig
+    )
     dkim: DKIMConfig = doc("DKIM signing, the last change before the upstream", default_factory=DKIMConfig)
     dns: DNSConfig = doc("resolver, sending IPs and domains, blocklist watch", default_factory=DNSConfig)
     audit: AuditConfig = doc("the audit log", default_factory=AuditConfig)

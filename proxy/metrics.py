@@ -116,8 +116,18 @@ class Metrics:
         for scope in ("class", "sender", "all"):
             self.pauses_active.labels(scope)
             self.paused_transactions.labels(scope)
-        for operation in ("pauses", "backoff"):
+        for operation in ("pauses", "backoff", "bounces", "suppression"):
             self.state_errors.labels(operation)
+        self.hard_bounces = Counter(
+            "sendguard_hard_bounces_total",
+            "Recipients the upstream refused as dead addresses (5.1.1 and kin)",
+            registry=r,
+        )
+        self.bounce_pauses = Counter(
+            "sendguard_bounce_pauses_total",
+            "Senders whose commercial mail was paused for their hard-bounce rate",
+            registry=r,
+        )
         self.ratelimit_store_errors = Counter(
             "sendguard_ratelimit_store_errors_total",
             "Rate-limit store failures (reserve: the limit's on_error decided; refund: budget left charged)",

@@ -22,6 +22,7 @@ import dns.asyncresolver
 
 from proxy.auth import AuthFailureTracker, UserStore
 from proxy.backoff import Backoff
+from proxy.bounces import Bounces
 from proxy.classify import Classifier
 from proxy.config import ListenerConfig, Settings
 from proxy.dkim import Signer
@@ -56,6 +57,7 @@ class Runtime:
     pauses: PauseStore
     limits: LimitStore
     backoff: Backoff
+    bounces: Bounces
     signer: Signer
     resolver: dns.asyncresolver.Resolver
     generation: int

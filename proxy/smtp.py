@@ -554,6 +554,7 @@ class RelayHandler:
             reply = await state.upstream.rcpt(address, [])
             metrics.upstream_duration.labels("rcpt").observe(time.perf_counter() - started)
             await self._observe(state, "rcpt", reply)
+            await self._bounce(state, address, reply)
             if isinstance(state.upstream, SmtpSession) and state.upstream._released:
                 state.upstream_lost = True
         if reply.is_success:
@@ -712,6 +713,8 @@ class RelayHandler:
             else:
                 await session.abort()
             await self._observe(state, stage, reply)
+            if sender and stage in ("rcpt", "data"):  # a copy's DATA reply is this recipient's; not for DSNs
+                await self._bounce(state, recipient, reply)
         except BaseException:
             await session.abort()
             raise
@@ -793,10 +796,11 @@ class RelayHandler:
             if not pause.covers(txn.message_class, domains):
                 continue
             metrics.paused_transactions.labels(pause.scope).inc()
+            kind = f"{pause.message_class.capitalize()} mail" if pause.message_class else "Mail"
             what = {
                 "class": f"{pause.value.capitalize()} mail",
-                "sender": f"Mail from {pause.value}",
-                "all": "Sending",
+                "sender": f"{kind} from {pause.value}",
+                "all": "Sending" if not pause.message_class else kind,
             }[pause.scope]
             until = time.strftime("%H:%M UTC", time.gmtime(pause.until))
             reply = Reply(451, "4.7.1", f"{what} is paused until {until} because {pause.reason}; try again later"[:480])
@@ -819,6 +823,13 @@ class RelayHandler:
         except Exception as exc:
             self.services.metrics.state_errors.labels("backoff").inc()
             log.error("txn %s: backoff bookkeeping failed: %s", state.txn.txn_id, exc)
+
+    async def _bounce(self, state: TxnState, recipient: str, reply: Reply) -> None:
+        try:
+            await state.runtime.bounces.recipient_tried(state.txn, recipient, reply)
+        except Exception as exc:
+            self.services.metrics.state_errors.labels("bounces").inc()
+            log.error("txn %s: bounce bookkeeping failed: %s", state.txn.txn_id, exc)
 
     # ---- transaction end ------------------------------------------------------------------
 

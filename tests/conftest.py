@@ -116,6 +116,7 @@ def base_config(tmp_path: Path, upstream_address: str) -> dict[str, Any]:
             "timeouts": {"connect": "5s", "command": "5s", "data": "10s"},
         },
         "policies": [{"name": "required_headers"}],
+        "stores": {"consent": {"path": str(tmp_path / "consent.db")}},
         "audit": {"path": str(tmp_path / "audit.jsonl")},
         "http": {"address": "127.0.0.1:0"},
         "reload": {"watch": False},

@@ -35,13 +35,14 @@ class Pause:
     until: float  # epoch seconds
     reason: str
     source: str  # the rule or check that paused
+    message_class: str | None = None  # scope sender/all: only this class (None: every class)
 
     def covers(self, message_class: str | None, sender_domains: tuple[str, ...]) -> bool:
-        if self.scope == "all":
-            return True
         if self.scope == "class":
             return message_class == self.value
-        return self.value in sender_domains
+        if self.message_class is not None and message_class != self.message_class:
+            return False
+        return self.scope == "all" or self.value in sender_domains
 
 
 class PauseStore(abc.ABC):

@@ -1,0 +1,108 @@
+"""Hard bounces through the running proxy: dead addresses become suppressions in the consent
+store, and a sender whose hard-bounce rate climbs gets its commercial mail paused."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiosmtplib
+
+from proxy.stores.consent import (
+    ConsentStoreConfig,
+    open_consent_store,
+)
+from tests.conftest import Proxy, RawClient, message
+from tests.fakes import FakeUpstream, Faults
+
+ProxyFactory = Callable[..., Awaitable[Proxy]]
+UpstreamFactory = Callable[..., Awaitable[FakeUpstream]]
+DEAD = "550 5.1.1 <{}>: Recipient address rejected: User unknown in virtual mailbox table"
+
+
+async def test_a_dead_address_is_suppressed_with_the_upstreams_words(
+    upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    upstream = await upstream_factory(faults=Faults(rcpt_replies={"gone@example.org": DEAD.format("gone@example.org")}))
+    proxy = await proxy_factory(upstream.address)
+    errors, _ = await aiosmtplib.send(
+        message(),
+        sender="news@example.com",
+        recipients=["bob@example.org", "gone@example.org"],
+        hostname="127.0.0.1",
+        port=proxy.port,
+        start_tls=False,
+        timeout=10,
+    )
+    assert errors["gone@example.org"].code == 550
+    store = await open_consent_store(ConsentStoreConfig(path=str(tmp_path / "consent.db")))
+    try:
+        history = await store.history("gone@example.org")
+        assert [(e.kind, e.method) for e in history] == [("suppressed", "hard_bounce")]
+        assert history[0].upstream_reply == DEAD.format("gone@example.org")
+        basis = await store.basis("gone@example.org", topic="*", sender="example.com")
+        assert not basis.allowed
+        assert await store.history("bob@example.org") == []
+    finally:
+        await store.close()
+    registry = proxy.app.services.metrics.registry
+    assert registry.get_sample_value("sendguard_hard_bounces_total") == 1
+
+
+async def test_a_temporary_refusal_is_not_a_bounce(
+    upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    upstream = await upstream_factory(faults=Faults(rcpt_replies={"full@example.org": "452 4.2.2 Mailbox full"}))
+    proxy = await proxy_factory(upstream.address)
+    client = await RawClient.connect(proxy.port)
+    await client.cmd("EHLO client.test")
+    await client.cmd("MAIL FROM:<news@example.com>")
+    assert (await client.cmd("RCPT TO:<full@example.org>"))[0] == 452
+    await client.close()
+    registry = proxy.app.services.metrics.registry
+    assert registry.get_sample_value("sendguard_hard_bounces_total") == 0
+
+
+async def test_a_high_hard_bounce_rate_pauses_the_senders_commercial_mail(
+    upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory
+) -> None:
+    dead = [f"old{i}@example.org" for i in range(3)]
+    upstream = await upstream_factory(faults=Faults(rcpt_replies={r: DEAD.format(r) for r in dead}))
+    proxy = await proxy_factory(
+        upstream.address,
+        {
+            "bounces": {"rate_threshold": 0.25, "min_recipients": 4, "pause": "1h"},
+            "classes": {"rules": [{"class": "commercial", "headers_present": ["List-Unsubscribe"]}]},
+        },
+    )
+    newsletter = message(sender="news@example.com", extra="List-Unsubscribe: <https://example.com/u/1>\r\n")
+    refusals = []
+    for recipients in (["ok@example.org", *dead], ["ok@example.org"]):
+        try:
+            await aiosmtplib.send(
+                newsletter,
+                sender="news@example.com",
+                recipients=recipients,
+                hostname="127.0.0.1",
+                port=proxy.port,
+                start_tls=False,
+                timeout=10,
+            )
+        except aiosmtplib.SMTPDataError as error:
+            refusals.append((error.code, error.message))
+    # The pause starts the moment the rate is crossed, so even the message that crossed it waits.
+    assert [code for code, _ in refusals] == [451, 451]
+    assert refusals[1][1].startswith("4.7.1 Commercial mail from example.com is paused until ")
+    assert "hard-bounced (75.0%, more than 25%); clean the list" in refusals[1][1]
+    # transactional mail of the same sender still flows
+    await aiosmtplib.send(
+        message(sender="news@example.com"),
+        sender="news@example.com",
+        recipients=["ok@example.org"],
+        hostname="127.0.0.1",
+        port=proxy.port,
+        start_tls=False,
+        timeout=10,
+    )
+    registry = proxy.app.services.metrics.registry
+    assert registry.get_sample_value("sendguard_bounce_pauses_total") == 1
