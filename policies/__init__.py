@@ -11,7 +11,9 @@ from policies.base import Policy
 from policies.consent import ConsentPolicy
 from policies.headers import RequiredHeadersPolicy
 from policies.ratelimit import RateLimitPolicy
+from policies.recipients import VisibleRecipientsPolicy
 from policies.sender_domain import SenderDomainPolicy
+from policies.unsubscribe import UnsubscribePolicy
 
 __all__ = ("REGISTRY", "build_registry")
 
@@ -34,4 +36,6 @@ REGISTRY: dict[str, type[Policy]] = build_registry(
     SenderDomainPolicy,
     RateLimitPolicy,
     ConsentPolicy,
+    UnsubscribePolicy,
+    VisibleRecipientsPolicy,
 )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,16 @@ CONFIG = ROOT / "config" / "sendguard.yaml"
 
 
 def check(*args: str, stdin: bytes | None = None) -> tuple[int, dict[str, Any] | None, str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "check", *args], capture_output=True, timeout=60, cwd=ROOT, input=stdin
-    )
+    # Run where the shipped config's relative paths (var/consent.db) land in a scratch directory.
+    with tempfile.TemporaryDirectory() as scratch:
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy", "check", *args],
+            capture_output=True,
+            timeout=60,
+            cwd=scratch,
+            input=stdin,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
     stdout = result.stdout.decode()
     return result.returncode, json.loads(stdout) if stdout.strip() else None, result.stderr.decode()
 
@@ -33,8 +42,17 @@ def test_accepted_message(tmp_path: Path) -> None:
     assert decision["sender"] == "alice@example.com"  # from the headers
     assert decision["recipients"] == ["bob@example.org"]
     assert decision["class"] == "transactional"
-    assert decision["policies"] == [
-        {"policy": "required_headers", "stage": "message", "action": "accept", "mode": "enforce", "reason": ""}
+    assert decision["policies"][0] == {
+        "policy": "required_headers",
+        "stage": "message",
+        "action": "accept",
+        "mode": "enforce",
+        "reason": "",
+    }
+    # unsubscribe and consent apply to commercial mail only
+    assert [(p["policy"], p["action"]) for p in decision["policies"]] == [
+        ("required_headers", "accept"),
+        ("visible_recipients", "accept"),
     ]
 
 
@@ -73,10 +91,15 @@ def test_message_from_stdin_with_explicit_envelope_and_class() -> None:
         "-",
         stdin=message(),
     )
-    assert code == 0
+    # As commercial mail it lacks an unsubscribe link (and nobody consented): refused, and why.
+    assert code == 1
     assert decision is not None
     assert decision["class"] == "commercial"
     assert decision["recipients"] == ["x@example.org", "y@example.org"]
+    assert decision["action"] == "reject"
+    assert decision["reply"].startswith("550 5.7.1 ")
+    assert "unsubscribe" in decision["reply"].lower()
+    assert [p["policy"] for p in decision["policies"] if p["action"] == "reject"] == ["unsubscribe"]
 
 
 def test_smuggling_content_is_judged_like_the_proxy_does(tmp_path: Path) -> None:

@@ -1,0 +1,649 @@
+"""unsubscribe: every commercial message carries a working way out.
+
+The Dutch Telecommunicatiewet (art. 11.7) wants a free, easy way to object in every
+commercial message; Gmail and Yahoo demand RFC 8058 one-click unsubscribe from bulk senders
+and a visible link in the body. Three things are checked, and the options say which are
+required:
+
+* ``body``: a visible unsubscribe link in the text a reader sees (text/plain or text/html,
+  not in attached messages, not in hidden HTML): an anchor, a URL or mailto written in
+  text, or an e-mail address explicitly given for unsubscribing, that the link text, the
+  URL or the surrounding sentence marks as an opt-out. The words come from
+  ``unsubscribe_words.yaml`` (English, Dutch, German, French, Spanish), extendable.
+* ``header``: ``List-Unsubscribe`` (RFC 2369) with at least one ``https:`` or ``mailto:``
+  URI in angle brackets. An ``http:`` URI is a URI but does not count: the unsubscribe
+  token would travel in clear text, and RFC 8058 and the Gmail/Yahoo rules ask for https.
+* ``one_click``: RFC 8058 section 3.1: an ``https:`` URI in ``List-Unsubscribe`` and a
+  single ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``. (RFC 8058 also wants a DKIM
+  signature covering both fields; sendguard signs after the policies, so that is the
+  signer's part.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import fnmatch
+import re
+import unicodedata
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from policies.base import Policy, Transaction, Verdict
+from policies.message import Link, ParsedMessage
+from proxy.schema import doc
+
+__all__ = (
+    "ONE_CLICK_VALUE",
+    "LinkFinding",
+    "ListUnsubscribe",
+    "UnsubscribePolicy",
+    "Vocabulary",
+    "find_unsubscribe_links",
+    "fold",
+    "inspect_list_unsubscribe",
+    "load_vocabulary",
+)
+
+#: RFC 8058 section 3.1: the one key/value pair List-Unsubscribe-Post must hold.
+ONE_CLICK_VALUE = "List-Unsubscribe=One-Click"
+
+# ---- folding: case and accents ignored, positions kept ---------------------------------------
+
+
+def _fold_table() -> dict[int, str]:
+    """Code point -> one lower-case character without accents, for the scripts below U+3000.
+
+    Each character maps to exactly one character, so a position in folded text is the same
+    position in the original (the link positions of ``ReadableText`` stay valid).
+    """
+    table: dict[int, str] = {}
+    for code in range(0x3000):
+        char = chr(code)
+        base = "".join(c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c)).lower()
+        if base == char:
+            continue
+        if len(base) == 1:
+            table[code] = base
+        elif len(char.lower()) == 1 and char.lower() != char:
+            table[code] = char.lower()
+    for quote in "\u2018\u2019\u02bc\u0060\u00b4":  # typographic apostrophes: "don’t" = "don't"
+        table[ord(quote)] = "'"
+    return table
+
+
+_FOLD = _fold_table()
+
+
+def fold(text: str) -> str:
+    """Lower case, accents removed, same length as ``text``."""
+    return text.translate(_FOLD)
+
+
+# ---- vocabulary ------------------------------------------------------------------------------
+
+_WORD_CATEGORIES = ("keywords", "ambiguous", "weak", "mail_context", "login_context")
+_TOKEN_CATEGORIES = ("strong", "ambiguous", "weak", "weak_mailto", "login")
+#: RFC 2369's own field name mentions "unsubscribe"; quoting a header is not a way out.
+_FIELD_NAMES = re.compile(r"list-unsubscribe(?:-post)?", re.I)
+
+
+def _word_pattern(entry: str) -> str:
+    entry = fold(entry.strip())
+    prefix = not entry.startswith("*")
+    suffix = not entry.endswith("*")
+    words = entry.strip("*").split()
+    body = r"[\s\-_]+".join(re.escape(word) for word in words)
+    return (r"(?<!\w)" if prefix else "") + body + (r"(?!\w)" if suffix else "")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The word lists, merged over all languages (an English footer in a Dutch mail counts)."""
+
+    words: Mapping[str, frozenset[str]]
+    url_tokens: Mapping[str, frozenset[str]]
+    patterns: Mapping[str, re.Pattern[str] | None] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        patterns: dict[str, re.Pattern[str] | None] = {}
+        for category in _WORD_CATEGORIES:
+            entries = sorted(self.words.get(category, frozenset()), key=len, reverse=True)
+            alternatives = [_word_pattern(e) for e in entries if e.strip("* ")]
+            patterns[category] = re.compile("|".join(alternatives)) if alternatives else None
+        object.__setattr__(self, "patterns", patterns)
+
+    def merged(self, other: Vocabulary) -> Vocabulary:
+        return Vocabulary(
+            {c: self.words.get(c, frozenset()) | other.words.get(c, frozenset()) for c in _WORD_CATEGORIES},
+            {c: self.url_tokens.get(c, frozenset()) | other.url_tokens.get(c, frozenset()) for c in _TOKEN_CATEGORIES},
+        )
+
+    @classmethod
+    def from_mapping(cls, data: Any, source: str) -> Vocabulary:
+        """Build from the structure of ``unsubscribe_words.yaml``; ValueError names the fault."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: expected a mapping with 'languages' and/or 'url_tokens'")
+        unknown = set(data) - {"languages", "url_tokens"}
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+        words: dict[str, set[str]] = {c: set() for c in _WORD_CATEGORIES}
+        languages = data.get("languages") or {}
+        if not isinstance(languages, Mapping):
+            raise ValueError(f"{source}: 'languages' must map a language code to its lists")
+        for language, lists in languages.items():
+            if not isinstance(lists, Mapping):
+                raise ValueError(f"{source}: languages.{language} must map list names to word lists")
+            for category, entries in lists.items():
+                if category not in _WORD_CATEGORIES:
+                    raise ValueError(
+                        f"{source}: languages.{language}.{category}: unknown list; known: {', '.join(_WORD_CATEGORIES)}"
+                    )
+                words[category].update(_strings(entries, f"{source}: languages.{language}.{category}"))
+        tokens: dict[str, set[str]] = {c: set() for c in _TOKEN_CATEGORIES}
+        url_tokens = data.get("url_tokens") or {}
+        if not isinstance(url_tokens, Mapping):
+            raise ValueError(f"{source}: 'url_tokens' must map token kinds to lists")
+        for category, entries in url_tokens.items():
+            if category not in _TOKEN_CATEGORIES:
+                raise ValueError(
+                    f"{source}: url_tokens.{category}: unknown list; known: {', '.join(_TOKEN_CATEGORIES)}"
+                )
+            tokens[category].update(fold(t) for t in _strings(entries, f"{source}: url_tokens.{category}"))
+        return cls(
+            {c: frozenset(v) for c, v in words.items()},
+            {c: frozenset(v) for c, v in tokens.items()},
+        )
+
+
+def _strings(entries: Any, where: str) -> list[str]:
+    if entries is None:
+        return []
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e.strip("* ") for e in entries):
+        raise ValueError(f"{where}: expected a list of non-empty words")
+    return [e.strip() for e in entries]
+
+
+def read_words_file(path: str | Path) -> Vocabulary:
+    """A vocabulary from a YAML file in the format of ``unsubscribe_words.yaml``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the words file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"words file {path} is not valid YAML: {exc}") from None
+    return Vocabulary.from_mapping(data, str(path))
+
+
+def default_vocabulary() -> Vocabulary:
+    text = resources.files("policies").joinpath("unsubscribe_words.yaml").read_text(encoding="utf-8")
+    return Vocabulary.from_mapping(yaml.safe_load(text), "unsubscribe_words.yaml")
+
+
+def load_vocabulary(
+    words_file: str | None = None, extra_words: Mapping[str, Sequence[str]] | None = None
+) -> Vocabulary:
+    """The shipped words, plus a words file, plus extra keywords per language."""
+    vocabulary = default_vocabulary()
+    if words_file:
+        vocabulary = vocabulary.merged(read_words_file(words_file))
+    if extra_words:
+        extra = {"languages": {lang: {"keywords": list(words)} for lang, words in extra_words.items()}}
+        vocabulary = vocabulary.merged(Vocabulary.from_mapping(extra, "extra_words"))
+    return vocabulary
+
+
+# ---- the body: a visible unsubscribe link ----------------------------------------------------
+
+#: The end of a sentence, or a paragraph break: a blank line (quoted: a line of only ">";
+#: HTML blocks render as one). CJK full stops need no space after them.
+_SENTENCE_END = re.compile(r"[.!?]+(?=[\s\"')\]]|$)|[\u3002\uff01\uff1f]|\n[ \t\r>]*\n")
+SENTENCE_BEFORE = 300  # characters of a sentence looked at before a link
+SENTENCE_AFTER = 150  # and after it, on the same line ("Click here to unsubscribe")
+CONTEXT_WINDOW = 200  # how far mail or login words may be from an ambiguous link
+
+
+@dataclass(frozen=True, slots=True)
+class LinkFinding:
+    """An unsubscribe link found in the body, and why it counts."""
+
+    target: str
+    kind: str  # anchor, url or address
+    content_type: str
+    strength: int  # 5 the link itself says so, 4 ambiguous word in mail context, 3 its sentence, 2 weak words
+    reason: str
+
+
+class _Occurrences:
+    """Where each word category occurs in one folded text, for range questions."""
+
+    def __init__(self, folded: str, vocabulary: Vocabulary) -> None:
+        self.spans: dict[str, tuple[list[int], list[int]]] = {}
+        for category, pattern in vocabulary.patterns.items():
+            starts: list[int] = []
+            ends: list[int] = []
+            if pattern is not None:
+                for match in pattern.finditer(folded):
+                    starts.append(match.start())
+                    ends.append(match.end())
+            self.spans[category] = (starts, ends)
+
+    def within(self, category: str, start: int, end: int) -> bool:
+        """A match of the category lies entirely inside [start, end)."""
+        starts, ends = self.spans[category]
+        index = bisect.bisect_left(starts, start)
+        # Matches do not overlap, so the first one starting inside is the one that may fit.
+        return index < len(starts) and ends[index] <= end
+
+    def distance(self, category: str, start: int, end: int, limit: int) -> int | None:
+        """Characters between [start, end) and the nearest match, or None beyond ``limit``."""
+        starts, ends = self.spans[category]
+        best: int | None = None
+        index = bisect.bisect_left(starts, start)
+        if index < len(starts):
+            best = max(0, starts[index] - end)
+        if index > 0:
+            before = max(0, start - ends[index - 1])
+            best = before if best is None else min(best, before)
+        return best if best is not None and best <= limit else None
+
+
+def _matches(vocabulary: Vocabulary, category: str, folded: str) -> bool:
+    pattern = vocabulary.patterns[category]
+    return pattern is not None and pattern.search(folded) is not None
+
+
+def _url_tokens(vocabulary: Vocabulary, category: str, folded_url: str) -> bool:
+    return any(token in folded_url for token in vocabulary.url_tokens.get(category, ()))
+
+
+@dataclass(frozen=True, slots=True)
+class _Text:
+    """One readable text, folded, with its word occurrences and sentence boundaries."""
+
+    folded: str
+    occurrences: _Occurrences
+    boundary_starts: list[int]
+    boundary_ends: list[int]
+
+    def sentence(self, start: int, end: int, previous_end: int, next_start: int) -> tuple[int, int]:
+        """The sentence around a link at [start, end): back to the last sentence end (at most
+        SENTENCE_BEFORE characters), forward to the next one but not past the end of the line
+        (at most SENTENCE_AFTER characters); never reaching into the neighbouring links."""
+        left = max(0, start - SENTENCE_BEFORE, previous_end)
+        index = bisect.bisect_right(self.boundary_ends, start) - 1
+        if index >= 0:
+            left = max(left, self.boundary_ends[index])
+        right = min(len(self.folded), end + SENTENCE_AFTER, next_start)
+        index = bisect.bisect_left(self.boundary_starts, end)
+        if index < len(self.boundary_starts):
+            right = min(right, self.boundary_starts[index])
+        line_end = self.folded.find("\n", end, right)
+        return left, (right if line_end == -1 else line_end)
+
+
+def _actionable(url: str) -> bool:
+    """An http(s) URL with a host, or a mailto: with an address: something a reader can use."""
+    if url.startswith("mailto:"):
+        return _mailto_ok(url)
+    if not url.startswith(("http://", "https://")):
+        return False
+    try:
+        return bool(urllib.parse.urlsplit(url).hostname)
+    except ValueError:
+        return False
+
+
+def _judge(link: Link, text: _Text, sentence: tuple[int, int], vocabulary: Vocabulary) -> tuple[int, str] | None:
+    """How strongly a link is an unsubscribe link (see LinkFinding.strength), or None."""
+    target = link.target
+    lowered = target.lower()
+    if link.kind == "address":
+        lowered = "mailto:" + lowered
+    elif link.kind == "url" and lowered.startswith("www."):
+        lowered = "http://" + lowered
+    if not _actionable(lowered):
+        return None
+    is_mailto = lowered.startswith("mailto:")
+    try:
+        url = fold(urllib.parse.unquote(lowered))
+    except Exception:
+        url = fold(lowered)
+    url = _FIELD_NAMES.sub(" ", url)
+    label = _FIELD_NAMES.sub(" ", fold(link.label))
+    left, right = sentence
+    occurrences = text.occurrences
+
+    if _url_tokens(vocabulary, "strong", url):
+        return 5, "its URL is an unsubscribe URL"
+    if _matches(vocabulary, "keywords", label):
+        return 5, "its text says unsubscribe"
+    if occurrences.within("keywords", left, right):
+        return 3, "its sentence says unsubscribe"
+
+    ambiguous = (
+        _matches(vocabulary, "ambiguous", label)
+        or _url_tokens(vocabulary, "ambiguous", url)
+        or occurrences.within("ambiguous", left, right)
+    )
+    if ambiguous and not _url_tokens(vocabulary, "login", url):
+        # "afmelden"/"abmelden" also mean "log out": the nearer context decides.
+        mail = occurrences.distance("mail_context", link.start, link.end, CONTEXT_WINDOW)
+        login = occurrences.distance("login_context", link.start, link.end, CONTEXT_WINDOW)
+        if _matches(vocabulary, "login_context", label):
+            login = 0
+        if _matches(vocabulary, "mail_context", label):
+            mail = 0
+        if login is None or (mail is not None and mail <= login):
+            return 4, "an opt-out word that can also mean log out, in a mail context"
+
+    weak = _matches(vocabulary, "weak", label) or occurrences.within("weak", left, right)
+    if weak:
+        unsubscribe_like = (
+            _url_tokens(vocabulary, "weak", url)
+            or _url_tokens(vocabulary, "ambiguous", url)
+            or (is_mailto and _url_tokens(vocabulary, "weak_mailto", url))
+        )
+        if unsubscribe_like:
+            return 2, "opt-out wording with a removal URL"
+    return None
+
+
+def find_unsubscribe_links(
+    message: ParsedMessage, vocabulary: Vocabulary, *, first_only: bool = False
+) -> list[LinkFinding]:
+    """Unsubscribe links in what a reader sees, strongest first (document order among equals).
+    Blocking (CPU): run it in a thread. With ``first_only`` the search stops at the first
+    link that says so itself."""
+    findings: list[LinkFinding] = []
+    for readable in message.readable_texts:
+        links = readable.links
+        if not links:
+            continue
+        folded = _FIELD_NAMES.sub(lambda m: " " * len(m.group()), fold(readable.text))
+        # A colon carries its sentence over a blank line ("Unsubscribe:", blank, the URL).
+        boundaries = [
+            m
+            for m in _SENTENCE_END.finditer(folded)
+            if m.group()[0] != "\n" or not folded[max(0, m.start() - 16) : m.start()].rstrip().endswith(":")
+        ]
+        text = _Text(
+            folded, _Occurrences(folded, vocabulary), [m.start() for m in boundaries], [m.end() for m in boundaries]
+        )
+        for index, link in enumerate(links):
+            previous_end = links[index - 1].end if index else 0
+            next_start = links[index + 1].start if index + 1 < len(links) else len(folded)
+            sentence = text.sentence(link.start, link.end, min(previous_end, link.start), max(next_start, link.end))
+            judged = _judge(link, text, sentence, vocabulary)
+            if judged is None:
+                continue
+            strength, reason = judged
+            findings.append(LinkFinding(link.target, link.kind, readable.content_type, strength, reason))
+            if first_only and strength == 5:
+                return findings
+    findings.sort(key=lambda f: -f.strength)
+    return findings
+
+
+# ---- the header: List-Unsubscribe and RFC 8058 -----------------------------------------------
+
+_BRACKETED = re.compile(r"<([^<>]*)>")
+
+
+@dataclass(frozen=True)
+class ListUnsubscribe:
+    """What the List-Unsubscribe and List-Unsubscribe-Post fields offer."""
+
+    present: bool  # a non-empty List-Unsubscribe field
+    uris: tuple[str, ...]  # every URI in angle brackets, in order (RFC 2369 section 2)
+    https: tuple[str, ...]
+    mailto: tuple[str, ...]
+    http: tuple[str, ...]  # http: URIs: seen, but not accepted
+    unbracketed: bool  # URI-like text outside angle brackets
+    post_values: tuple[str, ...]  # each List-Unsubscribe-Post field, unfolded
+
+    @property
+    def valid(self) -> bool:
+        """At least one https: or mailto: URI in angle brackets."""
+        return bool(self.https or self.mailto)
+
+    @property
+    def one_click_problems(self) -> list[str]:
+        problems: list[str] = []
+        if not self.https:
+            problems.append("no_https_uri")
+        if not self.post_values:
+            problems.append("no_post_header")
+        elif len(self.post_values) > 1:
+            problems.append("post_header_repeated")
+        elif self.post_values[0] != ONE_CLICK_VALUE:
+            problems.append("post_value")
+        return problems
+
+    @property
+    def one_click(self) -> bool:
+        return not self.one_click_problems
+
+
+def _https_ok(uri: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        return parts.scheme.lower() == "https" and bool(parts.hostname)
+    except ValueError:
+        return False
+
+
+def _mailto_ok(uri: str) -> bool:
+    if not uri.lower().startswith("mailto:"):
+        return False
+    address = urllib.parse.unquote(uri[len("mailto:") :].split("?", 1)[0])
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and domain and "." in domain)
+
+
+def _unfold(value: str) -> str:
+    return re.sub(r"\r?\n", "", value)  # RFC 5322 2.2.3: unfolding removes the line breaks only
+
+
+def inspect_list_unsubscribe(message: ParsedMessage) -> ListUnsubscribe:
+    raw_values = [_unfold(v) for v in message.raw_header_values("List-Unsubscribe")]
+    uris: list[str] = []
+    unbracketed = False
+    for value in raw_values:
+        found = _BRACKETED.findall(value)
+        # RFC 2369 section 2: white space inside the brackets is to be ignored.
+        uris.extend(u for u in ("".join(f.split()) for f in found) if u)
+        outside = _BRACKETED.sub(" ", value).lower()
+        unbracketed = unbracketed or "http" in outside or "mailto:" in outside
+    https = tuple(u for u in uris if _https_ok(u))
+    mailto = tuple(u for u in uris if _mailto_ok(u))
+    http = tuple(u for u in uris if u.lower().startswith("http:"))
+    posts = tuple(" ".join(_unfold(v).split()) for v in message.raw_header_values("List-Unsubscribe-Post"))
+    return ListUnsubscribe(
+        present=any(v.strip() for v in raw_values),
+        uris=tuple(uris),
+        https=https,
+        mailto=mailto,
+        http=http,
+        unbracketed=unbracketed,
+        post_values=tuple(p for p in posts if p),
+    )
+
+
+# ---- the policy ------------------------------------------------------------------------------
+
+Requirement = Literal["body", "header", "one_click"]
+_ORDER: tuple[Requirement, ...] = ("body", "header", "one_click")
+_MAX_EVIDENCE_URL = 200
+
+# What is missing and how to fix it, in English and Dutch. Replies are ASCII (RFC 5321 4.2)
+# and short: with every item in both languages the line stays under 512 octets (4.5.3.1.5).
+_ITEMS: dict[str, tuple[str, str]] = {
+    "body": (
+        "add a visible unsubscribe link to the text",
+        "zet een zichtbare afmeldlink in de tekst",
+    ),
+    "header_absent": (
+        "add List-Unsubscribe: <https://...>",
+        "voeg List-Unsubscribe: <https://...> toe",
+    ),
+    "header_invalid": (
+        "List-Unsubscribe needs an https: or mailto: URI in <>",
+        "List-Unsubscribe moet een https:- of mailto:-URI tussen <> hebben",
+    ),
+    "header_http_only": (
+        "List-Unsubscribe has http: only, use https:",
+        "List-Unsubscribe heeft alleen http:, gebruik https:",
+    ),
+    "header_unbracketed": (
+        "put the List-Unsubscribe URI in angle brackets: <https://...>",
+        "zet de List-Unsubscribe-URI tussen punthaken: <https://...>",
+    ),
+    "header_needs_https": (
+        "List-Unsubscribe needs an https: URI in <>",
+        "List-Unsubscribe moet een https:-URI tussen <> hebben",
+    ),
+    "no_https_uri": (
+        "one-click needs an https: URI in List-Unsubscribe",
+        "one-click vereist een https:-URI in List-Unsubscribe",
+    ),
+    "no_post_header": (
+        "add List-Unsubscribe-Post: List-Unsubscribe=One-Click (RFC 8058)",
+        "voeg List-Unsubscribe-Post: List-Unsubscribe=One-Click toe",
+    ),
+    "post_value": (
+        "List-Unsubscribe-Post must be exactly List-Unsubscribe=One-Click (RFC 8058)",
+        "List-Unsubscribe-Post moet precies List-Unsubscribe=One-Click zijn",
+    ),
+    "post_header_repeated": (
+        "give List-Unsubscribe-Post once (RFC 8058)",
+        "geef List-Unsubscribe-Post maar een keer",
+    ),
+}
+_LEAD = ("Commercial mail needs an unsubscribe option: ", "Commerciele mail moet een afmeldoptie hebben: ")
+
+
+class UnsubscribePolicy(Policy):
+    name = "unsubscribe"
+    description = "commercial mail offers a way out: visible unsubscribe link, List-Unsubscribe, RFC 8058 one-click"
+    default_classes = ("commercial",)
+
+    @dataclass(frozen=True)
+    class Options:
+        require: tuple[Literal["body", "header", "one_click"], ...] = doc(
+            "what every message must have: body (visible link), header (List-Unsubscribe), one_click (RFC 8058)",
+            default=("body",),
+        )
+        one_click_senders: tuple[str, ...] = doc(
+            "From domains (globs, e.g. news.example.com, *.example.com) that must also send RFC 8058 one-click "
+            "headers: the bulk senders of Gmail's and Yahoo's rules",
+            default=(),
+        )
+        extra_words: dict[str, tuple[str, ...]] = doc(
+            "more unsubscribe keywords per language code, e.g. {nl: [uitschrijflink]}", default_factory=dict
+        )
+        words_file: str | None = doc(
+            "YAML file in the format of policies/unsubscribe_words.yaml whose lists are added", default=None
+        )
+        language: Literal["en", "nl", "both"] = doc("language of the reply text", default="both")
+
+        def __post_init__(self) -> None:
+            if len(set(self.require)) != len(self.require):
+                raise ValueError("require lists a requirement twice")
+            for glob in self.one_click_senders:
+                if not glob.strip() or "@" in glob:
+                    raise ValueError(f"one_click_senders: {glob!r} is not a domain glob (e.g. news.example.com)")
+            # Fail at config load, with the file's own message, not at the first message.
+            load_vocabulary(self.words_file, self.extra_words)
+
+    def __init__(self, options: Any, resources: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options, resources)
+        self.vocabulary = load_vocabulary(options.words_file, options.extra_words)
+
+    async def check_message(self, txn: Transaction) -> Verdict | None:
+        message = txn.message
+        if message is None:
+            return None
+        return await asyncio.to_thread(self.judge, message)
+
+    def judge(self, message: ParsedMessage) -> Verdict:
+        """The verdict for one message. Blocking (parses HTML): the check runs it in a thread."""
+        options: UnsubscribePolicy.Options = self.options
+        required: set[str] = set(options.require)
+        bulk_sender = self._is_one_click_sender(message)
+        if bulk_sender:
+            required |= {"header", "one_click"}
+        header = inspect_list_unsubscribe(message)
+        findings = find_unsubscribe_links(message, self.vocabulary, first_only=True)
+        link = findings[0] if findings else None
+        have = {"body": link is not None, "header": header.valid, "one_click": header.one_click}
+
+        evidence: dict[str, Any] = {
+            "required": [r for r in _ORDER if r in required],
+            "body_link": link.target[:_MAX_EVIDENCE_URL] if link else None,
+            "header": header.valid,
+            "one_click": header.one_click,
+        }
+        if link:
+            evidence["body_link_reason"] = link.reason
+        if header.present:
+            evidence["header_uris"] = [u[:_MAX_EVIDENCE_URL] for u in header.uris[:5]]
+        if not header.one_click:
+            evidence["one_click_problems"] = header.one_click_problems
+        if bulk_sender:
+            evidence["one_click_sender"] = True
+
+        missing = [r for r in _ORDER if r in required and not have[r]]
+        if not missing:
+            found = ", ".join(r for r in _ORDER if have[r]) or "nothing required"
+            return Verdict.accept(f"unsubscribe ok ({found})", evidence=evidence)
+        items = self._items(missing, header)
+        return Verdict.reject(
+            "missing: " + "; ".join(_ITEMS[i][0] for i in items),
+            self._text(items),
+            evidence=evidence,
+        )
+
+    def _is_one_click_sender(self, message: ParsedMessage) -> bool:
+        globs = [g.lower().strip() for g in self.options.one_click_senders]
+        if not globs:
+            return False
+        return any(fnmatch.fnmatchcase(address.domain, glob) for address in message.addresses("From") for glob in globs)
+
+    @staticmethod
+    def _items(missing: Sequence[str], header: ListUnsubscribe) -> list[str]:
+        """What to tell the sender, one item per fix, without saying the same thing twice."""
+        items = ["body"] if "body" in missing else []
+        problems = header.one_click_problems if "one_click" in missing else []
+        header_unmet = "header" in missing
+        needs_https = "no_https_uri" in problems
+        if not header.present and (header_unmet or needs_https):
+            items.append("header_absent")
+        elif header_unmet and header.http:
+            items.append("header_http_only")
+        elif header_unmet and header.unbracketed:
+            items.append("header_unbracketed")
+        elif header_unmet:
+            items.append("header_needs_https" if needs_https else "header_invalid")  # https satisfies both
+        elif needs_https:
+            items.append("no_https_uri")
+        items.extend(p for p in problems if p != "no_https_uri")
+        return items
+
+    def _text(self, items: list[str]) -> str:
+        english = _LEAD[0] + "; ".join(_ITEMS[i][0] for i in items)
+        dutch = _LEAD[1] + "; ".join(_ITEMS[i][1] for i in items)
+        language = self.options.language
+        if language == "en":
+            return english
+        if language == "nl":
+            return dutch
+        return f"{english} / NL: {dutch}"
