@@ -31,7 +31,7 @@ from proxy.dsn import build_dsn
 from proxy.intake import MessageRefused, prepare_message
 from proxy.pipeline import PolicyResult, StageDecision
 from proxy.runtime import ListenerState, Runtime, Services
-from proxy.upstream import SmtpSession, UpstreamSession, UpstreamUnavailable
+from proxy.upstream import UpstreamSession, UpstreamUnavailable
 
 __all__ = ("AppHandle", "RelayHandler", "SendguardSMTP")
 
@@ -276,6 +276,13 @@ class SendguardSMTP(SMTP):
 
     # ---- AUTH -----------------------------------------------------------------------------
 
+    @property
+    def auth_possible(self) -> bool:
+        """Whether this client can AUTH here, now or after STARTTLS."""
+        if self.listener.config.auth == "none":
+            return False
+        return bool(self._tls_protocol) or not self._auth_require_tls or self.listener.config.tls.mode == "starttls"
+
     async def smtp_AUTH(self, arg: str) -> None:
         mode = self.listener.config.auth
         if mode == "none":
@@ -421,9 +428,7 @@ class RelayHandler:
             return R.R530_AUTH_REQUIRED
         if self.listener.is_trusted(self.server.client_ip):
             return None
-        if config.auth == "optional" and (
-            self.server._tls_protocol or not self.server._auth_require_tls or config.tls.mode == "starttls"
-        ):
+        if config.auth == "optional" and self.server.auth_possible:
             return R.R530_AUTH_REQUIRED
         return R.R550_RELAY_DENIED
 
@@ -555,8 +560,7 @@ class RelayHandler:
             metrics.upstream_duration.labels("rcpt").observe(time.perf_counter() - started)
             await self._observe(state, "rcpt", reply)
             await self._bounce(state, address, reply)
-            if isinstance(state.upstream, SmtpSession) and state.upstream._released:
-                state.upstream_lost = True
+            state.upstream_lost = state.upstream.lost
         if reply.is_success:
             state.seen.add(key)
             txn.recipients.append(address)
@@ -595,9 +599,8 @@ class RelayHandler:
         except asyncio.CancelledError:
             # The client went away mid-relay: drop the upstream connection without finishing,
             # so the upstream never completes a message the client will send again.
-            if state.upstream is not None and isinstance(state.upstream, SmtpSession):
-                state.upstream.connection.client.close()
-                state.upstream._release(healthy=False)
+            if state.upstream is not None:
+                state.upstream.discard()
             await self._end(state, "abandoned", client_reply=None)
             raise
         finally:

@@ -94,6 +94,11 @@ def reply_from_upstream(code: int, message: str, *, stage: str, txn_id: str) -> 
 class UpstreamSession(Protocol):
     capabilities: Capabilities
 
+    @property
+    def lost(self) -> bool: ...
+
+    def discard(self) -> None: ...
+
     async def mail(self, sender: str, options: list[str]) -> Reply: ...
     async def rcpt(self, recipient: str, options: list[str]) -> Reply: ...
     async def data(self, content: bytes) -> Reply: ...
@@ -195,6 +200,11 @@ class MaildirSession:
             log.exception("txn %s: maildir write failed", self.txn_id)
             return Reply(451, "4.3.0", f"Local mail store write error; try again later ({self.txn_id})")
         return Reply(250, "2.0.0", f"Ok: delivered as {name}")
+
+    lost = False
+
+    def discard(self) -> None:
+        return None  # nothing is written before data() completes
 
     async def finish(self) -> None:
         return None
@@ -320,6 +330,16 @@ class SmtpUpstream:
         now = time.monotonic()
         return _Connection(client, created=now, last_used=now)
 
+    async def replace(self, txn_id: str) -> _Connection:
+        """A fresh connection for a session whose pooled one went stale, in the same pool slot;
+        on failure the slot is given back and UpstreamUnavailable raised."""
+        try:
+            return await self._connect(txn_id)
+        except BaseException:
+            self.busy -= 1
+            self._slots.release()
+            raise
+
     def give_back(self, connection: _Connection, *, healthy: bool) -> None:
         self.busy -= 1
         self._slots.release()
@@ -403,11 +423,9 @@ class SmtpSession:
             log.info("txn %s: pooled upstream connection was stale; reconnecting", self.txn_id)
             self.connection.client.close()
             try:
-                self.connection = await self.upstream._connect(self.txn_id)
+                self.connection = await self.upstream.replace(self.txn_id)
             except UpstreamUnavailable as exc:
-                self._released = True
-                self.upstream.busy -= 1
-                self.upstream._slots.release()
+                self._released = True  # replace() gave the pool slot back
                 return exc.reply
             return await self.mail(sender, options)
         except aiosmtplib.SMTPTimeoutError:
@@ -444,6 +462,18 @@ class SmtpSession:
         self._in_transaction = False
         self.connection.messages += 1
         return reply_from_upstream(response.code, response.message, stage="data", txn_id=self.txn_id)
+
+    @property
+    def lost(self) -> bool:
+        """The connection is gone (or given back): nothing more can be relayed on this session."""
+        return self._released
+
+    def discard(self) -> None:
+        """Drop the connection at once, mid-command if need be: the upstream must never
+        complete a transaction the client abandoned (a close without the final dot)."""
+        if not self._released:
+            self.client.close()
+            self._release(healthy=False)
 
     def _release(self, *, healthy: bool) -> None:
         if not self._released:
