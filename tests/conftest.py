@@ -9,11 +9,12 @@ import copy
 import os
 import shutil
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 import trustme
 import yaml
@@ -238,6 +239,33 @@ class RawClient:
         self.writer.close()
         with contextlib.suppress(ConnectionError, ssl.SSLError):
             await self.writer.wait_closed()
+
+
+async def submit(
+    port: int,
+    content: bytes | None = None,
+    *,
+    sender: str = "alice@example.com",
+    recipients: Sequence[str] = ("bob@example.org",),
+    timeout: float = 15,
+) -> tuple[int, str]:
+    """Send one message with aiosmtplib; the (code, text) of the answer that decided it,
+    whichever command it came at. Recipients refused individually are not reported here."""
+    try:
+        _, reply = await aiosmtplib.send(
+            content if content is not None else message(),
+            sender=sender,
+            recipients=list(recipients),
+            hostname="127.0.0.1",
+            port=port,
+            start_tls=False,
+            timeout=timeout,
+        )
+    except aiosmtplib.SMTPRecipientsRefused as error:
+        return error.recipients[0].code, error.recipients[0].message
+    except aiosmtplib.SMTPResponseException as error:  # sender refused, DATA refused
+        return error.code, error.message
+    return 250, reply
 
 
 def message(

@@ -7,12 +7,11 @@ import email
 import email.policy
 from collections.abc import Awaitable, Callable
 
-import aiosmtplib
 import pytest
 
 import policies
 from policies.base import MessageEdit, Policy, Transaction, Verdict
-from tests.conftest import Proxy, message
+from tests.conftest import Proxy, message, submit
 from tests.fakes import FakeUpstream, Faults
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
@@ -36,19 +35,7 @@ CONTENT = message(to="ann@example.org, Ben <ben@example.org>", extra="Cc: cat@ex
 
 
 async def send(proxy: Proxy) -> tuple[int, str]:
-    try:
-        _, reply = await aiosmtplib.send(
-            CONTENT,
-            sender="news@example.com",
-            recipients=RECIPIENTS,
-            hostname="127.0.0.1",
-            port=proxy.port,
-            start_tls=False,
-            timeout=15,
-        )
-    except aiosmtplib.SMTPDataError as error:
-        return error.code, error.message
-    return 250, reply
+    return await submit(proxy.port, CONTENT, sender="news@example.com", recipients=RECIPIENTS)
 
 
 async def test_each_recipient_gets_a_copy_that_shows_only_them(

@@ -8,28 +8,14 @@ import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import aiosmtplib
-
-from tests.conftest import Proxy, message
+from tests.conftest import Proxy, message, submit
 from tests.fakes import FakeUpstream
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 
 
 async def send(port: int, recipients: list[str], subject: str = "Hello") -> tuple[int, str]:
-    try:
-        _, reply = await aiosmtplib.send(
-            message(subject=subject),
-            sender="alice@example.com",
-            recipients=recipients,
-            hostname="127.0.0.1",
-            port=port,
-            start_tls=False,
-            timeout=10,
-        )
-    except aiosmtplib.SMTPDataError as error:
-        return error.code, error.message
-    return 250, reply
+    return await submit(port, message(subject=subject), recipients=recipients)
 
 
 async def test_maildir_delivery_is_one_complete_file_in_new(proxy_factory: ProxyFactory, tmp_path: Path) -> None:

@@ -9,12 +9,11 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-import aiosmtplib
 import pytest
 
 import policies
 from policies.base import Policy, Transaction, Verdict
-from tests.conftest import Proxy, RawClient, message
+from tests.conftest import Proxy, RawClient, message, submit
 from tests.fakes import FakeUpstream
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
@@ -71,21 +70,7 @@ def _registered(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 async def send(port: int, recipients: list[str], content: bytes | None = None) -> tuple[int, str]:
-    try:
-        _errors, reply = await aiosmtplib.send(
-            content or message(),
-            sender="a@example.com",
-            recipients=recipients,
-            hostname="127.0.0.1",
-            port=port,
-            start_tls=False,
-            timeout=15,
-        )
-    except aiosmtplib.SMTPDataError as error:
-        return error.code, error.message
-    except aiosmtplib.SMTPRecipientsRefused as error:
-        return error.recipients[0].code, error.recipients[0].message
-    return 250, reply
+    return await submit(port, content, sender="a@example.com", recipients=recipients)
 
 
 async def test_on_error_tempfail_gives_451_with_the_txn_id(upstream: FakeUpstream, proxy_factory: ProxyFactory) -> None:

@@ -14,10 +14,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiosmtplib
 import yaml
 
-from tests.conftest import ROOT, Proxy, RawClient, message
+from tests.conftest import ROOT, Proxy, RawClient, message, submit
 from tests.fakes import FakeUpstream
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
@@ -35,19 +34,7 @@ def require_subject(config: dict[str, Any]) -> None:
 
 
 async def send(port: int, content: bytes) -> tuple[int, str]:
-    try:
-        await aiosmtplib.send(
-            content,
-            sender="a@example.com",
-            recipients=["b@example.org"],
-            hostname="127.0.0.1",
-            port=port,
-            start_tls=False,
-            timeout=10,
-        )
-    except aiosmtplib.SMTPDataError as error:
-        return error.code, error.message
-    return 250, "ok"
+    return await submit(port, content, sender="a@example.com", recipients=["b@example.org"])
 
 
 async def test_reload_swaps_the_rules(proxy: Proxy, upstream: FakeUpstream) -> None:
