@@ -163,6 +163,7 @@ class ParsedMessage:
 
     def __init__(self, raw: bytes, *, max_mime_depth: int = 50) -> None:
         self.raw = raw
+        self._addresses: dict[str, list[Address]] = {}
         try:
             parsed = email.message_from_bytes(raw, policy=email.policy.default)
             assert isinstance(parsed, EmailMessage)
@@ -232,8 +233,12 @@ class ParsedMessage:
         """
         out: list[Address] = []
         for name in names:
-            for raw in self.raw_header_values(name):
-                out.extend(_parse_address_field(name, raw, self.msg))
+            key = name.lower()
+            parsed = self._addresses.get(key)
+            if parsed is None:  # every policy asks for From; parse each field once per message
+                parsed = [a for raw in self.raw_header_values(name) for a in _parse_address_field(name, raw, self.msg)]
+                self._addresses[key] = parsed
+            out.extend(parsed)
         return out
 
     @cached_property

@@ -9,11 +9,15 @@ first event (rspamd does the same for its actions).
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from policies.base import MESSAGE_CLASSES
+
+if TYPE_CHECKING:
+    from proxy.stores.pauses import Pause
 
 __all__ = ("Metrics",)
 
@@ -23,6 +27,7 @@ POLICY_ACTIONS = ("accept", "reject", "tempfail", "error")
 UPSTREAM_STAGES = ("connect", "mail", "rcpt", "data")
 UPSTREAM_CLASSES = ("2xx", "4xx", "5xx", "timeout", "disconnected", "error", "auth_failed")
 CLASSES_OR_UNKNOWN = (*MESSAGE_CLASSES, "unknown")
+_PAUSE_SCOPES = ("class", "sender", "all")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -113,7 +118,8 @@ class Metrics:
             ["operation"],
             registry=r,
         )
-        for scope in ("class", "sender", "all"):
+        self._pause_counts: tuple[int, ...] = (0, 0, 0)
+        for scope in _PAUSE_SCOPES:
             self.pauses_active.labels(scope)
             self.paused_transactions.labels(scope)
         for operation in ("pauses", "backoff", "bounces", "suppression"):
@@ -217,6 +223,14 @@ class Metrics:
 
     def policy_error(self, policy: str) -> None:
         self.policy_errors.labels(policy).inc()
+
+    def set_pause_counts(self, pauses: Sequence[Pause]) -> None:
+        """Pauses in force by scope; the gauges are touched only when the numbers change."""
+        counts = tuple(sum(1 for p in pauses if p.scope == scope) for scope in _PAUSE_SCOPES)
+        if counts != self._pause_counts:
+            self._pause_counts = counts
+            for scope, count in zip(_PAUSE_SCOPES, counts, strict=True):
+                self.pauses_active.labels(scope).set(count)
 
     def ratelimit_store_error(self, operation: str) -> None:
         self.ratelimit_store_errors.labels(operation).inc()

@@ -88,6 +88,10 @@ class _Slot:
     policy: Policy
 
     @property
+    def commits(self) -> bool:
+        return type(self.policy).commit is not Policy.commit
+
+    @property
     def all_classes(self) -> bool:
         return set(MESSAGE_CLASSES) <= set(self.entry.classes)
 
@@ -166,6 +170,8 @@ class Pipeline:
 
     async def commit(self, txn: Transaction, outcome: Outcome) -> None:
         for slot in self.slots:
+            if not slot.commits:
+                continue  # most policies keep no state: no task, no timeout to set up
             try:
                 await asyncio.wait_for(slot.policy.commit(txn, outcome), slot.entry.timeout)
             except asyncio.CancelledError:

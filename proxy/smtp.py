@@ -41,6 +41,9 @@ txn_log = logging.getLogger("sendguard.txn")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}( |$)")
 _MAX_ERRORS = 20  # Postfix smtpd_hard_error_limit
+# Below this size checking and parsing a message takes well under a millisecond, less than
+# handing it to a worker thread costs (measured, bench/README.md); above it, a thread.
+_INLINE_PARSE_LIMIT = 64 * 1024
 # Only protocol errors (bad syntax, wrong sequence, failed AUTH) count towards the limit:
 # refusing recipients is normal business (a newsletter with thirty addresses without
 # consent), and "too many recipients" must leave the client free to send the rest later.
@@ -621,8 +624,10 @@ class RelayHandler:
         if state.upstream is None or state.upstream_lost:
             return refuse(R.r451_upstream_lost(txn.txn_id), "upstream connection lost")
         try:
-            # Checking and parsing is CPU work; a thread keeps the event loop answering others.
-            content, message = await asyncio.to_thread(prepare_message, content, runtime.settings.message)
+            if len(content) < _INLINE_PARSE_LIMIT:
+                content, message = prepare_message(content, runtime.settings.message)
+            else:  # CPU work in proportion to the size: a thread lets other sessions be answered in between
+                content, message = await asyncio.to_thread(prepare_message, content, runtime.settings.message)
         except MessageRefused as refused:
             return refuse(refused.reply, refused.why)
         txn.message = message
@@ -792,8 +797,7 @@ class RelayHandler:
             metrics.state_errors.labels("pauses").inc()
             log.error("txn %s: cannot read pauses from the state store: %s", txn.txn_id, exc)
             return None
-        for scope in ("class", "sender", "all"):
-            metrics.pauses_active.labels(scope).set(sum(1 for p in pauses if p.scope == scope))
+        metrics.set_pause_counts(pauses)
         domains = sender_domains(txn)
         for pause in pauses:
             if not pause.covers(txn.message_class, domains):
@@ -894,7 +898,8 @@ class RelayHandler:
         duration = time.monotonic() - state.started
         klass = txn.message_class or "unknown"
         self.services.metrics.messages.labels(txn.listener, klass, outcome).inc()
-        message_id = txn.message.header("Message-ID") if txn.message is not None else None
+        raw_ids = txn.message.raw_header_values("Message-ID") if txn.message is not None else []
+        message_id = raw_ids[0].strip() if raw_ids else None
         entry: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "txn": txn.txn_id,
