@@ -10,6 +10,7 @@ from __future__ import annotations
 from policies.base import Policy
 from policies.consent import ConsentPolicy
 from policies.headers import RequiredHeadersPolicy
+from policies.list_unsubscribe import ListUnsubscribePolicy
 from policies.ratelimit import RateLimitPolicy
 from policies.recipients import VisibleRecipientsPolicy
 from policies.sender_domain import SenderDomainPolicy
@@ -38,4 +39,5 @@ REGISTRY: dict[str, type[Policy]] = build_registry(
     ConsentPolicy,
     UnsubscribePolicy,
     VisibleRecipientsPolicy,
+    ListUnsubscribePolicy,
 )

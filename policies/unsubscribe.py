@@ -35,9 +35,11 @@ from typing import Any, Literal
 
 import yaml
 
-from policies.base import Policy, Transaction, Verdict
+from policies.base import Action, Policy, PolicyError, Transaction, Verdict
+from policies.list_unsubscribe import footer_edit, message_topic
 from policies.message import Link, ParsedMessage
 from proxy.schema import doc
+from proxy.stores.consent import normalize_topic
 
 __all__ = (
     "ONE_CLICK_VALUE",
@@ -554,8 +556,19 @@ class UnsubscribePolicy(Policy):
             "YAML file in the format of policies/unsubscribe_words.yaml whose lists are added", default=None
         )
         language: Literal["en", "nl", "both"] = doc("language of the reply text", default="both")
+        remedy: Literal["reject", "add_footer"] = doc(
+            "a message without a visible unsubscribe link: reject it, or add_footer: sendguard adds each "
+            "recipient's own link in a footer (needs the unsubscribe: section)",
+            default="reject",
+        )
+        topic_header: str | None = doc(
+            "header naming the topic the footer link unsubscribes from (the consent policy's)",
+            default="X-Sendguard-Topic",
+        )
+        default_topic: str = doc("topic of a message that names none; * means all topics", default="*")
 
         def __post_init__(self) -> None:
+            object.__setattr__(self, "default_topic", normalize_topic(self.default_topic))
             if len(set(self.require)) != len(self.require):
                 raise ValueError("require lists a requirement twice")
             for glob in self.one_click_senders:
@@ -572,7 +585,31 @@ class UnsubscribePolicy(Policy):
         message = txn.message
         if message is None:
             return None
-        return await asyncio.to_thread(self.judge, message)
+        verdict = await asyncio.to_thread(self.judge, message)
+        if verdict.action is not Action.REJECT or self.options.remedy != "add_footer":
+            return verdict
+        evidence = verdict.evidence
+        missing = [r for r in evidence["required"] if not (evidence["body_link"] if r == "body" else evidence[r])]
+        if missing != ["body"]:
+            return verdict  # a footer adds a body link only; a missing header stays the sender's to fix
+        service = self.resources.get("unsubscribe")
+        if service is None:
+            raise PolicyError("remedy add_footer needs the unsubscribe: section of the config")
+        topic = message_topic(txn, self.options.topic_header, self.options.default_topic)
+        edit = await asyncio.to_thread(footer_edit, service, txn, topic)
+        if edit is None:
+            return verdict  # no text part can carry the link: refused as before
+        return Verdict.accept(
+            "no visible unsubscribe link: sendguard adds each recipient's own in a footer",
+            evidence={**evidence, "remedy": "add_footer", "topic": topic},
+            edit=edit,
+        )
+
+    @classmethod
+    def instruction_headers(cls, options: Any) -> tuple[str, ...]:
+        if options.remedy == "add_footer" and options.topic_header:
+            return (options.topic_header,)
+        return ()
 
     def judge(self, message: ParsedMessage) -> Verdict:
         """The verdict for one message. Blocking (parses HTML): the check runs it in a thread."""

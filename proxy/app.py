@@ -30,9 +30,11 @@ from proxy.pipeline import Pipeline
 from proxy.replies import R421_SHUTTING_DOWN
 from proxy.runtime import ListenerState, Runtime, Services
 from proxy.smtp import RelayHandler, SendguardSMTP
-from proxy.stores.consent import ConsentStore, open_consent_store
+from proxy.stores.consent import NO_SOFT_OPT_IN, ConsentStore, SoftOptInRules, open_consent_store
 from proxy.stores.limits import open_limit_store
 from proxy.stores.pauses import Pause, open_pause_store
+from proxy.unsubscribe import UnsubscribeService
+from proxy.unsubscribe.web import UnsubscribeServers
 from proxy.upstream import build_upstream
 
 __all__ = ("App", "serve")
@@ -67,6 +69,9 @@ class App:
         self._generation = 0
         self._blocklist_task: asyncio.Task[None] | None = None
         self._blocklist_key: object = None
+        #: One-click unsubscribe (unsubscribe: enabled): lives across reloads, like the metrics.
+        self.unsubscribe: UnsubscribeService | None = None
+        self.unsubscribe_servers: UnsubscribeServers | None = None
 
     # ---- AppHandle ------------------------------------------------------------------------
 
@@ -90,7 +95,7 @@ class App:
         """The consent store, when a configured policy or bounce suppression needs it; kept across reloads while
         stores.consent is unchanged. connect=False: a PostgreSQL that is down at start must not
         stop transactional mail; commercial mail gets 451 4.3.0 until it is back."""
-        if not (settings.needs("consent") or settings.bounces.suppress):
+        if not (settings.needs("consent") or settings.bounces.suppress or settings.unsubscribe.enabled):
             return None
         if (
             previous is not None
@@ -132,6 +137,7 @@ class App:
             "limits": limits,
             "metrics_limit_errors": metrics.ratelimit_store_error,
             "consent": consent,
+            "unsubscribe": self.unsubscribe,
         }
         pipeline = Pipeline(settings.policies, resources=resources, observer=metrics)
         metrics.declare_listeners(listener.name for listener in settings.listeners)
@@ -163,6 +169,14 @@ class App:
             hostname=hostname,
             version=__version__,
         )
+        if settings.unsubscribe.enabled:
+            self.unsubscribe = UnsubscribeService(
+                settings.unsubscribe,
+                lambda: self._runtime.consent if self._runtime is not None else None,
+                audit=self._services.audit,
+                registry=self._services.metrics.registry,
+                rules=_soft_opt_in_rules(settings),
+            )
         self._runtime = self._build_runtime(settings, consent=await self._open_consent(settings, None))
         loop = asyncio.get_running_loop()
         try:
@@ -170,6 +184,9 @@ class App:
                 await self._start_listener(loop, config)
             if settings.http.address is not None:
                 await self._start_http(settings)
+            if self.unsubscribe is not None:
+                self.unsubscribe_servers = UnsubscribeServers(self.unsubscribe)
+                await self.unsubscribe_servers.start()
         except BaseException:
             await self.stop()
             raise
@@ -374,6 +391,7 @@ class App:
                 log.exception("config reload (%s) failed while building; keeping the running config", reason)
                 return False
             self._apply_listener_changes(settings)
+            self._apply_unsubscribe_changes(settings)
             self._runtime = runtime
             self.settings = settings
             old.retired = True
@@ -404,6 +422,28 @@ class App:
         for name in self.listeners:
             if name not in {c.name for c in settings.listeners}:
                 log.warning("listener %s was removed from the config; it stops at the next restart", name)
+
+    def _apply_unsubscribe_changes(self, settings: Settings) -> None:
+        """New keys, texts and limits apply at once; switching it on or off, or moving its
+        listeners, needs a restart."""
+        service = self.unsubscribe
+        if service is None:
+            if settings.unsubscribe.enabled:
+                log.warning("unsubscribe was enabled in the config; it starts at the next restart")
+            return
+        if not settings.unsubscribe.enabled:
+            log.warning("unsubscribe was disabled in the config; the pages stop at the next restart")
+            return
+        old, new = service.config, settings.unsubscribe
+        if (old.listen, old.mailto, old.base_path, old.tls_cert, old.tls_key) != (
+            new.listen,
+            new.mailto,
+            new.base_path,
+            new.tls_cert,
+            new.tls_key,
+        ):
+            log.warning("unsubscribe: listen addresses, the base_url path and TLS files change at the next restart")
+        service.update(new, _soft_opt_in_rules(settings))
 
     async def _retire(self, old: Runtime, new: Runtime) -> None:
         await old.wait_idle()
@@ -445,6 +485,9 @@ class App:
         if self._http_runner is not None:
             await self._http_runner.cleanup()
             self._http_runner = None
+        if self.unsubscribe_servers is not None:
+            await self.unsubscribe_servers.stop()
+            self.unsubscribe_servers = None
         if runtime is not None:
             await runtime.pipeline.close()
             await runtime.upstream.close()
@@ -454,6 +497,17 @@ class App:
                 await runtime.consent.close()
         if self._services is not None:
             self._services.audit.close()
+
+
+def _soft_opt_in_rules(settings: Settings) -> SoftOptInRules:
+    """The soft opt-in scope of the configured consent check, so the recipient's page judges
+    as the proxy does (found by its option, not by the policy's name)."""
+    for entry in settings.policies:
+        soft_opt_in = getattr(entry.options, "soft_opt_in", None)
+        if soft_opt_in is not None:
+            rules: SoftOptInRules = soft_opt_in.rules()
+            return rules
+    return NO_SOFT_OPT_IN
 
 
 async def serve(config_path: str, overrides: Mapping[str, str]) -> int:

@@ -29,6 +29,7 @@ from proxy.logsetup import configure_logging, stop_logging
 from proxy.pipeline import Pipeline, PolicyResult, StageDecision
 from proxy.schema import parse_hostport
 from proxy.stores.consent import ConsentStoreError, open_consent_store
+from proxy.unsubscribe import add_unsubscribe_parser, run_unsubscribe_command
 
 __all__ = ("main",)
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dns_cli.add_commands(commands)  # dkim keygen, domain check
     add_limits_parser(commands)
+    add_unsubscribe_parser(commands)  # unsubscribe keygen
     add_consent_parser(commands)  # consent import, export, show, add, customer, revoke, suppress ...
     return parser
 
@@ -112,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_limits(args, load_config(args.config))
         if args.command == "consent":
             return run_consent_command(args)
+        if args.command == "unsubscribe":
+            return run_unsubscribe_command(args)
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_BAD_INPUT

@@ -43,6 +43,7 @@ from proxy.schema import (
 )
 from proxy.stores.consent import ConsentStoreConfig
 from proxy.stores.limits import LimitStoreConfig
+from proxy.unsubscribe import UnsubscribeConfig
 
 __all__ = (
     "ClassRule",
@@ -288,6 +289,9 @@ class Settings:
     audit: AuditConfig = doc("the audit log", default_factory=AuditConfig)
     logging: LoggingConfig = doc("logs on stdout", default_factory=LoggingConfig)
     http: HTTPConfig = doc("metrics and health", default_factory=HTTPConfig)
+    unsubscribe: UnsubscribeConfig = doc(
+        "one-click unsubscribe links (RFC 8058) and the recipient's own pages", default_factory=UnsubscribeConfig
+    )
     reload: ReloadConfig = doc("config reloading", default_factory=ReloadConfig)
     #: Set by the loader: where the file came from and a hash of its text.
     source: str = field(default="", metadata={"internal": True})
@@ -553,8 +557,46 @@ def _validate(settings: Settings, conv: Converter) -> None:
         err("audit.keep", "must not be negative")
     for path, message in dkim_config_problems(settings.dkim):
         err(f"dkim.{path}", message)
+    _validate_unsubscribe(settings, conv)
     names_seen: set[str] = set()
     for i, backoff_rule in enumerate(settings.backoff.rules):
         if backoff_rule.name in names_seen:
             err(f"backoff.rules[{i}].name", f"rule name {backoff_rule.name!r} is used twice")
         names_seen.add(backoff_rule.name)
+
+
+def _validate_unsubscribe(settings: Settings, conv: Converter) -> None:
+    """The unsubscribe section against the rest: who needs it, and where it listens."""
+    err = conv.error_at
+    unsubscribe = settings.unsubscribe
+    for i, entry in enumerate(settings.policies):
+        wants = "unsubscribe" in entry.policy_class.needs or getattr(entry.options, "remedy", None) == "add_footer"
+        if wants and not unsubscribe.enabled:
+            err(
+                f"policies[{i}]",
+                f"{entry.name} needs the unsubscribe: section enabled (enabled: true, base_url, keys, company, "
+                "contact); make a key with: sendguard unsubscribe keygen",
+            )
+            break
+    if not unsubscribe.enabled:
+        return
+    # Port 0 (tests) binds a fresh port each time, so it never clashes.
+    smtp = {(listener.address.host, listener.address.port) for listener in settings.listeners}
+    pages = (unsubscribe.listen.host, unsubscribe.listen.port)
+    http = settings.http.address
+    if unsubscribe.listen.port and http is not None and pages == (http.host, http.port):
+        err(
+            "unsubscribe.listen",
+            "must differ from http.address: the unsubscribe pages face the Internet, /metrics must not",
+        )
+    elif unsubscribe.listen.port and pages in smtp:
+        err("unsubscribe.listen", f"{unsubscribe.listen} is already used by an SMTP listener")
+    if unsubscribe.mailto is not None and unsubscribe.mailto.listen is not None and unsubscribe.mailto.listen.port:
+        mailto = unsubscribe.mailto.listen
+        others = smtp | {pages} | ({(http.host, http.port)} if http is not None else set())
+        if (mailto.host, mailto.port) in others:
+            err("unsubscribe.mailto.listen", f"{mailto} is already used by another listener")
+    for attr in ("tls_cert", "tls_key"):
+        file = getattr(unsubscribe, attr)
+        if file and not os.path.isfile(file):
+            err(f"unsubscribe.{attr}", f"file not found: {file}")

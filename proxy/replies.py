@@ -52,6 +52,11 @@ R550_NUL_IN_DATA = Reply(550, "5.6.0", "Message contains NUL characters, which S
 R550_BARE_NEWLINE = Reply(550, "5.6.0", "Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 2.3.8)")
 R554_MAIL_LOOP = Reply(554, "5.4.6", "Too many Received: headers; the message is looping")
 R554_UNPARSEABLE = Reply(554, "5.6.0", "Message structure cannot be parsed safely")
+R550_NO_PART_FOR_FOOTER = Reply(
+    550,
+    "5.6.0",
+    "The message has no text/plain or text/html part to add the unsubscribe link to; add a visible unsubscribe link",
+)
 R503_NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
 R503_NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command first; no recipient was accepted")
 

@@ -28,6 +28,7 @@ from proxy import replies as R
 from proxy.backoff import sender_domains
 from proxy.dkim import DKIMSignError
 from proxy.dsn import build_dsn
+from proxy.footer import NoReadablePart, append_footer
 from proxy.intake import MessageRefused, prepare_message
 from proxy.pipeline import PolicyResult, StageDecision
 from proxy.runtime import ListenerState, Runtime, Services
@@ -646,6 +647,14 @@ class RelayHandler:
             return decision.reply, None, "rejected" if decision.action is Action.REJECT else "tempfailed"
 
         outgoing = self._apply_edits(content, runtime, decision)
+        footer = next((edit.footer for edit in decision.edits if edit.footer is not None), None)
+        if footer is not None:
+            try:
+                # CPU work on the whole body: a thread keeps the event loop answering others.
+                outgoing = await asyncio.to_thread(append_footer, outgoing, *footer)
+            except NoReadablePart:
+                await state.upstream.abort()
+                return R.R550_NO_PART_FOR_FOOTER, None, "rejected"
         if any(edit.fans_out for edit in decision.edits):
             return await self._deliver_copies(state, outgoing, decision)
         signed = await self._sign(state, outgoing)
@@ -677,15 +686,23 @@ class RelayHandler:
         await state.upstream.abort()  # the shared transaction is never completed
         split = any(edit.split_per_recipient for edit in decision.edits)
         extra: dict[str, list[tuple[str, str]]] = {}
+        footers: dict[str, tuple[str, str]] = {}
         for edit in decision.edits:
             for recipient, fields in edit.per_recipient.items():
                 extra.setdefault(recipient, []).extend(fields)
+            footers.update(edit.per_recipient_footer)
         state.copies = {}
         for recipient in txn.recipients:
             copy = outgoing
             if split:
                 copy = rawmsg.prepend_headers(rawmsg.remove_headers(copy, ("To", "Cc")), [("To", recipient)])
             copy = rawmsg.prepend_headers(copy, extra.get(recipient, ()))
+            if recipient in footers:
+                try:
+                    copy = await asyncio.to_thread(append_footer, copy, *footers[recipient])
+                except NoReadablePart:
+                    state.copies[recipient] = R.R550_NO_PART_FOR_FOOTER
+                    continue
             signed = await self._sign(state, copy)  # each copy differs, so each is signed
             if isinstance(signed, Reply):
                 state.copies[recipient] = signed

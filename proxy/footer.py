@@ -1,0 +1,368 @@
+"""Append a footer (an unsubscribe link) to the readable body of a raw message, byte-exactly.
+
+``append_footer`` finds every part a reader sees - text/plain and text/html leaves that are
+not attachments and not inside a message/* part (a forwarded mail or a bounce) - and adds
+the footer to each, in that part's own charset and Content-Transfer-Encoding. Only those
+parts' bodies change: the message header, every part header, the MIME boundaries, the
+preamble, the epilogue and every other part keep their exact bytes, because the message is
+never re-serialised by the ``email`` package (which re-folds headers and re-wraps bodies,
+reliability anchors C27). HTML gets the footer before ``</body>`` (else before ``</html>``,
+else at the end).
+
+The walk is done on the bytes, following RFC 2045/2046: a part's body ends before the CRLF
+that precedes its boundary delimiter (that CRLF belongs to the delimiter, 2046 section
+5.1.1). Malformed structure is handled the way readers see it: a missing close delimiter
+ends the last part at the end of the message (C03); a multipart without a boundary (C02) or
+whose boundary never appears (C04) has no readable part; an unknown charset (C05) is taken
+as ASCII-compatible and its bytes are kept as they are; a body that cannot be decoded
+(invalid base64, C06) or has an unknown transfer encoding (x-uuencode) is left alone.
+Nesting deeper than ``MAX_DEPTH`` is not entered (C01).
+
+When nothing readable is found, nothing is added and ``NoReadablePart`` is raised, so the
+caller can refuse the message instead of sending it without its way out.
+
+The work is CPU-bound on large messages: call it from a thread (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import contextlib
+import email
+import email.policy
+import email.quoprimime
+import html
+import re
+import unicodedata
+from dataclasses import dataclass
+from email.message import Message
+
+__all__ = (
+    "FOOTER_TEXTS",
+    "MAX_DEPTH",
+    "FooterError",
+    "NoReadablePart",
+    "append_footer",
+    "footer_for",
+    "readable_part_count",
+)
+
+#: Deeper multipart nesting is not entered (Postfix's mime_nesting_limit is 100; sendguard
+#: refuses messages deeper than message.max_mime_depth, 50 by default, before this runs).
+MAX_DEPTH = 100
+
+#: The unsubscribe footer in each language: (plain text, HTML); ``{url}`` is the recipient's
+#: own https link, ``{company}`` who sends. The words are ones every unsubscribe-link
+#: detector knows ("Unsubscribe", "Afmelden"), so the footer satisfies a body-link check.
+FOOTER_TEXTS: dict[str, tuple[str, str]] = {
+    "en": (
+        "You receive this mail from {company}. Unsubscribe: {url}",
+        '<p style="font-size:12px;color:#555555;margin:24px 0 0 0">You receive this mail from {company}. '
+        '<a href="{url}" style="color:#555555">Unsubscribe</a></p>',
+    ),
+    "nl": (
+        "U ontvangt deze mail van {company}. Afmelden: {url}",
+        '<p style="font-size:12px;color:#555555;margin:24px 0 0 0">U ontvangt deze mail van {company}. '
+        '<a href="{url}" style="color:#555555">Afmelden</a></p>',
+    ),
+}
+
+
+def footer_for(url: str, company: str, languages: tuple[str, ...] = ("en",)) -> tuple[str, str]:
+    """The (plain text, HTML) footer for one recipient's link, in one or more languages."""
+    texts: list[str] = []
+    htmls: list[str] = []
+    for language in languages:
+        text, markup = FOOTER_TEXTS[language]
+        texts.append(text.format(company=company, url=url))
+        htmls.append(markup.format(company=html.escape(company), url=html.escape(url, quote=True)))
+    return "\n".join(texts), "\n".join(htmls)
+
+
+class FooterError(Exception):
+    """The footer could not be added."""
+
+
+class NoReadablePart(FooterError):
+    """The message has no text/plain or text/html part a reader sees; nothing was added."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Leaf:
+    """A readable part: where its body lies in the message, and how it is encoded."""
+
+    start: int
+    end: int
+    subtype: str  # "plain" or "html"
+    charset: str | None
+    transfer_encoding: str
+    newline: str  # the message's line ending, for a body that has no line break of its own
+
+
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+_UUENCODE = frozenset({"x-uuencode", "uuencode", "x-uue", "uue"})
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+_BODY_END = re.compile(r"</body[\s>/]", re.IGNORECASE)
+_HTML_END = re.compile(r"</html[\s>/]", re.IGNORECASE)
+
+
+def append_footer(content: bytes, text: str, html_footer: str) -> bytes:
+    """The message with ``text`` appended to every readable text/plain part and
+    ``html_footer`` inserted into every readable text/html part.
+
+    Raises ``NoReadablePart`` (and changes nothing) when no part could take the footer.
+    Never raises anything else for any input.
+    """
+    leaves = _readable_leaves(content)
+    edits: list[tuple[int, int, bytes]] = []
+    for leaf in leaves:
+        try:
+            new_body = _with_footer(content[leaf.start : leaf.end], leaf, text, html_footer)
+        except (ValueError, LookupError, UnicodeError, binascii.Error):
+            new_body = None
+        if new_body is not None:
+            edits.append((leaf.start, leaf.end, new_body))
+    if not edits:
+        raise NoReadablePart("the message has no text/plain or text/html part a reader sees")
+    out = bytearray()
+    position = 0
+    for start, end, body in sorted(edits):
+        out += content[position:start]
+        out += body
+        position = end
+    out += content[position:]
+    return bytes(out)
+
+
+def readable_part_count(content: bytes) -> int:
+    """How many parts ``append_footer`` would consider (decodable or not)."""
+    return len(_readable_leaves(content))
+
+
+# ---- the walk ---------------------------------------------------------------------------------
+
+
+def _split_entity(content: bytes, start: int, end: int) -> tuple[int, int]:
+    """(end of the header block, start of the body) of the entity in content[start:end]."""
+    if content.startswith(b"\r\n", start) and start + 2 <= end:
+        return start, start + 2
+    if content.startswith(b"\n", start) and start + 1 <= end:
+        return start, start + 1
+    match = _BLANK_LINE.search(content, start, end)
+    if match is None:
+        return end, end  # all header, no body
+    separator = match.group()
+    first_newline = 2 if separator.startswith(b"\r\n") else 1
+    return match.start() + first_newline, match.end()
+
+
+def _parse_headers(block: bytes) -> Message:
+    try:
+        return email.message_from_bytes(block + b"\r\n", policy=email.policy.compat32)
+    except Exception:
+        return Message()
+
+
+def _content_info(headers: Message, default_type: str) -> tuple[str, str | None, str | None, str, str]:
+    """(content type, boundary, charset, transfer encoding, disposition), defensively."""
+    try:
+        ctype = default_type if headers.get("Content-Type") is None else headers.get_content_type()
+    except Exception:
+        ctype = "text/plain"
+    boundary: str | None
+    try:
+        boundary = headers.get_boundary()
+    except Exception:
+        boundary = None
+    charset: str | None
+    try:
+        charset = headers.get_content_charset()
+    except Exception:
+        charset = None
+    try:
+        encoding = str(headers.get("Content-Transfer-Encoding", "")).strip().lower()
+    except Exception:
+        encoding = "?"
+    try:
+        disposition = (headers.get_content_disposition() or "").lower()
+    except Exception:
+        disposition = ""
+    return ctype, boundary, charset, encoding, disposition
+
+
+def _readable_leaves(content: bytes) -> list[_Leaf]:
+    leaves: list[_Leaf] = []
+    newline = "\r\n" if b"\r\n" in content or b"\n" not in content else "\n"
+    # (start, end, depth, default content type, top level): an explicit stack, so deep
+    # nesting can never exhaust the interpreter's recursion limit.
+    stack: list[tuple[int, int, int, str, bool]] = [(0, len(content), 0, "text/plain", True)]
+    while stack:
+        start, end, depth, default_type, top = stack.pop()
+        header_end, body_start = _split_entity(content, start, end)
+        headers = _parse_headers(content[start:header_end])
+        ctype, boundary, charset, encoding, disposition = _content_info(headers, default_type)
+        if ctype.startswith("message/"):
+            continue  # a forwarded message or a bounce: not this message's own text
+        if ctype.startswith("multipart/"):
+            if boundary and depth < MAX_DEPTH:
+                child_default = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
+                parts = _multipart_parts(content, body_start, end, boundary)
+                stack.extend((s, e, depth + 1, child_default, False) for s, e in reversed(parts))
+            continue
+        if ctype not in ("text/plain", "text/html"):
+            continue
+        if not top and disposition == "attachment":
+            continue
+        leaves.append(_Leaf(body_start, end, ctype[5:], charset, encoding, newline))
+    return leaves
+
+
+def _multipart_parts(content: bytes, start: int, end: int, boundary: str) -> list[tuple[int, int]]:
+    """The (start, end) of each body part between the delimiters of ``boundary``."""
+    try:
+        marker = boundary.encode("ascii")
+    except UnicodeEncodeError:
+        marker = boundary.encode("utf-8", "surrogateescape")
+    # A delimiter line: "--" boundary, "--" for the close delimiter, then only white space
+    # (transport padding, RFC 2046 5.1.1) up to the line end.
+    delimiter = re.compile(rb"(?m)^--" + re.escape(marker) + rb"(--)?[ \t]*(?:\r?\n|\r?\Z)")
+    parts: list[tuple[int, int]] = []
+    part_start: int | None = None
+    for match in delimiter.finditer(content, start, end):
+        if part_start is not None:
+            part_end = match.start()
+            # The line break before the delimiter belongs to the delimiter.
+            if content[part_end - 2 : part_end] == b"\r\n" and part_end - 2 >= part_start:
+                part_end -= 2
+            elif content[part_end - 1 : part_end] == b"\n" and part_end - 1 >= part_start:
+                part_end -= 1
+            parts.append((part_start, part_end))
+        if match.group(1):  # the close delimiter: the epilogue follows
+            return parts
+        part_start = match.end()
+    if part_start is not None and part_start < end:
+        parts.append((part_start, end))  # no close delimiter: the last part runs to the end (C03)
+    return parts
+
+
+# ---- one part ---------------------------------------------------------------------------------
+
+
+def _codec(charset: str | None) -> tuple[str, bool]:
+    """(Python codec, known) for a declared charset; unknown ones are read as ASCII-compatible."""
+    if not charset:
+        return "ascii", True
+    name = charset.strip().strip('"').lower()
+    candidates = [name, "cp" + name[len("windows-") :]] if name.startswith("windows-") else [name]
+    for candidate in candidates:
+        try:
+            info = codecs.lookup(candidate)
+        except (LookupError, ValueError):
+            continue
+        if getattr(info, "_is_text_encoding", True) and info.name not in {"idna", "punycode", "undefined"}:
+            return info.name, True
+    return "ascii", False
+
+
+def _transfer_decode(body: bytes, encoding: str) -> bytes | None:
+    """The part's bytes as a reader's client decodes them, or None when the footer cannot be
+    added without changing what the reader sees."""
+    if encoding == "quoted-printable":
+        return binascii.a2b_qp(body)
+    if encoding == "base64":
+        # As the email package (and mail clients) read it: characters outside the alphabet are
+        # skipped. A length no padding can repair (C06 "!!!notbase64===") is left alone.
+        alphabet = _NOT_BASE64.sub(b"", body.split(b"=", 1)[0] if b"=" in body else body)
+        if len(alphabet) % 4 == 1:
+            return None
+        try:
+            return binascii.a2b_base64(alphabet + b"=" * (-len(alphabet) % 4))
+        except binascii.Error:
+            return None
+    if encoding in _UUENCODE:
+        return None  # uuencoded text: appending plain text would corrupt it
+    # 7bit, 8bit, binary, none, and the misspellings seen in the wild ("7-bit", "8bits",
+    # "plain"): readers show these bodies as they are.
+    return body
+
+
+def _transfer_encode(data: bytes, encoding: str, newline: bytes, *, text_lines: bool) -> bytes:
+    if encoding == "quoted-printable":
+        if not text_lines:
+            # UTF-16 and the like: CR and LF bytes are halves of characters, not line ends, so
+            # they are escaped (=0D, =0A) and only soft line breaks end the encoded lines.
+            return binascii.b2a_qp(data, istext=False).replace(b"\n", newline)
+        # quoprimime works on str; latin-1 maps each byte to one character and back. It escapes
+        # every byte but printable ASCII before it splits lines, so only CR and LF break them.
+        encoded = email.quoprimime.body_encode(data.decode("latin-1"), maxlinelen=76, eol=newline.decode("ascii"))
+        return encoded.encode("ascii")
+    if encoding == "base64":  # 76-character lines (RFC 2045 6.8), in the part's own line ending
+        return base64.encodebytes(data).replace(b"\n", newline)
+    return data
+
+
+def _ascii_compatible(codec: str) -> bool:
+    try:
+        return "\r\na</>".encode(codec) == b"\r\na</>"
+    except (UnicodeError, LookupError):
+        return False
+
+
+def _encodable(footer: str, codec: str, *, markup: bool, ascii_only: bool) -> str:
+    """The footer made representable in the part's charset: HTML gets character references
+    (&#233;), plain text loses its accents (é → e), then anything left becomes "?"."""
+    target = "ascii" if ascii_only else codec
+    try:
+        footer.encode(target)
+        return footer
+    except UnicodeEncodeError:
+        pass
+    if markup:
+        return footer.encode(target, "xmlcharrefreplace").decode(target)
+    stripped = "".join(c for c in unicodedata.normalize("NFKD", footer) if not unicodedata.combining(c))
+    return stripped.encode(target, "replace").decode(target)
+
+
+def _newline_of(text: str, default: str) -> str:
+    if "\r\n" in text:
+        return "\r\n"
+    if "\n" in text:
+        return "\n"
+    return default
+
+
+def _with_footer(body: bytes, leaf: _Leaf, text_footer: str, html_footer: str) -> bytes | None:
+    decoded = _transfer_decode(body, leaf.transfer_encoding)
+    if decoded is None:
+        return None
+    codec, known = _codec(leaf.charset)
+    with contextlib.suppress(UnicodeDecodeError):
+        # A body that declares no charset but carries UTF-8 is read as UTF-8, as readers do.
+        if codec == "ascii" and not leaf.charset and not decoded.isascii():
+            decoded.decode("utf-8")
+            codec = "utf-8"
+    # surrogateescape keeps every byte the codec cannot read exactly as it was.
+    text = decoded.decode(codec, "surrogateescape")
+    newline = _newline_of(text, leaf.newline)
+    ascii_only = leaf.transfer_encoding not in ("8bit", "binary", "quoted-printable", "base64") or not known
+    if leaf.subtype == "html":
+        footer = _encodable(html_footer, codec, markup=True, ascii_only=ascii_only).replace("\n", newline)
+        matches = list(_BODY_END.finditer(text)) or list(_HTML_END.finditer(text))
+        if matches:
+            at = matches[-1].start()
+            new_text = text[:at] + footer + newline + text[at:]
+        else:
+            separator = "" if text.endswith(("\n", "\r")) or not text else newline
+            new_text = text + separator + footer + newline
+    else:
+        footer = _encodable(text_footer, codec, markup=False, ascii_only=ascii_only).replace("\n", newline)
+        separator = newline if text.endswith(("\n", "\r")) else newline * 2
+        if not text:
+            separator = ""
+        new_text = text + separator + footer + newline
+    encoded = new_text.encode(codec, "surrogateescape")
+    return _transfer_encode(
+        encoded, leaf.transfer_encoding, newline.encode("ascii"), text_lines=_ascii_compatible(codec)
+    )
