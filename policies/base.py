@@ -264,6 +264,12 @@ class Policy:
         return ()
 
     @classmethod
+    def headers_added(cls, options: Any) -> tuple[str, ...]:
+        """Header fields this policy adds to every message it applies to (in enforce mode), so
+        that a policy judging the incoming message can count them as present."""
+        return ()
+
+    @classmethod
     def has_stage(cls, stage: str) -> bool:
         """True when the subclass overrides the check for ``stage`` (mail, rcpt, message)."""
         method = getattr(cls, f"check_{stage}")

@@ -132,6 +132,10 @@ class ListUnsubscribePolicy(Policy):
                 raise ValueError(f"topic_header {self.topic_header!r} is not a header field name")
 
     @classmethod
+    def headers_added(cls, options: Any) -> tuple[str, ...]:
+        return ("List-Unsubscribe", "List-Unsubscribe-Post")
+
+    @classmethod
     def instruction_headers(cls, options: Any) -> tuple[str, ...]:
         return (options.topic_header,) if options.topic_header else ()
 

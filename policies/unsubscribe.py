@@ -585,7 +585,8 @@ class UnsubscribePolicy(Policy):
         message = txn.message
         if message is None:
             return None
-        verdict = await asyncio.to_thread(self.judge, message)
+        added = self.resources.get("headers_added", {}).get(txn.message_class, frozenset())
+        verdict = await asyncio.to_thread(self.judge, message, "list-unsubscribe" in added)
         if verdict.action is not Action.REJECT or self.options.remedy != "add_footer":
             return verdict
         evidence = verdict.evidence
@@ -611,8 +612,11 @@ class UnsubscribePolicy(Policy):
             return (options.topic_header,)
         return ()
 
-    def judge(self, message: ParsedMessage) -> Verdict:
-        """The verdict for one message. Blocking (parses HTML): the check runs it in a thread."""
+    def judge(self, message: ParsedMessage, one_click_added: bool = False) -> Verdict:
+        """The verdict for one message. Blocking (parses HTML): the check runs it in a thread.
+
+        ``one_click_added``: sendguard's own list_unsubscribe policy gives this message
+        recipient-specific one-click headers before relaying, so header and one-click are met."""
         options: UnsubscribePolicy.Options = self.options
         required: set[str] = set(options.require)
         bulk_sender = self._is_one_click_sender(message)
@@ -621,7 +625,11 @@ class UnsubscribePolicy(Policy):
         header = inspect_list_unsubscribe(message)
         findings = find_unsubscribe_links(message, self.vocabulary, first_only=True)
         link = findings[0] if findings else None
-        have = {"body": link is not None, "header": header.valid, "one_click": header.one_click}
+        have = {
+            "body": link is not None,
+            "header": header.valid or one_click_added,
+            "one_click": header.one_click or one_click_added,
+        }
 
         evidence: dict[str, Any] = {
             "required": [r for r in _ORDER if r in required],
@@ -637,6 +645,8 @@ class UnsubscribePolicy(Policy):
             evidence["one_click_problems"] = header.one_click_problems
         if bulk_sender:
             evidence["one_click_sender"] = True
+        if one_click_added:
+            evidence["one_click_added_by_sendguard"] = True
 
         missing = [r for r in _ORDER if r in required and not have[r]]
         if not missing:

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from policies.base import MESSAGE_CLASSES
 from proxy import __version__
 from proxy.auth import UserStore
 from proxy.backoff import Backoff
@@ -138,6 +139,8 @@ class App:
             "metrics_limit_errors": metrics.ratelimit_store_error,
             "consent": consent,
             "unsubscribe": self.unsubscribe,
+            # class -> headers sendguard adds itself (e.g. one-click List-Unsubscribe)
+            "headers_added": {c: settings.headers_added(c) for c in MESSAGE_CLASSES},
         }
         pipeline = Pipeline(settings.policies, resources=resources, observer=metrics)
         metrics.declare_listeners(listener.name for listener in settings.listeners)

@@ -301,6 +301,15 @@ class Settings:
         """True when a configured policy needs this shared resource (see Policy.needs)."""
         return any(resource in entry.policy_class.needs for entry in self.policies)
 
+    def headers_added(self, message_class: str) -> frozenset[str]:
+        """Header fields (lower case) an enforcing policy adds to every message of the class."""
+        return frozenset(
+            name.lower()
+            for entry in self.policies
+            if entry.mode == "enforce" and message_class in entry.classes
+            for name in entry.policy_class.headers_added(entry.options)
+        )
+
     @property
     def instruction_headers(self) -> tuple[str, ...]:
         """Every header that instructs sendguard (class, topic ...): removed before relaying."""

@@ -61,7 +61,7 @@ def chromium_path() -> str:
 async def relay(
     proxy_factory: ProxyFactory, upstream: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Relay]:
-    async for running in start_relay(proxy_factory, upstream.address, tmp_path, monkeypatch):
+    async for running in start_relay(proxy_factory, upstream.address, tmp_path):
         yield running
 
 

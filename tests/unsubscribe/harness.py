@@ -161,13 +161,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 # ---- through a running sendguard ---------------------------------------------------------------------
 
 
-def app_is_wired() -> bool:
-    """The config has the unsubscribe: section (and so the app opens the service itself)."""
-    from proxy.config import Settings
-
-    return "unsubscribe" in {f.name for f in dataclasses.fields(Settings)}
-
-
 @dataclass
 class Relay:
     proxy: Proxy
@@ -189,58 +182,26 @@ async def start_relay(
     proxy_factory: Callable[..., Awaitable[Proxy]],
     upstream_address: str,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     *,
     config: UnsubscribeConfig | None = None,
     policies: list[dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> AsyncIterator[Relay]:
     """A running sendguard with the consent and list_unsubscribe policies and the unsubscribe
-    pages (an async generator: the caller's fixture yields from it and it cleans up)."""
-    import policies as policy_registry
-    from policies.consent import ConsentPolicy
-    from policies.list_unsubscribe import ListUnsubscribePolicy
-
-    monkeypatch.setitem(policy_registry.REGISTRY, "consent", ConsentPolicy)
-    monkeypatch.setitem(policy_registry.REGISTRY, "list_unsubscribe", ListUnsubscribePolicy)
+    pages (an async generator: the caller's fixture yields from it)."""
     config = config or make_config()
     changes: dict[str, Any] = {
         "stores": {"consent": {"backend": "sqlite", "path": str(tmp_path / "relay-consent.db")}},
         "classes": {"default": "commercial"},
         "policies": policies or [{"name": "required_headers"}, {"name": "consent"}, {"name": "list_unsubscribe"}],
+        "unsubscribe": config_section(config),
         **(extra or {}),
     }
-    if app_is_wired():
-        changes["unsubscribe"] = config_section(config)
-        proxy = await proxy_factory(upstream_address, changes)
-        app: Any = proxy.app
-        service = app.unsubscribe
-        servers = app.unsubscribe_servers
-        assert servers.http_bound is not None
-        yield Relay(proxy, service, servers.http_bound[1])
-        return
-
-    import proxy.app as app_module
-
-    holder: dict[str, Proxy] = {}
-    service = UnsubscribeService(config, lambda: holder["proxy"].app.runtime.consent)
-    real_pipeline = app_module.Pipeline
-
-    def pipeline_with_service(entries: Any, resources: Any = None, observer: Any = None) -> Any:
-        return real_pipeline(entries, {**(resources or {}), "unsubscribe": service}, observer)
-
-    monkeypatch.setattr(app_module, "Pipeline", pipeline_with_service)
     proxy = await proxy_factory(upstream_address, changes)
-    holder["proxy"] = proxy
-    service.audit = proxy.app.services.audit
-    service.metrics = type(service.metrics).for_registry(proxy.app.services.metrics.registry)
-    servers = UnsubscribeServers(service)
-    await servers.start()
-    try:
-        assert servers.http_bound is not None
-        yield Relay(proxy, service, servers.http_bound[1])
-    finally:
-        await servers.stop()
+    app = proxy.app
+    assert app.unsubscribe is not None and app.unsubscribe_servers is not None
+    assert app.unsubscribe_servers.http_bound is not None
+    yield Relay(proxy, app.unsubscribe, app.unsubscribe_servers.http_bound[1])
 
 
 # ---- reading relayed messages -------------------------------------------------------------------------

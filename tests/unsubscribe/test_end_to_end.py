@@ -32,9 +32,7 @@ async def relay(
     key = tmp_path / "dkim-ed25519.pem"
     write_private_key(key, generate_private_key("ed25519-sha256"))
     dkim_keys = [{"domain": "shop.example", "selector": "s1", "key_file": str(key), "algorithm": "ed25519-sha256"}]
-    async for running in start_relay(
-        proxy_factory, upstream.address, tmp_path, monkeypatch, extra={"dkim": {"keys": dkim_keys}}
-    ):
+    async for running in start_relay(proxy_factory, upstream.address, tmp_path, extra={"dkim": {"keys": dkim_keys}}):
         yield running
 
 
@@ -171,7 +169,7 @@ async def remedy_relay(
         {"name": "list_unsubscribe"},
     ]
     async for running in start_relay(
-        proxy_factory, upstream.address, tmp_path, monkeypatch, policies=entries, extra={"dkim": {"keys": dkim_keys}}
+        proxy_factory, upstream.address, tmp_path, policies=entries, extra={"dkim": {"keys": dkim_keys}}
     ):
         yield running
 
@@ -219,3 +217,34 @@ async def test_a_body_that_cannot_carry_the_footer_is_refused(remedy_relay: Rela
     code, text = await send(relay, content, ["bob@example.org"])
     assert code == 550 and text.startswith("5.6.0 The message has no text/plain or text/html part"), text
     assert upstream.messages == []
+
+
+@pytest.fixture
+async def one_click_relay(proxy_factory: ProxyFactory, upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[Relay]:
+    entries = [
+        {"name": "required_headers"},
+        {"name": "unsubscribe", "require": ["body", "one_click"]},
+        {"name": "consent"},
+        {"name": "list_unsubscribe"},
+    ]
+    async for running in start_relay(proxy_factory, upstream.address, tmp_path, policies=entries):
+        yield running
+
+
+async def test_one_click_headers_sendguard_adds_count_for_the_unsubscribe_policy(
+    one_click_relay: Relay, upstream: FakeUpstream
+) -> None:
+    """require: [one_click] is met by the headers list_unsubscribe will add: the sender's app
+    need not build them (and would get them replaced by each recipient's own anyway)."""
+    store = one_click_relay.proxy.app.runtime.consent
+    assert store is not None
+    await store.add(
+        new_event(OPTED_IN, "bob@example.org", method="web_form", topic="newsletter", sender="shop.example")
+    )
+    code, _ = await send(one_click_relay, newsletter("bob@example.org"), ["bob@example.org"])
+    assert code == 250
+    assert list_unsubscribe_uris(upstream.messages[0].content)[0].startswith("https://unsubscribe.shop.example/u/")
+    audit = (await one_click_relay.proxy.wait_audit(1))[-1]
+    (unsubscribe,) = [p for p in audit["policies"] if p["policy"] == "unsubscribe"]
+    assert unsubscribe["action"] == "accept"
+    assert unsubscribe["evidence"]["one_click_added_by_sendguard"] is True

@@ -15,7 +15,7 @@ from proxy import rawmsg
 from proxy.config import load_config_text
 from proxy.schema import ConfigError
 from proxy.unsubscribe import UnsubscribeService
-from tests.unsubscribe.harness import BASE_URL, app_is_wired, config_section, make_config
+from tests.unsubscribe.harness import BASE_URL, config_section, make_config
 
 RECIPIENTS = ["ann@example.org", "Ben.Baker@Example.ORG", "cat@example.net"]
 
@@ -165,9 +165,7 @@ async def test_nothing_before_data() -> None:
 
 
 def _section() -> str:
-    """The unsubscribe: section, once the config has it (the lead's wiring)."""
-    if not app_is_wired():
-        return ""
+    """The unsubscribe: section of a config, as YAML."""
     return "unsubscribe:\n" + "".join(
         "  " + line + "\n" for line in yaml.safe_dump(config_section(make_config())).splitlines()
     )
@@ -197,8 +195,6 @@ def test_the_config_entry_and_its_instruction_header(monkeypatch: pytest.MonkeyP
 
 
 def test_the_policy_needs_the_unsubscribe_section(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not app_is_wired():
-        pytest.skip("the config has no unsubscribe: section yet (the lead's wiring)")
     monkeypatch.setitem(policies.REGISTRY, "list_unsubscribe", ListUnsubscribePolicy)
     config = "listeners:\n  - {name: local, address: 127.0.0.1:2525}\npolicies:\n  - name: list_unsubscribe\n"
     with pytest.raises(ConfigError, match=r"policies\[0\]: list_unsubscribe needs the unsubscribe: section enabled"):
