@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -78,6 +79,20 @@ def select_sql(subjects: int, bounded: bool) -> str:
     return " UNION ALL ".join([one] * subjects) + " ORDER BY effective_at, id"
 
 
+def _switch_to_wal(conn: sqlite3.Connection) -> str:
+    """``PRAGMA journal_mode = WAL``, retried: the switch answers "database is locked" at once,
+    without waiting for the busy timeout, while another process opens the same new file (two
+    instances starting together, or the CLI next to a running proxy)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class SQLiteConsentStore(ConsentStore):
     backend = "sqlite"
 
@@ -126,7 +141,7 @@ class SQLiteConsentStore(ConsentStore):
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _switch_to_wal(conn)
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL mode (got {mode})")
             conn.execute("PRAGMA synchronous = FULL")
