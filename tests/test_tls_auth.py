@@ -269,3 +269,26 @@ def test_client_context_really_verifies(tls_files: TLSFiles) -> None:
     context = tls_files.client_context()
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.check_hostname
+
+
+async def test_credentials_never_reach_the_logs(
+    tls_files: TLSFiles,
+    upstream: FakeUpstream,
+    proxy_factory: ProxyFactory,
+    tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("DEBUG")
+    add_user(str(tmp_path / "users"), "alice", "s3cret-Passw0rd")
+    proxy = await proxy_factory(
+        upstream.address, {"listeners": [listener(tls_files, plaintext_auth_networks=["127.0.0.0/8"])]}
+    )
+    client = await RawClient.connect(proxy.port)
+    await client.cmd("EHLO client.test")
+    assert (await client.cmd(f"AUTH PLAIN {plain_auth('alice', 's3cret-Passw0rd')}"))[0] == 235
+    assert (await client.cmd(f"AUTH PLAIN {plain_auth('alice', 'wrong-Passw0rd')}"))[0] == 503
+    await client.close()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "AUTH success for alice" in logged
+    for secret in ("s3cret-Passw0rd", plain_auth("alice", "s3cret-Passw0rd")):
+        assert secret not in logged
