@@ -230,6 +230,9 @@ class Policy:
     #: Shared stores the policy needs in ``resources`` ("consent", "limits", "dns" ...): the
     #: application opens a store only when a configured policy asks for it.
     needs: ClassVar[tuple[str, ...]] = ()
+    #: A legal check that must never let mail through when it cannot decide: ``on_error:
+    #: accept`` is refused in the config (the consent check is one).
+    fails_closed: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Options:

@@ -100,6 +100,7 @@ class ConsentPolicy(Policy):
     description = "commercial mail only to recipients with recorded consent or soft opt-in (Tw 11.7, ePrivacy 13)"
     default_classes = ("commercial",)
     needs = ("consent",)
+    fails_closed = True  # commercial mail without a provable basis is what the law forbids
 
     @dataclass(frozen=True)
     class Options:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import secrets
@@ -150,27 +151,57 @@ def add_user(path: str, name: str, password: str) -> bool:
 
 
 class AuthFailureTracker:
-    """Failed AUTH attempts per client IP in a sliding window (Postfix anvil's auth rate)."""
+    """Failed AUTH attempts per client in a sliding window (Postfix anvil's auth rate).
+
+    IPv6 clients are counted per /64 (one host can use a whole /64); the table is swept as
+    it goes and capped, so an attacker rotating addresses cannot make it grow without bound.
+    """
+
+    max_clients = 100_000
 
     def __init__(self, limit: int, window: float = 600.0) -> None:
         self.limit = limit
         self.window = window
         self._failures: dict[str, deque[float]] = {}
+        self._swept = time.monotonic()
 
-    def _prune(self, ip: str, now: float) -> deque[float]:
-        events = self._failures.setdefault(ip, deque())
+    @staticmethod
+    def _key(ip: str) -> str:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip
+        if address.version == 6 and address.ipv4_mapped is None:
+            return str(ipaddress.ip_network(f"{address}/64", strict=False))
+        return str(address.ipv4_mapped or address) if address.version == 6 else str(address)
+
+    def _prune(self, key: str, now: float) -> deque[float]:
+        events = self._failures.get(key)
+        if events is None:
+            return deque()
         while events and now - events[0] > self.window:
             events.popleft()
         if not events:
-            self._failures.pop(ip, None)
-            events = deque()
+            del self._failures[key]
+            return deque()
         return events
 
+    def _sweep(self, now: float) -> None:
+        if now - self._swept < self.window and len(self._failures) < self.max_clients:
+            return
+        self._swept = now
+        for key in list(self._failures):
+            self._prune(key, now)
+        while len(self._failures) >= self.max_clients:  # still full: forget the oldest
+            del self._failures[next(iter(self._failures))]
+
     def blocked(self, ip: str) -> bool:
-        return len(self._prune(ip, time.monotonic())) >= self.limit
+        return len(self._prune(self._key(ip), time.monotonic())) >= self.limit
 
     def failed(self, ip: str) -> None:
         now = time.monotonic()
-        events = self._prune(ip, now)
+        self._sweep(now)
+        key = self._key(ip)
+        events = self._prune(key, now)
         events.append(now)
-        self._failures[ip] = events
+        self._failures[key] = events

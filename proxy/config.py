@@ -57,6 +57,7 @@ __all__ = (
 )
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+_UNIQUE_LOCAL = ipaddress.IPv6Network("fc00::/7")  # RFC 4193: private, however wide
 
 
 @dataclass(frozen=True)
@@ -483,7 +484,8 @@ def _validate(settings: Settings, conv: Converter) -> None:
         for j, network in enumerate(listener.trusted_networks):
             # A trusted network lets anyone in it relay without a password: a prefix that
             # covers a large part of the Internet makes an open relay (Postfix T13: fail closed).
-            if network.prefixlen < 8 and not (network.version == 6 and network.prefixlen >= 7 and network.is_private):
+            too_wide = network.prefixlen < (8 if network.version == 4 else 32)
+            if too_wide and not (isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_UNIQUE_LOCAL)):
                 err(
                     f"{base}.trusted_networks[{j}]",
                     f"{network} would make sendguard an open relay; list the networks of your own clients",
@@ -542,6 +544,12 @@ def _validate(settings: Settings, conv: Converter) -> None:
         for cls in entry.classes:
             if cls not in MESSAGE_CLASSES:
                 err(f"policies[{i}].classes", f"unknown class {cls!r}")
+        if entry.policy_class.fails_closed and entry.on_error == "accept" and entry.mode == "enforce":
+            err(
+                f"policies[{i}].on_error",
+                f"{entry.name} must not pass mail it cannot check (the store down would "
+                "let commercial mail through without consent); use on_error: tempfail, or mode: monitor",
+            )
         for j, spec in enumerate(getattr(entry.options, "limits", ()) if entry.name == "rate_limit" else ()):
             if spec.hold >= entry.timeout:
                 err(

@@ -387,6 +387,21 @@ async def _import(store: ConsentStore, args: argparse.Namespace, out: TextIO, er
     return EXIT_OK
 
 
+#: Columns written by whoever clicked, mailed or imported: never a formula in a spreadsheet.
+#: (Addresses, topics and methods are validated; a domain subject legitimately starts with @.)
+_FREE_TEXT = frozenset(
+    {"user_agent", "note", "source", "reason", "upstream_reply", "relation", "text_version", "product_category"}
+)
+
+
+def _spreadsheet_safe(value: object) -> object:
+    """Cells that a spreadsheet would run as a formula (a user agent or a mail note is written
+    by whoever clicked or mailed) get a leading quote (OWASP CSV injection)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 async def _export(store: ConsentStore, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     fmt = args.format or ("jsonl" if args.file and args.file.endswith((".jsonl", ".json", ".ndjson")) else "csv")
     target = open(args.file, "w", encoding="utf-8", newline="") if args.file else out  # noqa: SIM115, ASYNC230
@@ -397,7 +412,8 @@ async def _export(store: ConsentStore, args: argparse.Namespace, out: TextIO, er
             writer.writeheader()
         async for event in store.export():
             if writer is not None:
-                writer.writerow({"id": event.id, "recorded_at": format_time(event.recorded_at), **event_to_row(event)})
+                row = {"id": event.id, "recorded_at": format_time(event.recorded_at), **event_to_row(event)}
+                writer.writerow({k: _spreadsheet_safe(v) if k in _FREE_TEXT else v for k, v in row.items()})
             else:
                 target.write(json.dumps(event.as_dict(), ensure_ascii=False) + "\n")
             count += 1

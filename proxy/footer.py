@@ -106,6 +106,12 @@ _UUENCODE = frozenset({"x-uuencode", "uuencode", "x-uue", "uue"})
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 _BODY_END = re.compile(r"</body[\s>/]", re.IGNORECASE)
 _HTML_END = re.compile(r"</html[\s>/]", re.IGNORECASE)
+# Where a </body> does not end the body: inside a comment, a script, a style or a title.
+_HIDDEN_HTML = re.compile(r"<!--.*?(?:-->|\Z)|<(script|style|title)\b.*?(?:</\1\s*>|\Z)", re.IGNORECASE | re.DOTALL)
+
+
+def _inside(position: int, spans: list[tuple[int, int]]) -> bool:
+    return any(start <= position < end for start, end in spans)
 
 
 def append_footer(content: bytes, text: str, html_footer: str) -> bytes:
@@ -349,7 +355,10 @@ def _with_footer(body: bytes, leaf: _Leaf, text_footer: str, html_footer: str) -
     ascii_only = leaf.transfer_encoding not in ("8bit", "binary", "quoted-printable", "base64") or not known
     if leaf.subtype == "html":
         footer = _encodable(html_footer, codec, markup=True, ascii_only=ascii_only).replace("\n", newline)
-        matches = list(_BODY_END.finditer(text)) or list(_HTML_END.finditer(text))
+        hidden = [m.span() for m in _HIDDEN_HTML.finditer(text)]
+        matches = [m for m in _BODY_END.finditer(text) if not _inside(m.start(), hidden)] or [
+            m for m in _HTML_END.finditer(text) if not _inside(m.start(), hidden)
+        ]
         if matches:
             at = matches[-1].start()
             new_text = text[:at] + footer + newline + text[at:]

@@ -1045,6 +1045,9 @@ class ConsentStore(abc.ABC):
         """Record events (one transaction); return them with their ids and recording time."""
         now = utcnow()
         self._check(events, now)
+        # Nothing takes effect after it is recorded: an opt-in stamped a few minutes ahead (a
+        # skewed clock) must not outrank an opt-out recorded after it.
+        events = tuple(dataclasses.replace(e, effective_at=min(e.effective_at, now)) for e in events)
         return await self._bounded(self._insert(events, now))
 
     async def import_events(self, events: Iterable[ConsentEvent], *, keep_recorded_at: bool = False) -> int:
@@ -1067,6 +1070,8 @@ class ConsentStore(abc.ABC):
                     )
                 if event.recorded_at is not None and not keep_recorded_at:
                     event = dataclasses.replace(event, recorded_at=None)
+                if event.effective_at > now:
+                    event = dataclasses.replace(event, effective_at=now)
                 yield event
 
         try:

@@ -149,12 +149,14 @@ class PostgresConsentStore(ConsentStore):
     async def _migrate(self) -> None:
         try:
             async with self._pool.connection() as conn:
-                # Migrations may wait for another instance's lock: no statement timeout here.
+                # Migrations may wait for another instance's lock: no statement timeout here,
+                # then the connection's own limit again (RESET would drop it to the server's 0).
+                previous = (await (await conn.execute("SHOW statement_timeout")).fetchone() or ("0",))[0]
                 await conn.execute("SET statement_timeout = 0")
                 try:
                     applied = await apply_postgres(conn, self._migrations)
                 finally:
-                    await conn.execute("RESET statement_timeout")
+                    await conn.execute("SELECT set_config('statement_timeout', %s, false)", (str(previous),))
         except (psycopg.Error, OSError) as exc:
             raise self._wrap(exc) from exc
         if applied:

@@ -49,6 +49,7 @@ from prometheus_client import CollectorRegistry, Counter
 from proxy.footer import footer_for
 from proxy.schema import Duration, HostPort, IPNetwork, Rate, Size, doc
 from proxy.stores.consent import (
+    ADDRESS,
     ANY,
     NO_SOFT_OPT_IN,
     OPTED_IN,
@@ -406,6 +407,8 @@ def standing_opt_out(events: Sequence[ConsentEvent], topic: str, sender: str) ->
     for index, event in enumerate(ordered):
         if event.kind != OPTED_OUT or event.topic not in (ANY, topic) or event.sender not in (ANY, sender):
             continue
+        if event.subject_kind != ADDRESS:
+            continue  # a domain's opt-out can be lifted for the domain: the person's own must be on record
         lifted = any(
             later.kind == OPTED_IN
             and later.level >= event.level
@@ -492,6 +495,14 @@ class UnsubscribeService:
 
     def read(self, token: str, *, allow_expired: bool = False) -> UnsubscribeToken:
         return self.codec.read(token, allow_expired=allow_expired)
+
+    def is_token(self, text: str) -> bool:
+        """Made by one of our keys (expired or not): cheap (one AES-GCM check), for rate limits."""
+        try:
+            self.codec.read(text, allow_expired=True)
+        except TokenError:
+            return False
+        return True
 
     def expired(self, token: UnsubscribeToken) -> bool:
         """Older than token_ttl: it still unsubscribes, but no longer shows the recipient's page."""

@@ -111,10 +111,8 @@ class MailtoUnsubscribeHandler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
-        wait = self.service.limits["invalid"].blocked(self._peer(session))
-        if wait:
-            self._count("rate_limited")
-            return f"451 4.7.1 Too many invalid requests from your address; try again in {int(wait) + 1} seconds"
+        # No per-IP block here: providers relay everyone's unsubscribe replies from shared
+        # addresses, and a request without a valid token is refused anyway (550).
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"

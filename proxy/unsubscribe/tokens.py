@@ -196,7 +196,10 @@ class TokenCodec:
         header = _HEADER.pack(VERSION, key.hint)
         nonce = os.urandom(_NONCE_BYTES)
         plaintext = struct.pack(">I", issued) + "\x00".join((recipient, sender, topic)).encode("utf-8")
-        return _b64encode(header + nonce + key.aead.encrypt(nonce, plaintext, header))
+        token = _b64encode(header + nonce + key.aead.encrypt(nonce, plaintext, header))
+        if len(token) > MAX_TOKEN_CHARS:  # read() would refuse it: a dead link must never be sent
+            raise ValueError(f"recipient, sender and topic are too long for a token ({len(token)} characters)")
+        return token
 
     def read(self, text: str, *, now: float | None = None, allow_expired: bool = False) -> UnsubscribeToken:
         """The token's content. Raises ``TokenError`` for anything not made by a configured key,
@@ -258,6 +261,8 @@ class TokenCodec:
         now: float | None = None,
         max_age: float = CSRF_MAX_AGE,
     ) -> bool:
+        if not value.isascii():  # hmac.compare_digest refuses non-ASCII str: never a 500
+            return False
         stamp, dot, mac = value.partition(".")
         if not dot or len(stamp) > 12:
             return False

@@ -179,10 +179,12 @@ def _start(request: web.Request, endpoint: str, lang_param: str | None = None) -
 
 def _gate(ctx: _Request, token_text: str, *, per_ip: bool) -> web.Response | None:
     """Rate limits before any work: a client that sent many invalid tokens is refused for a
-    while; page traffic is limited per IP; every request naming a token, per token."""
+    while, but only for more invalid ones (Gmail and Yahoo send everyone's one-click POSTs from
+    a few shared addresses: a valid token is never blocked by someone else's junk); page
+    traffic is limited per IP; every request naming a token, per token."""
     limits = ctx.service.limits
     wait = limits["invalid"].blocked(ctx.ip)
-    if wait:
+    if wait and not ctx.service.is_token(token_text):
         return ctx.limited(wait)
     if per_ip:
         wait = limits["ip"].hit(ctx.ip)
@@ -522,7 +524,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("unsubscribe page %s failed", request.path)
+        log.exception("unsubscribe page %s failed", request.match_info.route.name or "?")  # never log the token
         ctx = _start(request, "confirm_page")
         return ctx.message(500, "error_title", "error_text")
 

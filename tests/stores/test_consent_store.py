@@ -284,13 +284,14 @@ async def test_migrations_are_idempotent_and_safe_when_instances_start_together(
     again = await open_consent_store(store_config)
     await again.close()
     rows = await _schema_versions(store_config)
-    assert rows == [("consent", 1)]
+    assert rows == [("consent", m.version) for m in CONSENT_MIGRATIONS]
 
 
 async def test_a_new_migration_is_applied_once_on_top_of_the_existing_ones(store_config: ConsentStoreConfig) -> None:
+    next_version = max(m.version for m in CONSENT_MIGRATIONS) + 1
     extra = Migration(
         "consent",
-        2,
+        next_version,
         "test: a side table",
         sqlite=("CREATE TABLE consent_test_extra (x INTEGER)",),
         postgres=("CREATE TABLE consent_test_extra (x INTEGER)",),
@@ -301,7 +302,7 @@ async def test_a_new_migration_is_applied_once_on_top_of_the_existing_ones(store
         await base.close()
         conn = sqlite3.connect(store_config.path, isolation_level=None)
         try:
-            assert apply_sqlite(conn, migrations) == [2]
+            assert apply_sqlite(conn, migrations) == [next_version]
             assert apply_sqlite(conn, migrations) == []
         finally:
             conn.close()
@@ -310,9 +311,9 @@ async def test_a_new_migration_is_applied_once_on_top_of_the_existing_ones(store
         base_pg = await PostgresConsentStore.open(store_config.dsn, lookup_timeout=2)
         await base_pg.close()
         async with await psycopg.AsyncConnection.connect(store_config.dsn, autocommit=True) as conn:
-            assert await apply_postgres(conn, migrations) == [2]
+            assert await apply_postgres(conn, migrations) == [next_version]
             assert await apply_postgres(conn, migrations) == []
-    assert await _schema_versions(store_config) == [("consent", 1), ("consent", 2)]
+    assert await _schema_versions(store_config) == [("consent", m.version) for m in migrations]
 
 
 async def _schema_versions(config: ConsentStoreConfig) -> list[tuple[str, int]]:

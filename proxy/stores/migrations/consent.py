@@ -97,6 +97,18 @@ _V1_POSTGRES = (
     """,
 )
 
+# SQLite: INSERT OR REPLACE deletes the old row without firing the DELETE trigger (unless
+# recursive triggers are on), so an insert must never reuse an existing id.
+_V2_SQLITE = (
+    f"""
+    CREATE TRIGGER consent_events_no_replace BEFORE INSERT ON consent_events
+    WHEN NEW.id IS NOT NULL AND EXISTS (SELECT 1 FROM consent_events WHERE id = NEW.id)
+    BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}'); END
+    """,  # noqa: S608 - a constant message, no input
+)
+_V2_POSTGRES: tuple[str, ...] = ()  # PostgreSQL has no REPLACE; its UPDATE/DELETE trigger covers ON CONFLICT
+
 CONSENT_MIGRATIONS: tuple[Migration, ...] = (
     Migration("consent", 1, "consent_events: append-only event log with lookup index", _V1_SQLITE, _V1_POSTGRES),
+    Migration("consent", 2, "consent_events: no INSERT OR REPLACE over a recorded event", _V2_SQLITE, _V2_POSTGRES),
 )
