@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -65,6 +65,9 @@ class App:
         self._http_runner: web.AppRunner | None = None
         self._accepting = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._session_tasks: set[asyncio.Task[None]] = set()
+        #: Every config generation still alive: the current one and those finishing transactions.
+        self._runtimes: list[Runtime] = []
         self._watch_stamp: tuple[int, int] | None = None
         self._reload_lock = asyncio.Lock()
         self._generation = 0
@@ -107,23 +110,52 @@ class App:
         return await open_consent_store(settings.stores.consent, connect=False)
 
     def _build_runtime(
-        self, settings: Settings, previous: Runtime | None = None, consent: ConsentStore | None = None
+        self,
+        settings: Settings,
+        previous: Runtime | None = None,
+        consent: ConsentStore | None = None,
+        *,
+        reread_files: bool = False,
+    ) -> Runtime:
+        """Everything built from one config, reusing what the previous generation has where
+        its config is the same. Whatever it opens is closed again when it fails."""
+        opened: list[Any] = []
+        try:
+            return self._build_runtime_parts(settings, previous, consent, opened, reread_files)
+        except BaseException:
+            for resource in opened:
+                self._spawn(resource.close())
+            raise
+
+    def _build_runtime_parts(
+        self,
+        settings: Settings,
+        previous: Runtime | None,
+        consent: ConsentStore | None,
+        opened: list[Any],
+        reread_files: bool,
     ) -> Runtime:
         metrics = self.services.metrics
-        self._generation += 1
         upstream = None
         if previous is not None and previous.settings.upstream == settings.upstream:
             upstream = previous.upstream  # keep the pool: same upstream, same connections
         if upstream is None:
             upstream = build_upstream(
-                settings.upstream, helo_name=self.services.hostname, on_reply=metrics.upstream_reply
+                settings.upstream,
+                helo_name=self.services.hostname,
+                on_reply=metrics.upstream_reply,
+                on_pool=metrics.upstream_pool,
             )
+            opened.append(upstream)
         if previous is not None and previous.settings.stores.state == settings.stores.state:
             # Same shared state: keep the connections, and the in-memory budgets and pauses.
             pauses, limits = previous.pauses, previous.limits
         else:
             pauses, limits = open_pause_store(settings.stores.state), open_limit_store(settings.stores.state)
-        signer = previous.signer if previous is not None and previous.settings.dkim == settings.dkim else None
+            opened.extend((pauses, limits))
+        signer = None
+        if previous is not None and previous.settings.dkim == settings.dkim and not reread_files:
+            signer = previous.signer  # SIGHUP re-reads the key files even when the config is the same
         if signer is None:
             signer = Signer.from_config(settings.dkim)  # a bad key raises: the reload is refused
         resolver = None
@@ -143,10 +175,7 @@ class App:
             "headers_added": {c: settings.headers_added(c) for c in MESSAGE_CLASSES},
         }
         pipeline = Pipeline(settings.policies, resources=resources, observer=metrics)
-        metrics.declare_listeners(listener.name for listener in settings.listeners)
-        metrics.declare_policies((entry.id, entry.mode) for entry in settings.policies)
-        metrics.set_config(settings.digest)
-        metrics.declare_backoff_rules((rule.name, rule.scope) for rule in settings.backoff.rules)
+        self._generation += 1
         return Runtime(
             settings=settings,
             pipeline=pipeline,
@@ -161,6 +190,21 @@ class App:
             generation=self._generation,
             consent=consent,
         )
+
+    def _announce(self, settings: Settings) -> None:
+        """Metrics for the config now running (after the swap: a refused reload shows nothing new)."""
+        metrics = self.services.metrics
+        metrics.declare_listeners(listener.name for listener in settings.listeners)
+        metrics.declare_policies((entry.id, entry.mode) for entry in settings.policies)
+        metrics.declare_backoff_rules((rule.name, rule.scope) for rule in settings.backoff.rules)
+        metrics.set_config(settings.digest)
+
+    def track(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A session's clean-up (its last audit line) running after the client left: stop()
+        waits for these before it closes the audit log."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._session_tasks.add(task)
+        task.add_done_callback(self._session_tasks.discard)
 
     async def start(self) -> None:
         settings = self.settings
@@ -181,6 +225,8 @@ class App:
                 rules=_soft_opt_in_rules(settings),
             )
         self._runtime = self._build_runtime(settings, consent=await self._open_consent(settings, None))
+        self._runtimes.append(self._runtime)
+        self._announce(settings)
         loop = asyncio.get_running_loop()
         try:
             for config in settings.listeners:
@@ -378,14 +424,21 @@ class App:
                 )
                 return False
             old = self.runtime
-            if settings.digest == old.settings.digest:
+            unchanged = settings.digest == old.settings.digest
+            if unchanged and reason != "SIGHUP":
                 log.info("config reload (%s): file unchanged", reason)
                 metrics.config_last_reload_success.set(1)
                 return True
             consent: ConsentStore | None = None
             try:
+                # TLS files first: a bad certificate/key pair refuses the reload before any change.
+                for config in settings.listeners:
+                    if config.name in self.listeners:
+                        ListenerState.check_tls(config)
                 consent = await self._open_consent(settings, old)
-                runtime = self._build_runtime(settings, previous=old, consent=consent)
+                # An explicit SIGHUP with the same file re-reads the files it names (a renewed
+                # certificate, a replaced DKIM key).
+                runtime = self._build_runtime(settings, previous=old, consent=consent, reread_files=unchanged)
             except Exception:
                 if consent is not None and consent is not old.consent:
                     await consent.close()
@@ -396,9 +449,11 @@ class App:
             self._apply_listener_changes(settings)
             self._apply_unsubscribe_changes(settings)
             self._runtime = runtime
+            self._runtimes.append(runtime)
             self.settings = settings
             old.retired = True
-            self._spawn(self._retire(old, runtime))
+            self._announce(settings)
+            self._spawn(self._retire(old))
             metrics.config_reloads.labels("success").inc()
             metrics.config_last_reload_success.set(1)
             metrics.config_last_reload_time.set_to_current_time()
@@ -448,32 +503,38 @@ class App:
             log.warning("unsubscribe: listen addresses, the base_url path and TLS files change at the next restart")
         service.update(new, _soft_opt_in_rules(settings))
 
-    async def _retire(self, old: Runtime, new: Runtime) -> None:
+    async def _retire(self, old: Runtime) -> None:
+        """When the old generation has no transaction left, close what no live one still uses
+        (an older generation may share a store with it and still be finishing)."""
         await old.wait_idle()
-        await old.pipeline.close()
-        if old.upstream is not new.upstream:
-            await old.upstream.close()
-        if old.pauses is not new.pauses:
-            await old.pauses.close()
-        if old.limits is not new.limits:
-            await old.limits.close()
-        if old.consent is not None and old.consent is not new.consent:
-            await old.consent.close()
+        if old in self._runtimes:
+            self._runtimes.remove(old)
+        await self._close_unused(old.resources())
+
+    async def _close_unused(self, resources: list[Any]) -> None:
+        in_use = {id(r) for runtime in self._runtimes for r in runtime.resources()}
+        for resource in resources:
+            if id(resource) not in in_use:
+                try:
+                    await resource.close()
+                except Exception:
+                    log.exception("closing %s failed", type(resource).__name__)
 
     # ---- stop -----------------------------------------------------------------------------
 
     async def stop(self) -> None:
-        """Stop listening, let transactions in flight finish (up to the shutdown timeout),
-        then say 421 to whoever is left and close."""
+        """Stop listening, let transactions in flight finish (up to the shutdown timeout, in
+        every config generation), then say 421 to whoever is left and close."""
         self._accepting = False
         for server in self.servers.values():
             server.close()
-        runtime = self._runtime
-        if runtime is not None:
+        if self._runtimes:
+            timeout = self._runtimes[-1].settings.timeouts.shutdown
             try:
-                await asyncio.wait_for(runtime.wait_idle(), runtime.settings.timeouts.shutdown)
+                await asyncio.wait_for(asyncio.gather(*(r.wait_idle() for r in self._runtimes)), timeout)
             except TimeoutError:
-                log.warning("%d transaction(s) still in flight after the shutdown timeout", runtime.in_flight)
+                left = sum(r.in_flight for r in self._runtimes)
+                log.warning("%d transaction(s) still in flight after the shutdown timeout", left)
         for state in self.listeners.values():
             for session in list(state.sessions):
                 if isinstance(session, SendguardSMTP):
@@ -481,6 +542,8 @@ class App:
         for server in self.servers.values():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 5)
+        if self._session_tasks:  # the last audit lines of sessions that just ended
+            await asyncio.wait(list(self._session_tasks), timeout=5)
         for task in list(self._tasks):
             task.cancel()
         if self._blocklist_task is not None:
@@ -491,13 +554,9 @@ class App:
         if self.unsubscribe_servers is not None:
             await self.unsubscribe_servers.stop()
             self.unsubscribe_servers = None
-        if runtime is not None:
-            await runtime.pipeline.close()
-            await runtime.upstream.close()
-            await runtime.pauses.close()
-            await runtime.limits.close()
-            if runtime.consent is not None:
-                await runtime.consent.close()
+        resources = {id(r): r for runtime in self._runtimes for r in runtime.resources()}
+        self._runtimes.clear()
+        await self._close_unused(list(resources.values()))
         if self._services is not None:
             self._services.audit.close()
 

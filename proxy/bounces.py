@@ -71,8 +71,11 @@ class Bounces:
     def is_dead(self, reply: Reply) -> bool:
         return reply.code >= 500 and any(fnmatch.fnmatchcase(reply.status, s) for s in self.config.statuses)
 
-    async def recipient_tried(self, txn: Transaction, recipient: str, reply: Reply) -> None:
-        """Called for each recipient the upstream answered at RCPT (or for a one-recipient copy)."""
+    async def recipient_tried(
+        self, txn: Transaction, recipient: str, reply: Reply, *, count_tried: bool = True
+    ) -> None:
+        """Called for each recipient the upstream answered at RCPT, and for each one-recipient
+        copy's answer (``count_tried=False``: that recipient was counted at its RCPT)."""
         domain = txn.mail_from.rsplit("@", 1)[1].lower() if "@" in txn.mail_from else ""
         dead = self.is_dead(reply)
         if dead:
@@ -83,7 +86,10 @@ class Bounces:
         if not domain:
             return  # bounces and auto-replies (MAIL FROM:<>) have no sender to pause
         window = self.config.rate_window
-        tried = await self.pauses.hit(f"bounces:tried:{domain}", window)
+        if count_tried:
+            tried = await self.pauses.hit(f"bounces:tried:{domain}", window)
+        else:
+            tried = await self.pauses.count(f"bounces:tried:{domain}", window)
         if not dead:
             return
         bounced = await self.pauses.hit(f"bounces:hard:{domain}", window)

@@ -68,7 +68,8 @@ def build_dsn(
 
     header_block, _ = split_header_block(original)
     headers = EmailMessage()
-    headers["Content-Type"] = "text/rfc822-headers"
-    headers.set_payload(header_block.decode("utf-8", "replace"))
+    # set_content picks a transfer encoding for 8-bit header bytes (RFC 6532 headers, or a
+    # raw Latin-1 subject), which a plain payload would fail to serialise.
+    headers.set_content(header_block.decode("utf-8", "replace"), subtype="rfc822-headers", cte="quoted-printable")
     report.attach(headers)
     return report.as_bytes(policy=report.policy.clone(linesep="\r\n"))

@@ -232,6 +232,10 @@ class Metrics:
             for scope, count in zip(_PAUSE_SCOPES, counts, strict=True):
                 self.pauses_active.labels(scope).set(count)
 
+    def upstream_pool(self, busy: int, idle: int) -> None:
+        self.upstream_connections.labels("busy").set(busy)
+        self.upstream_connections.labels("idle").set(idle)
+
     def ratelimit_store_error(self, operation: str) -> None:
         self.ratelimit_store_errors.labels(operation).inc()
 

@@ -95,6 +95,10 @@ def r451_upstream_busy(txn_id: str) -> Reply:
     return Reply(451, "4.4.5", f"All upstream connections are busy; try again later ({txn_id})")
 
 
+def r451_not_attempted(txn_id: str) -> Reply:
+    return Reply(451, "4.4.7", f"Not attempted: the time to deliver the copies ran out ({txn_id})")
+
+
 def r451_internal(txn_id: str) -> Reply:
     return Reply(451, "4.3.0", f"Temporary local problem; try again later ({txn_id})")
 

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
+from typing import Any
 
 import dns.asyncresolver
 
@@ -50,6 +51,9 @@ class Services:
 
 @dataclass(eq=False)
 class Runtime:
+    """Everything built from one config. Resources may be shared with the previous generation
+    (same upstream, same stores) and are closed only when no live generation uses them."""
+
     settings: Settings
     pipeline: Pipeline
     classifier: Classifier
@@ -79,6 +83,10 @@ class Runtime:
         if self.in_flight:
             await self._idle.wait()
 
+    def resources(self) -> list[Any]:
+        """The closable resources, each with an ``async close()``."""
+        return [r for r in (self.pipeline, self.upstream, self.pauses, self.limits, self.consent) if r is not None]
+
 
 def build_server_tls_context(config: ListenerConfig) -> ssl.SSLContext | None:
     if config.tls.mode == "none" or not config.tls.cert or not config.tls.key:
@@ -103,6 +111,12 @@ class ListenerState:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @staticmethod
+    def check_tls(config: ListenerConfig) -> None:
+        """Load the certificate and key into a throwaway context: raises (ssl.SSLError,
+        OSError) on a bad pair, before anything is changed."""
+        build_server_tls_context(config)
 
     def update(self, config: ListenerConfig) -> None:
         """Take a reloaded config. The certificate is reloaded into the same SSLContext,

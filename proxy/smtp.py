@@ -17,6 +17,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,6 +46,16 @@ _MAX_ERRORS = 20  # Postfix smtpd_hard_error_limit
 # Below this size checking and parsing a message takes well under a millisecond, less than
 # handing it to a worker thread costs (measured, bench/README.md); above it, a thread.
 _INLINE_PARSE_LIMIT = 64 * 1024
+# Copies for one message are delivered within this time; whatever is left is reported to
+# the sender: clients give up on a reply after 10 minutes (RFC 5321 4.5.3.2.6), many sooner.
+_FANOUT_BUDGET = 300.0
+
+
+def _copy_budget(runtime: Runtime) -> float:
+    timeouts = runtime.settings.upstream.timeouts
+    return float(timeouts.connect + 3 * timeouts.command + timeouts.data + 30)
+
+
 # Only protocol errors (bad syntax, wrong sequence, failed AUTH) count towards the limit:
 # refusing recipients is normal business (a newsletter with thirty addresses without
 # consent), and "too many recipients" must leave the client free to send the rest later.
@@ -62,6 +73,19 @@ class AppHandle(Protocol):
 
     @property
     def accepting(self) -> bool: ...
+
+    def track(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a session's clean-up in the background; the app waits for it on stop."""
+
+
+def _utf8(address: str) -> bool:
+    """aiosmtpd keeps bytes that are not UTF-8 as lone surrogates; such an address cannot be
+    relayed (and is not a valid internationalized address either, RFC 6531)."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def new_txn_id() -> str:
@@ -114,6 +138,9 @@ class TxnState:
     relayed_options: list[str] = field(default_factory=list)
     #: Set when the message went out as one copy per recipient: each copy's outcome.
     copies: dict[str, Reply] | None = None
+    #: After an internal error the transaction cannot go on: every later RCPT and DATA gets
+    #: this 4xx (never a 503 that would bounce recipients) until the client starts anew.
+    failed: Reply | None = None
 
 
 class SendguardSMTP(SMTP):
@@ -138,7 +165,7 @@ class SendguardSMTP(SMTP):
         self._session_timeout = session_timeout
         self._session_timer: asyncio.TimerHandle | None = None
         self._counted_ip: str | None = None
-        self._errors = 0
+        self.errors = 0
         self.client_ip = ""
         self.in_data = False
         self.close_after_reply = False
@@ -233,12 +260,10 @@ class SendguardSMTP(SMTP):
         text = self._rewrite(text)
         code = text[:3]
         if _PROTOCOL_ERROR.match(text):
-            self._errors += 1
-        elif code == "250" and self.in_data:
-            self._errors = 0  # Postfix counts errors "without delivering mail"
+            self.errors += 1
         await super().push(text)
-        if self._errors >= _MAX_ERRORS and self.transport is not None and not self.transport.is_closing():
-            log.warning("closing session from %s after %d errors", self.client_ip, self._errors)
+        if self.errors >= _MAX_ERRORS and self.transport is not None and not self.transport.is_closing():
+            log.warning("closing session from %s after %d errors", self.client_ip, self.errors)
             await super().push("421 4.7.0 Too many errors; closing connection")
             self.transport.close()
         elif self.close_after_reply and not self.in_data and code != "354":
@@ -275,8 +300,9 @@ class SendguardSMTP(SMTP):
         permanent ``500 Error: (Exception) ...`` with internal details."""
         txn_id = self.relay.current_txn_id or new_txn_id()
         log.error("txn %s: internal error in session from %s", txn_id, self.client_ip, exc_info=error)
-        await self.relay.abandon("error")
-        return R.r451_internal(txn_id).line()
+        reply = R.r451_internal(txn_id)
+        await self.relay.fail(reply)
+        return reply.line()
 
     # ---- AUTH -----------------------------------------------------------------------------
 
@@ -418,7 +444,7 @@ class RelayHandler:
 
     def connection_lost(self) -> None:
         if self.state is not None:
-            asyncio.get_running_loop().create_task(self.abandon("disconnected"))
+            self.app.track(self.abandon("disconnected"))
 
     # ---- MAIL -----------------------------------------------------------------------------
 
@@ -445,8 +471,15 @@ class RelayHandler:
             return refusal.line()
         if not self.app.accepting:
             return R.R421_SHUTTING_DOWN.line()
+        if self.state is not None:
+            # aiosmtpd ends a transaction by itself when the message is too big or has an
+            # over-long line (handle_DATA is never called): close ours before a new one.
+            if self.state.failed is not None:
+                self.state = None
+            else:
+                await self.abandon("message refused by the SMTP layer")
         sender = "" if address == "<>" else address
-        if _CONTROL.search(sender) or len(sender) > 320:
+        if _CONTROL.search(sender) or len(sender) > 320 or not _utf8(sender):
             return R.R501_BAD_SENDER.line()
         options = [o.upper() for o in mail_options]
         smtputf8 = "SMTPUTF8" in options
@@ -537,6 +570,8 @@ class RelayHandler:
         state = self.state
         if state is None:
             return R.R503_NEED_MAIL.line()
+        if state.failed is not None:
+            return state.failed.line()
         txn, metrics = state.txn, self.services.metrics
         klass = txn.message_class or "unknown"
         reply = self._check_recipient_syntax(state, address)
@@ -578,7 +613,7 @@ class RelayHandler:
     def _check_recipient_syntax(self, state: TxnState, address: str) -> Reply | None:
         if address in ("<>", ""):
             return R.R501_NULL_RECIPIENT
-        if _CONTROL.search(address) or len(address) > 320 or "@" not in address:
+        if _CONTROL.search(address) or len(address) > 320 or "@" not in address or not _utf8(address):
             return R.R501_BAD_RECIPIENT
         if not state.smtputf8 and not address.isascii():
             return R.R553_SMTPUTF8_REQUIRED
@@ -590,6 +625,9 @@ class RelayHandler:
 
     async def handle_DATA(self, server: SendguardSMTP, session: Session, envelope: Envelope) -> str:
         state = self.state
+        if state is not None and state.failed is not None:
+            self.state = None  # the transaction ends with this DATA, as the client sees it
+            return state.failed.line()
         if state is None or not state.txn.recipients:
             return R.R503_NEED_RCPT.line()
         runtime = state.runtime
@@ -610,6 +648,8 @@ class RelayHandler:
         finally:
             server.in_data = False
         await self._end(state, outcome, client_reply=reply, upstream_reply=upstream_reply)
+        if outcome == "delivered":
+            server.errors = 0  # Postfix counts errors "without delivering mail"
         return reply.line()
 
     async def _relay_message(self, state: TxnState, content: bytes) -> tuple[Reply, Reply | None, str]:
@@ -692,22 +732,31 @@ class RelayHandler:
                 extra.setdefault(recipient, []).extend(fields)
             footers.update(edit.per_recipient_footer)
         state.copies = {}
-        for recipient in txn.recipients:
-            copy = outgoing
-            if split:
-                copy = rawmsg.prepend_headers(rawmsg.remove_headers(copy, ("To", "Cc")), [("To", recipient)])
-            copy = rawmsg.prepend_headers(copy, extra.get(recipient, ()))
-            if recipient in footers:
-                try:
-                    copy = await asyncio.to_thread(append_footer, copy, *footers[recipient])
-                except NoReadablePart:
-                    state.copies[recipient] = R.R550_NO_PART_FOR_FOOTER
+        deadline = time.monotonic() + _FANOUT_BUDGET
+        for attempt in (1, 2):
+            # A copy refused for now (4xx) gets one more try after the others: once some copies
+            # are delivered, a refused one can only be reported to the sender.
+            pending = [
+                r
+                for r in txn.recipients
+                if r not in state.copies
+                or (attempt == 2 and state.copies[r].is_temporary and any(c.is_success for c in state.copies.values()))
+            ]
+            for recipient in pending:
+                if time.monotonic() > deadline:
+                    state.copies[recipient] = R.r451_not_attempted(txn.txn_id)
                     continue
-            signed = await self._sign(state, copy)  # each copy differs, so each is signed
-            if isinstance(signed, Reply):
-                state.copies[recipient] = signed
-                continue
-            state.copies[recipient] = await self._deliver_one(state, txn.mail_from, recipient, signed)
+                if self.server is not None:  # each copy gets the whole upstream budget again
+                    self.server._reset_timeout(_copy_budget(state.runtime))
+                try:
+                    state.copies[recipient] = await self._deliver_copy(
+                        state, outgoing, recipient, split, extra.get(recipient, ()), footers.get(recipient)
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("txn %s: copy for %s failed", txn.txn_id, recipient)
+                    state.copies[recipient] = R.r451_internal(txn.txn_id)
         delivered = [r for r, reply in state.copies.items() if reply.is_success]
         failed = [(r, reply) for r, reply in state.copies.items() if not reply.is_success]
         if not delivered:
@@ -718,8 +767,36 @@ class RelayHandler:
         if failed:
             text += f"; {len(failed)} refused, reported to the sender"
             if txn.mail_from:  # never bounce a bounce (RFC 5321 6.1)
-                await self._send_dsn(state, outgoing, failed)
+                try:
+                    await self._send_dsn(state, outgoing, failed)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the copies are delivered: a failed report must not undo that
+                    log.exception("txn %s: the DSN for %d refused copies could not be built", txn.txn_id, len(failed))
         return Reply(250, "2.0.0", f"{text} [{txn.txn_id}]"), None, "delivered"
+
+    async def _deliver_copy(
+        self,
+        state: TxnState,
+        outgoing: bytes,
+        recipient: str,
+        split: bool,
+        fields: Sequence[tuple[str, str]],
+        footer: tuple[str, str] | None,
+    ) -> Reply:
+        copy = outgoing
+        if split:
+            copy = rawmsg.prepend_headers(rawmsg.remove_headers(copy, ("To", "Cc")), [("To", recipient)])
+        copy = rawmsg.prepend_headers(copy, fields)
+        if footer is not None:
+            try:
+                copy = await asyncio.to_thread(append_footer, copy, *footer)
+            except NoReadablePart:
+                return R.R550_NO_PART_FOR_FOOTER
+        signed = await self._sign(state, copy)  # each copy differs, so each is signed
+        if isinstance(signed, Reply):
+            return signed
+        return await self._deliver_one(state, state.txn.mail_from, recipient, signed)
 
     async def _deliver_one(self, state: TxnState, sender: str, recipient: str, content: bytes) -> Reply:
         runtime, txn_id = state.runtime, state.txn.txn_id
@@ -739,7 +816,7 @@ class RelayHandler:
                 await session.abort()
             await self._observe(state, stage, reply)
             if sender and stage in ("rcpt", "data"):  # a copy's DATA reply is this recipient's; not for DSNs
-                await self._bounce(state, recipient, reply)
+                await self._bounce(state, recipient, reply, tried=False)  # counted at its RCPT already
         except BaseException:
             await session.abort()
             raise
@@ -848,9 +925,9 @@ class RelayHandler:
             self.services.metrics.state_errors.labels("backoff").inc()
             log.error("txn %s: backoff bookkeeping failed: %s", state.txn.txn_id, exc)
 
-    async def _bounce(self, state: TxnState, recipient: str, reply: Reply) -> None:
+    async def _bounce(self, state: TxnState, recipient: str, reply: Reply, *, tried: bool = True) -> None:
         try:
-            await state.runtime.bounces.recipient_tried(state.txn, recipient, reply)
+            await state.runtime.bounces.recipient_tried(state.txn, recipient, reply, count_tried=tried)
         except Exception as exc:
             self.services.metrics.state_errors.labels("bounces").inc()
             log.error("txn %s: bounce bookkeeping failed: %s", state.txn.txn_id, exc)
@@ -866,10 +943,22 @@ class RelayHandler:
         return decision
 
     async def abandon(self, why: str) -> None:
-        """The client left the transaction (RSET, EHLO, QUIT, disconnect, error)."""
+        """The client left the transaction (RSET, EHLO, QUIT, disconnect, a new MAIL)."""
         state = self.state
-        if state is not None:
+        if state is not None and state.failed is not None:
+            self.state = None  # already ended by fail(); the client has moved on
+        elif state is not None:
             await self._end(state, "abandoned", client_reply=None, note=why)
+
+    async def fail(self, reply: Reply) -> None:
+        """An internal error: end the transaction upstream but keep answering its commands
+        with a 4xx, so the client retries the whole message instead of bouncing recipients."""
+        state = self.state
+        if state is None:
+            return
+        await self._end(state, "tempfailed", client_reply=reply, note="internal error")
+        state.failed = reply
+        self.state = state  # kept (ended) only to answer the rest of the transaction
 
     async def _end(
         self,
@@ -880,7 +969,7 @@ class RelayHandler:
         upstream_reply: Reply | None = None,
         note: str = "",
     ) -> None:
-        if self.state is not state:
+        if self.state is not state or state.failed is not None:
             return  # already ended
         self.state = None
         txn, runtime = state.txn, state.runtime
@@ -894,19 +983,20 @@ class RelayHandler:
             log.exception("txn %s: upstream cleanup failed", txn.txn_id)
         finally:
             delivered = outcome == "delivered"
+            recipients: tuple[str, ...] = tuple(txn.recipients) if delivered else ()
+            refused = dict(state.refused)
+            if state.copies is not None:  # one copy per recipient: each has its own outcome
+                recipients = tuple(r for r, reply in state.copies.items() if reply.is_success)
+                refused.update({r: reply for r, reply in state.copies.items() if not reply.is_success})
             try:
-                await runtime.pipeline.commit(
-                    txn,
-                    Outcome(
-                        delivered=delivered,
-                        delivered_recipients=tuple(txn.recipients) if delivered else (),
-                        refused_recipients=dict(state.refused),
-                        reply=client_reply,
-                    ),
+                outcome_seen = Outcome(
+                    delivered=delivered, delivered_recipients=recipients, refused_recipients=refused, reply=client_reply
                 )
+                await runtime.pipeline.commit(txn, outcome_seen)
             finally:
                 runtime.leave()
-        self._account(state, outcome, client_reply, upstream_reply, note)
+                # Even when the client vanished during commit: what happened is on record.
+                self._account(state, outcome, client_reply, upstream_reply, note)
 
     def _account(
         self, state: TxnState, outcome: str, client_reply: Reply | None, upstream_reply: Reply | None, note: str

@@ -78,7 +78,9 @@ def reply_from_upstream(code: int, message: str, *, stage: str, txn_id: str) -> 
         # The upstream is closing *its* connection; ours with the client is fine, and a 421
         # would tell the client we are closing (RFC 5321 3.8). Same meaning, minus that.
         code = 451
-    text = _CONTROL.sub(" ", message).strip()
+    # Printable ASCII only: a Latin-1 reply decoded with surrogateescape would crash the reply
+    # to our client, and a client that did not ask for SMTPUTF8 expects ASCII anyway.
+    text = _CONTROL.sub(" ", message).encode("ascii", "replace").decode("ascii").strip()
     match = _ENHANCED.match(text)
     if match and int(match.group(1)) == code // 100:
         status = f"{match.group(1)}.{match.group(2)}.{match.group(3)}"
@@ -236,8 +238,10 @@ class SmtpUpstream:
         *,
         helo_name: str,
         on_reply: Callable[[str, str], None] | None = None,
+        on_pool: Callable[[int, int], None] | None = None,
     ) -> None:
         self.config = config
+        self._on_pool = on_pool
         self.helo_name = config.helo_name or helo_name
         address = config.hostport
         self.host, self.port = address.host, address.port
@@ -257,6 +261,10 @@ class SmtpUpstream:
     @property
     def idle(self) -> int:
         return len(self._idle)
+
+    def _report(self) -> None:
+        if self._on_pool:
+            self._on_pool(self.busy, len(self._idle))
 
     def count(self, stage: str, outcome: str) -> None:
         if self._on_reply:
@@ -279,6 +287,7 @@ class SmtpUpstream:
             raise
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+        self._report()
         return SmtpSession(self, connection, txn_id)
 
     def _take_idle(self) -> _Connection | None:
@@ -332,12 +341,13 @@ class SmtpUpstream:
 
     async def replace(self, txn_id: str) -> _Connection:
         """A fresh connection for a session whose pooled one went stale, in the same pool slot;
-        on failure the slot is given back and UpstreamUnavailable raised."""
+        on failure (or cancellation) the slot is given back and the exception raised."""
         try:
             return await self._connect(txn_id)
         except BaseException:
             self.busy -= 1
             self._slots.release()
+            self._report()
             raise
 
     def give_back(self, connection: _Connection, *, healthy: bool) -> None:
@@ -353,6 +363,7 @@ class SmtpUpstream:
             self._idle.append(connection)
         else:
             asyncio.get_running_loop().create_task(self._quit(connection))
+        self._report()
 
     @staticmethod
     async def _quit(connection: _Connection) -> None:
@@ -369,10 +380,12 @@ class SmtpUpstream:
         while not self._closed:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            # Take every stale connection out at once, then say QUIT: a session may take one
+            # from the idle list while we wait for a QUIT reply.
             stale = [c for c in self._idle if now - c.last_used >= self.config.pool.idle_timeout]
-            for connection in stale:
-                self._idle.remove(connection)
-                await self._quit(connection)
+            self._idle = [c for c in self._idle if c not in stale]
+            self._report()
+            await asyncio.gather(*(self._quit(c) for c in stale), return_exceptions=True)
 
     async def close(self) -> None:
         self._closed = True
@@ -392,12 +405,14 @@ class SmtpSession:
         self.capabilities = upstream.capabilities or Capabilities()
         self._released = False
         self._in_transaction = False
+        self._pending = False
 
     @property
     def client(self) -> aiosmtplib.SMTP:
         return self.connection.client
 
     async def _command(self, stage: str, verb: bytes, argument: bytes, limit: float) -> Reply:
+        self._pending = True  # until the reply is read: cancelled here, the connection is in doubt
         try:
             response = await self.client.execute_command(verb, argument, timeout=limit)
         except aiosmtplib.SMTPTimeoutError:
@@ -408,6 +423,7 @@ class SmtpSession:
             log.error("txn %s: upstream connection lost at %s", self.txn_id, stage)
             self.upstream.count(stage, "disconnected")
             raise
+        self._pending = False
         self.upstream.count(stage, f"{response.code // 100}xx")
         return reply_from_upstream(response.code, response.message, stage=stage, txn_id=self.txn_id)
 
@@ -427,6 +443,9 @@ class SmtpSession:
             except UpstreamUnavailable as exc:
                 self._released = True  # replace() gave the pool slot back
                 return exc.reply
+            except BaseException:
+                self._released = True  # cancelled while reconnecting: replace() gave the slot back
+                raise
             return await self.mail(sender, options)
         except aiosmtplib.SMTPTimeoutError:
             self._release(healthy=False)
@@ -445,11 +464,22 @@ class SmtpSession:
     async def data(self, content: bytes) -> Reply:
         """DATA and the message. aiosmtplib turns bare CR/LF into CRLF and dot-stuffs every
         line that starts with '.', so the upstream sees exactly one message (T10)."""
+        self._pending = True
         try:
             response = await self.client.data(content, timeout=self.upstream.config.timeouts.data)
         except aiosmtplib.SMTPDataError as exc:
+            self._pending = False
+            if exc.code < 400:
+                # A 2xx or 3xx where the other belongs (a 250 to the DATA command itself, say):
+                # the upstream and we disagree about where we are. Never pass it on as success.
+                log.error("txn %s: upstream answered %s %s out of turn at DATA", self.txn_id, exc.code, exc.message)
+                self.upstream.count("data", "error")
+                self.discard()
+                return r451_upstream_lost(self.txn_id)
             self.upstream.count("data", f"{exc.code // 100}xx")
-            self._in_transaction = False
+            # Refused at the DATA command (before 354) the transaction is still open upstream;
+            # after the dot it is over. RSET is right in both cases, so finish() will say it.
+            self._in_transaction = True
             return reply_from_upstream(exc.code, exc.message, stage="data", txn_id=self.txn_id)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
             # The message may or may not have arrived; 451 makes the client retry, which risks
@@ -458,6 +488,7 @@ class SmtpSession:
             self.upstream.count("data", "timeout" if isinstance(exc, TimeoutError) else "disconnected")
             self._release(healthy=False)
             return r451_upstream_lost(self.txn_id)
+        self._pending = False
         self.upstream.count("data", f"{response.code // 100}xx")
         self._in_transaction = False
         self.connection.messages += 1
@@ -487,8 +518,13 @@ class SmtpSession:
             self._release(healthy=True)
 
     async def abort(self) -> None:
-        """Abandon the transaction: RSET so the upstream never completes it (T7)."""
+        """Abandon the transaction: RSET so the upstream never completes it (T7). A command
+        cut off before its reply (the client went away) leaves the connection in doubt: a
+        RSET could read that old reply, so the connection is closed instead."""
         if self._released:
+            return
+        if self._pending:
+            self.discard()
             return
         healthy = False
         if self.client.is_connected:
@@ -502,8 +538,12 @@ class SmtpSession:
 
 
 def build_upstream(
-    config: UpstreamConfig, *, helo_name: str, on_reply: Callable[[str, str], None] | None = None
+    config: UpstreamConfig,
+    *,
+    helo_name: str,
+    on_reply: Callable[[str, str], None] | None = None,
+    on_pool: Callable[[int, int], None] | None = None,
 ) -> MaildirUpstream | SmtpUpstream:
     if config.is_maildir:
         return MaildirUpstream(config.maildir_path)
-    return SmtpUpstream(config, helo_name=helo_name, on_reply=on_reply)
+    return SmtpUpstream(config, helo_name=helo_name, on_reply=on_reply, on_pool=on_pool)

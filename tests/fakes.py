@@ -286,3 +286,57 @@ class LenientUpstream:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+class ScriptedUpstream:
+    """A raw SMTP server that answers each verb with a scripted reply (bytes, sent as they are),
+    for upstreams that misbehave in ways aiosmtpd will not: a 250 to the DATA command itself,
+    a reply in Latin-1. Records every command line and counts the messages it took."""
+
+    def __init__(self, replies: dict[str, bytes] | None = None) -> None:
+        self.replies = {
+            "EHLO": b"250-scripted.test\r\n250 8BITMIME",
+            "MAIL": b"250 2.1.0 ok",
+            "RCPT": b"250 2.1.5 ok",
+            "DATA": b"354 go",
+            "DOT": b"250 2.0.0 queued",
+            "RSET": b"250 2.0.0 ok",
+            "QUIT": b"221 bye",
+            **(replies or {}),
+        }
+        self.commands: list[bytes] = []
+        self.messages = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 scripted.test ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                self.commands.append(line.rstrip(b"\r\n"))
+                verb = line[:4].upper().decode("ascii", "replace")
+                reply = self.replies.get(verb, b"250 ok")
+                writer.write(reply + b"\r\n")
+                await writer.drain()
+                if verb == "DATA" and reply.startswith(b"354"):
+                    while (data := await reader.readline()) and data != b".\r\n":
+                        pass
+                    self.messages += 1
+                    writer.write(self.replies["DOT"] + b"\r\n")
+                if verb == "QUIT":
+                    return
+        finally:
+            writer.close()
+
+    async def start(self) -> ScriptedUpstream:
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()

@@ -76,6 +76,10 @@ class PauseStore(abc.ABC):
         """Record one event for ``counter``; return how many happened in the last ``window`` seconds."""
 
     @abc.abstractmethod
+    async def count(self, counter: str, window: float) -> int:
+        """How many events ``counter`` had in the last ``window`` seconds; records nothing."""
+
+    @abc.abstractmethod
     async def _load(self) -> list[Pause]: ...
 
     @abc.abstractmethod
@@ -95,14 +99,23 @@ class MemoryPauseStore(PauseStore):
         super().__init__(clock)
         self._pauses: dict[tuple[str, str, str], Pause] = {}
         self._events: dict[str, deque[float]] = {}
+        self._hits = 0
 
     async def hit(self, counter: str, window: float) -> int:
         now = self.now()
+        self._hits += 1
+        if self._hits % 10_000 == 0:  # counters nobody hits any more (a sender gone quiet) go
+            for name in [n for n, e in self._events.items() if not e or e[-1] <= now - window]:
+                del self._events[name]
         events = self._events.setdefault(counter, deque())
         events.append(now)
         while events and events[0] <= now - window:
             events.popleft()
         return len(events)
+
+    async def count(self, counter: str, window: float) -> int:
+        now = self.now()
+        return sum(1 for moment in self._events.get(counter, ()) if moment > now - window)
 
     async def _load(self) -> list[Pause]:
         now = self.now()
@@ -161,6 +174,11 @@ class RedisPauseStore(PauseStore):
         member = f"{now_ms}:{secrets.token_hex(4)}"
         count = await self._hit(keys=[f"{self.prefix}events:{counter}"], args=[now_ms, int(window * 1000), member])
         return int(count)
+
+    async def count(self, counter: str, window: float) -> int:
+        now_ms = int(self.now() * 1000)
+        key = f"{self.prefix}events:{counter}"
+        return int(await self.redis.zcount(key, now_ms - int(window * 1000) + 1, "+inf"))
 
     async def _load(self) -> list[Pause]:
         keys = [key async for key in self.redis.scan_iter(match=f"{self.prefix}pause:*", count=100)]
