@@ -133,3 +133,54 @@ def test_no_recipients_anywhere_exits_2(tmp_path: Path) -> None:
     assert code == 2
     assert decision is not None
     assert decision["action"] == "error"
+
+
+async def test_check_judges_consent_from_the_configured_store(tmp_path: Path) -> None:
+    from proxy.stores.consent import OPTED_IN, ConsentStoreConfig, new_event, open_consent_store
+
+    database = tmp_path / "consent.db"
+    store = await open_consent_store(ConsentStoreConfig(path=str(database)))
+    await store.add(
+        new_event(
+            OPTED_IN,
+            "fan@example.org",
+            method="double_opt_in",
+            confirmed_at="2026-01-02",
+            at="2026-01-01",
+            source="https://example.com/signup",
+        )
+    )
+    await store.close()
+    config = tmp_path / "sendguard.yaml"
+    config.write_text(
+        "listeners:\n  - {name: local, address: 127.0.0.1:2525}\n"
+        f"stores:\n  consent: {{backend: sqlite, path: {database}}}\n"
+        "policies:\n  - {name: unsubscribe}\n  - {name: consent, topic_header: null}\n"
+    )
+    newsletter = tmp_path / "news.eml"
+    newsletter.write_bytes(
+        message(body="Deals! Unsubscribe: https://example.com/unsubscribe?u=1", sender="news@example.com")
+    )
+    code, decision, _ = check(
+        "--config", str(config), "--class", "commercial", "--to", "fan@example.org", str(newsletter)
+    )
+    assert code == 0
+    assert decision is not None
+    (consent,) = [p for p in decision["policies"] if p["policy"] == "consent"]
+    assert consent["evidence"]["record"]["method"] == "double_opt_in"
+
+    code, decision, _ = check(
+        "--config",
+        str(config),
+        "--class",
+        "commercial",
+        "--to",
+        "fan@example.org",
+        "--to",
+        "stranger@example.org",
+        str(newsletter),
+    )
+    assert code == 1
+    assert decision is not None
+    assert list(decision["refused_recipients"]) == ["stranger@example.org"]
+    assert decision["recipients"] == ["fan@example.org"]
