@@ -144,7 +144,7 @@ class ConsentPolicy(Policy):
         topic = self._topic(txn.message)
         if isinstance(topic, Verdict):
             return topic
-        basis = await self._basis(recipient, topic, self._sender(txn))
+        basis = await self._basis(recipient, topic, message_sender(txn))
         if basis is None:
             return _not_an_address(recipient, after_data=True)
         return _verdict(basis, recipient, after_data=True)
@@ -155,7 +155,7 @@ class ConsentPolicy(Policy):
         remembered = txn.state.get(self._state_key)
         if not remembered or txn.message is None:
             return None
-        sender = self._sender(txn)
+        sender = message_sender(txn)
         if sender == remembered["sender"]:
             return None
         refused: list[tuple[str, Basis]] = []
@@ -241,13 +241,16 @@ class ConsentPolicy(Policy):
                 f"bad {options.topic_header}", _one_line(f"{options.topic_header}: {exc}"), status="5.6.0"
             )
 
-    def _sender(self, txn: Transaction) -> str:
-        if txn.message is not None:
-            for address in txn.message.addresses("From"):
-                domain = _domain_of(address.addr_spec)
-                if domain != ANY:
-                    return domain
-        return _domain_of(txn.mail_from)
+
+def message_sender(txn: Transaction) -> str:
+    """The sender that holds the relation: the From domain, else the envelope sender's domain
+    (list_unsubscribe labels its tokens with the same rule, so an opt-out matches this check)."""
+    if txn.message is not None:
+        for address in txn.message.addresses("From"):
+            domain = _domain_of(address.addr_spec)
+            if domain != ANY:
+                return domain
+    return _domain_of(txn.mail_from)
 
 
 def _domain_of(address: str) -> str:

@@ -43,32 +43,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from policies.base import MessageEdit, Policy, PolicyError, Transaction, Verdict
+from policies.consent import message_sender
 from proxy.schema import doc
-from proxy.stores.consent import ANY, ConsentInputError, normalize_sender, normalize_topic, parse_subject
+from proxy.stores.consent import ConsentInputError, normalize_topic, parse_subject
 
 __all__ = ("ListUnsubscribePolicy", "footer_edit", "message_sender", "message_topic")
 
 _FIELDS = ("List-Unsubscribe", "List-Unsubscribe-Post")
-
-
-def _domain(address: str) -> str:
-    if "@" not in address:
-        return ANY
-    try:
-        return normalize_sender(address.rpartition("@")[2])
-    except ConsentInputError:
-        return ANY
-
-
-def message_sender(txn: Transaction) -> str:
-    """The sender that holds the relation: the From domain, else the envelope sender's domain
-    (the same rule as the consent policy, so a token's opt-out matches what it judges)."""
-    if txn.message is not None:
-        for address in txn.message.addresses("From"):
-            domain = _domain(address.addr_spec)
-            if domain != ANY:
-                return domain
-    return _domain(txn.mail_from)
 
 
 def message_topic(txn: Transaction, header: str | None, default: str) -> str:

@@ -10,7 +10,6 @@ audit log, the users file, the machine's name.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import ssl
 from collections import Counter
@@ -30,6 +29,7 @@ from proxy.dkim import Signer
 from proxy.logsetup import AuditLog
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
+from proxy.schema import address_in
 from proxy.stores.consent import ConsentStore
 from proxy.stores.limits import LimitStore
 from proxy.stores.pauses import PauseStore
@@ -131,10 +131,4 @@ class ListenerState:
 
     @staticmethod
     def in_networks(ip: str, networks: Iterable[IPv4Network | IPv6Network]) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in networks)
+        return address_in(ip, networks)

@@ -37,6 +37,7 @@ __all__ = (
     "Duration",
     "HostPort",
     "IPNetwork",
+    "address_in",
     "Rate",
     "Size",
     "doc",
@@ -114,6 +115,19 @@ class HostPort:
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def address_in(ip: str, networks: typing.Iterable[IPNetwork]) -> bool:
+    """Whether an address (IPv4-mapped IPv6 counted as its IPv4) lies in any of the networks;
+    False for anything that is not an address."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
 
 _DURATION_UNITS = {
     "": 1, "ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600,

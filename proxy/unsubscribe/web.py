@@ -39,7 +39,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.schema import IPNetwork
+from proxy.schema import IPNetwork, address_in
 from proxy.stores.consent import ANY, ConsentInputError, ConsentStoreError, format_time
 from proxy.unsubscribe import UnsubscribeService, UnsubscribeToken
 from proxy.unsubscribe import templates as T
@@ -69,25 +69,15 @@ _SERVICE = web.AppKey("service", UnsubscribeService)
 # ---- request helpers -----------------------------------------------------------------------------
 
 
-def _in(address: str, networks: tuple[IPNetwork, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
-
-
 def client_ip(request: web.BaseRequest, trusted_proxies: tuple[IPNetwork, ...]) -> str:
     """The client's address: the peer, or behind a trusted reverse proxy the last address in
     X-Forwarded-For that is not itself a trusted proxy (earlier entries are the client's word)."""
     peer = request.remote or ""
-    if not trusted_proxies or not _in(peer, trusted_proxies):
+    if not trusted_proxies or not address_in(peer, trusted_proxies):
         return peer
     hops = [hop.strip() for value in request.headers.getall("X-Forwarded-For", []) for hop in value.split(",")]
     for hop in reversed([h for h in hops if h]):
-        if _in(hop, trusted_proxies):
+        if address_in(hop, trusted_proxies):
             continue
         try:
             return str(ipaddress.ip_address(hop))
