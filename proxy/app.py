@@ -214,7 +214,6 @@ class App:
             audit=AuditLog(settings.audit.path, settings.audit.max_size, settings.audit.keep),
             users=UserStore(settings.users_file),
             hostname=hostname,
-            version=__version__,
         )
         if settings.unsubscribe.enabled:
             self.unsubscribe = UnsubscribeService(
@@ -451,7 +450,6 @@ class App:
             self._runtime = runtime
             self._runtimes.append(runtime)
             self.settings = settings
-            old.retired = True
             self._announce(settings)
             self._spawn(self._retire(old))
             metrics.config_reloads.labels("success").inc()

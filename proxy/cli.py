@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from policies.base import Action, Transaction
+from policies.base import Transaction
 from policies.message import ParsedMessage
 from proxy import __version__, dns_cli
 from proxy.auth import add_user
@@ -316,6 +316,4 @@ def _check_result(
     }
     if refused:
         out["refused_recipients"] = {rcpt: d.reply.line() if d.reply else None for rcpt, d in refused.items()}
-        if action is Action.ACCEPT:
-            out["action"] = str(next(iter(refused.values())).action)
     return out

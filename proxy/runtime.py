@@ -13,9 +13,7 @@ import asyncio
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 import dns.asyncresolver
@@ -46,7 +44,6 @@ class Services:
     audit: AuditLog
     users: UserStore
     hostname: str
-    version: str
 
 
 @dataclass(eq=False)
@@ -67,7 +64,6 @@ class Runtime:
     generation: int
     consent: ConsentStore | None = None  # opened only when a configured policy needs it
     in_flight: int = 0
-    retired: bool = False
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def enter(self) -> None:
@@ -127,8 +123,4 @@ class ListenerState:
             self.tls_context.load_cert_chain(config.tls.cert, config.tls.key)
 
     def is_trusted(self, ip: str) -> bool:
-        return self.in_networks(ip, self.config.trusted_networks)
-
-    @staticmethod
-    def in_networks(ip: str, networks: Iterable[IPv4Network | IPv6Network]) -> bool:
-        return address_in(ip, networks)
+        return address_in(ip, self.config.trusted_networks)

@@ -33,6 +33,7 @@ from proxy.footer import NoReadablePart, append_footer
 from proxy.intake import MessageRefused, prepare_message
 from proxy.pipeline import PolicyResult, StageDecision
 from proxy.runtime import ListenerState, Runtime, Services
+from proxy.schema import address_in
 from proxy.upstream import UpstreamSession, UpstreamUnavailable
 
 __all__ = ("AppHandle", "RelayHandler", "SendguardSMTP")
@@ -198,7 +199,7 @@ class SendguardSMTP(SMTP):
         # over TLS. An implicit-TLS connection is encrypted from its first byte.
         implicit = self.listener.config.tls.mode == "implicit"
         self._auth_require_tls = not (
-            implicit or self.listener.in_networks(self.client_ip, self.listener.config.plaintext_auth_networks)
+            implicit or address_in(self.client_ip, self.listener.config.plaintext_auth_networks)
         )
         listener, metrics = self.listener, self.services.metrics
         config = listener.config
