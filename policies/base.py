@@ -190,6 +190,9 @@ class Transaction:
     mail_from: str = ""
     recipients: list[str] = field(default_factory=list)
     message_class: str | None = None
+    #: Why the message counts as commercial, in a few words for a refusal's text ("judged
+    #: commercial: score 7.5, discount (20% korting), utm_links"); empty when not commercial.
+    class_note: str = ""
     message: ParsedMessage | None = None
     size: int = 0
     #: Per-policy scratch space for bookkeeping between a check and ``commit`` (e.g. the

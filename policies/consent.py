@@ -58,7 +58,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _MAX_TEXT = 400
 
 _ADVICE = {
-    "none": "record consent first (sendguard consent add) or send it as transactional",
+    "none": "record the recipient's consent first, with its evidence (sendguard consent add or import)",
     "opted_out": "remove the address from this mailing",
     "suppressed": "remove the address from your list",
 }
@@ -278,7 +278,7 @@ def _verdict(basis: Basis, recipient: str, *, after_data: bool) -> Verdict:
 
 
 def _not_an_address(recipient: str, *, after_data: bool) -> Verdict:
-    core = "no consent can be recorded for a recipient without a domain; send it as transactional"
+    core = "no consent can be recorded for a recipient without a domain; use a full address (name@domain)"
     text = core if after_data else f"<{recipient}>: {core}"
     return Verdict.reject(
         "recipient is not an address", _one_line(text), evidence={"basis": "none", "recipient": recipient}

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from policies.base import Transaction
+from policies.base import Action, Reply, Transaction
 from policies.message import ParsedMessage
 from proxy import __version__, dns_cli
 from proxy.auth import add_user
@@ -245,7 +245,9 @@ async def run_check(
             consent = await open_consent_store(settings.stores.consent, connect=False)
         except ConsentStoreError as exc:
             return {"action": "error", "reply": None, "reason": f"consent store: {exc}", "policies": []}
-    pipeline = Pipeline(settings.policies, resources={"consent": consent})
+    # Exhaustive: every policy runs and the first refusal is marked as the deciding one, so
+    # that a sender fixes a message in one round (the running proxy stops at the first).
+    pipeline = Pipeline(settings.policies, resources={"consent": consent}, exhaustive=True)
     classifier = Classifier(settings.classes)
     txn = Transaction(
         txn_id="check",
@@ -255,13 +257,20 @@ async def run_check(
         mail_from=sender,
     )
     results: list[PolicyResult] = []
+    deciding: Reply | None = None
+    deciding_action = Action.ACCEPT
+
+    def decided(decision: StageDecision) -> None:
+        nonlocal deciding, deciding_action
+        if deciding is None and not decision.accepted and decision.reply is not None:
+            deciding, deciding_action = decision.reply, decision.action
+
     try:
         classification = classifier.from_envelope(txn)
         txn.message_class = forced_class or (classification.message_class if classification else None)
         decision = await pipeline.check_mail(txn)
         results.extend(decision.results)
-        if not decision.accepted:
-            return _check_result(decision, txn, results, {})
+        decided(decision)
         refused: dict[str, StageDecision] = {}
         for recipient in recipients:
             decision = await pipeline.check_rcpt(txn, recipient)
@@ -270,22 +279,47 @@ async def run_check(
                 txn.recipients.append(recipient)
             else:
                 refused[recipient] = decision
-        if not txn.recipients:
-            first = next(iter(refused.values()))
-            return _check_result(first, txn, results, refused)
+        for first in refused.values():
+            decided(first)
+            break
+        if not txn.recipients:  # still judge the message, for every problem at once
+            txn.recipients.extend(recipients)
         txn.message = message
         txn.size = len(content)
         final = classifier.from_message(txn, message)
         txn.message_class = forced_class or final.message_class
+        txn.class_note = final.note() if txn.message_class == final.message_class else ""
+        if final.refusal is not None and forced_class is None and deciding is None:
+            deciding, deciding_action = final.refusal, Action.REJECT
         decision = await pipeline.check_message(txn)
         results.extend(decision.results)
-        if not decision.accepted:
-            return _check_result(decision, txn, results, refused)
+        decided(decision)
+        txn.recipients[:] = [r for r in txn.recipients if r not in refused]
+        out: dict[str, Any] = {
+            "action": str(deciding_action),
+            "reply": deciding.line() if deciding else "250 2.0.0 Ok",
+            "class": txn.message_class,
+            "class_reason": final.as_dict() if forced_class is None else {"class": forced_class, "source": "--class"},
+            "sender": txn.mail_from,
+            "recipients": list(txn.recipients),
+            "policies": [r.as_dict() for r in results],
+            "problems": [
+                {
+                    "policy": r.policy,
+                    "stage": r.stage,
+                    "reply": r.reply.line(),
+                    **({"recipient": r.recipient} if r.recipient else {}),
+                }
+                for r in results
+                if r.action is not Action.ACCEPT and r.mode == "enforce" and r.reply is not None
+            ],
+        }
+        if final.refusal is not None and forced_class is None:
+            out["problems"].insert(0, {"policy": "classes", "stage": "message", "reply": final.refusal.line()})
         if refused:
-            return _check_result(next(iter(refused.values())), txn, results, refused)
-        out = _check_result(decision, txn, results, refused)
+            out["refused_recipients"] = {rcpt: d.reply.line() if d.reply else None for rcpt, d in refused.items()}
         additions = [f"{name}: {value}" for edit in decision.edits for name, value in edit.add]
-        if additions:
+        if additions and deciding is None:
             out["added_headers"] = additions
         return out
     finally:
@@ -300,20 +334,3 @@ def _sender_from_headers(message: ParsedMessage) -> str:
         if addresses:
             return addresses[0].addr_spec
     return ""
-
-
-def _check_result(
-    decision: StageDecision, txn: Transaction, results: list[PolicyResult], refused: dict[str, StageDecision]
-) -> dict[str, Any]:
-    action = decision.action
-    out: dict[str, Any] = {
-        "action": str(action),
-        "reply": decision.reply.line() if decision.reply else "250 2.0.0 Ok",
-        "class": txn.message_class,
-        "sender": txn.mail_from,
-        "recipients": list(txn.recipients),
-        "policies": [r.as_dict() for r in results],
-    }
-    if refused:
-        out["refused_recipients"] = {rcpt: d.reply.line() if d.reply else None for rcpt, d in refused.items()}
-    return out

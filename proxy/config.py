@@ -158,9 +158,53 @@ class Timeouts:
 @dataclass(frozen=True)
 class ClassHeader:
     name: str = doc("header that states the class; always removed before relaying", default="X-Sendguard-Class")
-    trusted_networks: tuple[IPNetwork, ...] = doc("clients whose header may say 'transactional'", default=())
     trusted_users: tuple[str, ...] = doc("AUTH users whose header may say 'transactional'", default=())
     trusted_listeners: tuple[str, ...] = doc("listeners whose clients may say 'transactional'", default=())
+    trusted_networks: tuple[IPNetwork, ...] = doc(
+        "no longer supported: a network address proves nothing about who wrote a message", default=()
+    )
+    declared_transactional: Literal["refuse", "commercial", "monitor", "believe"] = doc(
+        "a believed 'transactional' declaration (header or rule) on mail the detector finds clearly commercial: "
+        "refuse it (550), treat it as commercial, believe it but log and count (monitor), or believe it",
+        default="refuse",
+    )
+
+    def __post_init__(self) -> None:
+        if self.trusted_networks:
+            raise ValueError(
+                "trusted_networks: the class header is no longer believed from a network (any program on "
+                "it could skip the compliance checks); name the listeners (trusted_listeners) or AUTH "
+                "users (trusted_users) whose 'transactional' is believed"
+            )
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    mode: Literal["enforce", "monitor", "off"] = doc(
+        "enforce: the detector decides the class where no rule does; monitor: it only logs and counts "
+        "what it would decide (rules and default decide); off",
+        default="enforce",
+    )
+    commercial_at: float = doc("score from which a message is commercial", default=4.0)
+    grey_from: float = doc("score from which a message is in the grey zone (below commercial_at)", default=2.5)
+    grey_outcome: Literal["commercial", "transactional"] = doc(
+        "the class of grey-zone mail; when unsure, side with the law", default="commercial"
+    )
+    weights: dict[str, float] = doc("signal -> weight, replacing the shipped weight", default_factory=dict)
+    words_file: str | None = doc("a YAML file in the format of policies/commercial_words.yaml, added", default=None)
+    extra_words: dict[str, dict[str, tuple[str, ...]]] = doc(
+        "language -> word list -> entries, added to the shipped lists", default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        from policies.commercial import DEFAULT_WEIGHTS, load_word_lists
+
+        if self.grey_from > self.commercial_at:
+            raise ValueError(f"grey_from ({self.grey_from}) must not be above commercial_at ({self.commercial_at})")
+        unknown = sorted(set(self.weights) - set(DEFAULT_WEIGHTS))
+        if unknown:
+            raise ValueError(f"weights: unknown signal(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_WEIGHTS)}")
+        load_word_lists(self.words_file, self.extra_words)  # ValueError names the bad entry
 
 
 @dataclass(frozen=True)
@@ -198,9 +242,25 @@ class ClassRule:
 
 @dataclass(frozen=True)
 class ClassesConfig:
-    default: Literal["commercial", "transactional"] = doc("class when no rule matches", default="transactional")
+    default: Literal["commercial", "transactional"] | None = doc(
+        "class when no rule matches and the detector is off or in monitor mode (transactional when not given)",
+        default=None,
+    )
     header: ClassHeader = doc("the class header", default_factory=ClassHeader)
-    rules: tuple[ClassRule, ...] = doc("first matching rule wins", default=())
+    rules: tuple[ClassRule, ...] = doc("overrides for known cases; the first matching rule wins", default=())
+    detector: DetectorConfig = doc("the commercial-mail detector", default_factory=DetectorConfig)
+
+    def __post_init__(self) -> None:
+        if self.default is not None and self.detector.mode == "enforce":
+            raise ValueError(
+                "default: has no effect while the detector decides (detector.mode: enforce); give a rule "
+                "for the listeners, users or senders that are always commercial, or set detector.mode: "
+                "monitor or off"
+            )
+
+    @property
+    def fallback(self) -> str:
+        return self.default or "transactional"
 
 
 @dataclass(frozen=True)

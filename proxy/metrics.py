@@ -27,6 +27,23 @@ POLICY_ACTIONS = ("accept", "reject", "tempfail", "error")
 UPSTREAM_STAGES = ("connect", "mail", "rcpt", "data")
 UPSTREAM_CLASSES = ("2xx", "4xx", "5xx", "timeout", "disconnected", "error", "auth_failed")
 CLASSES_OR_UNKNOWN = (*MESSAGE_CLASSES, "unknown")
+#: Values of the ``decided_by`` label of sendguard_classifications_total (proxy/classify.py).
+DECIDED_BY = (
+    "header",
+    "rule",
+    "default",
+    "promotion",
+    "fundraising",
+    "ideological",
+    "outreach",
+    "bulk_mail",
+    "grey_zone",
+    "transactional",
+    "conversation",
+    "discussion_list",
+    "weak_signals",
+    "declared_but_commercial",
+)
 _PAUSE_SCOPES = ("class", "sender", "all")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -76,6 +93,33 @@ class Metrics:
             buckets=(1e3, 1e4, 5e4, 1e5, 5e5, 1e6, 5e6, 1e7, 2.5e7, 5e7),
             registry=r,
         )
+        self.classifications = Counter(
+            "sendguard_classifications_total",
+            "Final class of each message and what decided it (header, rule, default, the detector's "
+            "deciding signal group, the grey zone, a transactional declaration overruled)",
+            ["class", "decided_by"],
+            registry=r,
+        )
+        self.detector_verdicts = Counter(
+            "sendguard_detector_verdicts_total",
+            "Verdicts of the commercial-mail detector, by the detector's mode",
+            ["verdict", "mode"],
+            registry=r,
+        )
+        self.declared_transactional = Counter(
+            "sendguard_declared_transactional_total",
+            "Believed transactional declarations on mail the detector finds commercial, by what was done",
+            ["action"],
+            registry=r,
+        )
+        for message_class in MESSAGE_CLASSES:
+            for decided_by in DECIDED_BY:
+                self.classifications.labels(message_class, decided_by)
+        for verdict in ("commercial", "grey", "transactional"):
+            for mode in ("enforce", "monitor"):
+                self.detector_verdicts.labels(verdict, mode)
+        for action in ("refuse", "commercial", "monitor", "believe"):
+            self.declared_transactional.labels(action)
         self.policy_verdicts = Counter(
             "sendguard_policy_verdicts_total", "Policy decisions", ["policy", "action", "mode"], registry=r
         )

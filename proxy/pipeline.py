@@ -11,12 +11,15 @@ Rules the runner enforces so that no policy has to:
   the client;
 * ``monitor`` mode records and counts the decision and lets the mail pass; its header
   edits are not applied;
-* the first effective reject or tempfail ends the stage.
+* the first effective reject or tempfail ends the stage; in ``exhaustive`` mode (``sendguard
+  check``) every policy still runs, the first refusal decides and is marked ``decided``, so
+  that a sender sees every problem of a message in one round.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -45,6 +48,8 @@ class PolicyResult:
     recipient: str | None = None
     error: bool = False
     duration: float = 0.0
+    #: This result's refusal is the one the client gets (marked in exhaustive mode).
+    decided: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -62,6 +67,8 @@ class PolicyResult:
             out["evidence"] = dict(self.evidence)
         if self.error:
             out["error"] = True
+        if self.decided:
+            out["decided"] = True
         return out
 
 
@@ -102,9 +109,12 @@ class Pipeline:
         entries: tuple[PolicyEntry, ...],
         resources: Mapping[str, Any] | None = None,
         observer: PipelineObserver | None = None,
+        *,
+        exhaustive: bool = False,
     ) -> None:
         self.entries = entries
         self.observer = observer
+        self.exhaustive = exhaustive
         self.slots = [_Slot(e, e.policy_class(e.options, resources)) for e in entries]
 
     @property
@@ -207,7 +217,7 @@ class Pipeline:
             for result in decision.results[before:]:
                 if result.action is not Action.ACCEPT and result.mode == "enforce":
                     refused.append((recipient, result))
-        if not refused:
+        if not refused or not decision.accepted:
             return False
         temporary = all(r.action is Action.TEMPFAIL for _, r in refused)
         first = refused[0][1].reply
@@ -222,6 +232,10 @@ class Pipeline:
             assert reject is not None
             decision.action = Action.REJECT
             decision.reply = Reply(reject.code, reject.status, f"{reject.text} (recipients: {names}{more})")
+        if self.exhaustive:
+            first_index = decision.results.index(refused[0][1])
+            decision.results[first_index] = dataclasses.replace(refused[0][1], decided=True)
+            return False
         return True
 
     async def _record(
@@ -270,7 +284,7 @@ class Pipeline:
             action=verdict.action,
             mode=entry.mode,
             reason=verdict.reason,
-            reply=verdict.reply,
+            reply=_with_class_note(verdict.reply, slot, txn),
             evidence=verdict.evidence,
             recipient=recipient,
             error=error,
@@ -289,8 +303,27 @@ class Pipeline:
             if verdict.edit is not None:
                 decision.edits.append(verdict.edit)
             return False
-        if stop_on_refusal:
+        if stop_on_refusal and decision.accepted:
             decision.action = verdict.action
-            decision.reply = verdict.reply
+            decision.reply = result.reply
+            if self.exhaustive:
+                decision.results[-1] = dataclasses.replace(result, decided=True)
+                return False
             return True
         return False
+
+
+#: RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets with its code and CRLF.
+_REPLY_TEXT_LIMIT = 480
+
+
+def _with_class_note(reply: Reply | None, slot: _Slot, txn: Transaction) -> Reply | None:
+    """A refusal by a policy that applies to commercial mail only says why the message was
+    judged commercial, so the sender can fix the message or dispute the class."""
+    if reply is None or reply.is_success or not txn.class_note or "transactional" in slot.entry.classes:
+        return reply
+    room = _REPLY_TEXT_LIMIT - len(reply.text) - 3
+    if room < 40:
+        return reply
+    note = txn.class_note if len(txn.class_note) <= room else txn.class_note[: room - 3] + "..."
+    return Reply(reply.code, reply.status, f"{reply.text} ({note})")

@@ -134,7 +134,9 @@ class TxnState:
     results: list[PolicyResult] = field(default_factory=list)
     refused: dict[str, Reply] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
-    class_reason: str = ""
+    #: Why the transaction has its class: a short reason at MAIL time, the classifier's
+    #: explanation (score, signals, declaration) after DATA.
+    class_reason: str | dict[str, Any] = ""
     upstream_lost: bool = False
     relayed_options: list[str] = field(default_factory=list)
     #: Set when the message went out as one copy per recipient: each copy's outcome.
@@ -604,8 +606,7 @@ class RelayHandler:
         if reply.is_success:
             state.seen.add(key)
             txn.recipients.append(address)
-            envelope.rcpt_tos.append(address)
-            metrics.recipients.labels(txn.listener, klass, "accepted").inc()
+            envelope.rcpt_tos.append(address)  # counted in _end, under the class known by then
         else:
             state.refused[address] = reply
             metrics.recipients.labels(txn.listener, klass, "tempfailed" if reply.is_temporary else "rejected").inc()
@@ -673,8 +674,16 @@ class RelayHandler:
         except MessageRefused as refused:
             return refuse(refused.reply, refused.why)
         txn.message = message
-        classification = runtime.classifier.from_message(txn, message)
-        txn.message_class, state.class_reason = classification.message_class, classification.reason
+        if len(content) < _INLINE_PARSE_LIMIT:
+            classification = runtime.classifier.from_message(txn, message)
+        else:  # the detector reads the whole visible text: a thread, as for the parse
+            classification = await asyncio.to_thread(runtime.classifier.from_message, txn, message)
+        txn.message_class, txn.class_note = classification.message_class, classification.note()
+        state.class_reason = classification.as_dict()
+        classification.observe(metrics, runtime.settings.classes.detector.mode)
+        if classification.refusal is not None:
+            await state.upstream.abort()
+            return classification.refusal, None, "rejected"
         paused = await self._pause_refusal(state, "message")
         if paused is not None:
             await state.upstream.abort()
@@ -1006,6 +1015,8 @@ class RelayHandler:
         duration = time.monotonic() - state.started
         klass = txn.message_class or "unknown"
         self.services.metrics.messages.labels(txn.listener, klass, outcome).inc()
+        if txn.recipients:
+            self.services.metrics.recipients.labels(txn.listener, klass, "accepted").inc(len(txn.recipients))
         raw_ids = txn.message.raw_header_values("Message-ID") if txn.message is not None else []
         message_id = raw_ids[0].strip() if raw_ids else None
         entry: dict[str, Any] = {
