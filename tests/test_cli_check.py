@@ -99,7 +99,19 @@ def test_message_from_stdin_with_explicit_envelope_and_class() -> None:
     assert decision["action"] == "reject"
     assert decision["reply"].startswith("550 5.7.1 ")
     assert "unsubscribe" in decision["reply"].lower()
-    assert [p["policy"] for p in decision["policies"] if p["action"] == "reject"] == ["unsubscribe"]
+    # Every problem at once (the running proxy stops at the first): the missing link decided,
+    # and the missing consent of each recipient is reported too.
+    refusals = [
+        (p["policy"], p.get("recipient"), p.get("decided", False))
+        for p in decision["policies"]
+        if p["action"] == "reject"
+    ]
+    assert refusals == [
+        ("unsubscribe", None, True),
+        ("consent", "x@example.org", False),
+        ("consent", "y@example.org", False),
+    ]
+    assert [p["policy"] for p in decision["problems"]] == ["unsubscribe", "consent", "consent"]
 
 
 def test_smuggling_content_is_judged_like_the_proxy_does(tmp_path: Path) -> None:

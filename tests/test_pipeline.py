@@ -208,7 +208,10 @@ async def test_class_header_commercial_is_believed_transactional_only_from_trust
     proxy = await proxy_factory(
         upstream.address,
         {
-            "classes": {"default": "commercial", "header": {"trusted_networks": ["10.0.0.0/8"]}},
+            "classes": {
+                "rules": [{"class": "commercial", "listeners": ["local"]}],
+                "header": {"trusted_users": ["orders-app"]},
+            },
             "policies": [{"name": "test_no_vip"}],
         },
     )

@@ -406,7 +406,7 @@ async def test_rcpt_time_without_a_topic_header_decides_each_recipient(store: Co
     assert dave.reply is not None
     assert dave.reply.line() == (
         "550 5.7.1 <dave@example.org>: no recorded consent for commercial mail (topic newsletter, sender "
-        "shop.example); record consent first (sendguard consent add) or send it as transactional"
+        "shop.example); record the recipient's consent first, with its evidence (sendguard consent add or import)"
     )
     # After DATA, From is the same domain as the envelope: nothing more to say.
     t.recipients = ["bob@example.org", "carol@example.org"]
@@ -613,7 +613,7 @@ async def _started_proxy(
     monkeypatch.setitem(REGISTRY, "consent", ConsentPolicy)
     changes = {
         "stores": {"consent": {"backend": "sqlite", "path": str(tmp_path / "consent.db")}},
-        "classes": {"default": "commercial"},
+        "classes": {"rules": [{"class": "commercial", "listeners": ["local"]}]},
         "policies": [{"name": "consent", **policy}],
     }
     proxy = await proxy_factory(upstream.address, changes)

@@ -192,7 +192,7 @@ async def start_relay(
     config = config or make_config()
     changes: dict[str, Any] = {
         "stores": {"consent": {"backend": "sqlite", "path": str(tmp_path / "relay-consent.db")}},
-        "classes": {"default": "commercial"},
+        "classes": {"rules": [{"class": "commercial", "listeners": ["local"]}]},
         "policies": policies or [{"name": "required_headers"}, {"name": "consent"}, {"name": "list_unsubscribe"}],
         "unsubscribe": config_section(config),
         **(extra or {}),
