@@ -12,7 +12,7 @@ import aiosmtplib
 import pytest
 
 from policies.base import Reply, Transaction
-from proxy.backoff import Backoff, BackoffConfig, BackoffRule, ReplyMatch
+from proxy.reputation.backoff import Backoff, BackoffConfig, BackoffRule, ReplyMatch
 from proxy.schema import Rate
 from proxy.stores.limits import LimitStoreConfig
 from proxy.stores.pauses import MemoryPauseStore, Pause, RedisPauseStore

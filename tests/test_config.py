@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config, load_config_text
+from proxy.config.settings import ConfigError, load_config, load_config_text
 from proxy.schema import Duration, Rate, Size, parse_duration, parse_rate, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """``sendguard consent``: the commands against SQLite and the real PostgreSQL, from a config file.
 
 The commands are run in-process (``run_consent``) with their output captured, and once as
-``python -m proxy.consent_cli`` in a subprocess, as an operator would.
+``python -m proxy.cli.consent`` in a subprocess, as an operator would.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.consent_cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STORE_DOWN, build_parser, run_consent
+from proxy.cli.consent import EXIT_BAD_INPUT, EXIT_OK, EXIT_STORE_DOWN, build_parser, run_consent
 from proxy.stores.consent import ConsentStoreConfig, open_consent_store
 from tests.stores.test_consent_store import closed_port
 
@@ -258,7 +258,7 @@ async def test_runs_as_a_module(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"path": str(tmp_path / "consent.db")})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.consent_cli", "add", "zoe@example.org", "--topic", "news", "--method", "api",
+        sys.executable, "-m", "proxy.cli.consent", "add", "zoe@example.org", "--topic", "news", "--method", "api",
         "--config", str(config), cwd=str(ROOT), env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -26,8 +26,8 @@ import yaml
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from proxy import dns_cli
-from proxy.dkim import (
+from proxy.cli import dns as dns_cli
+from proxy.reputation.dkim import (
     DKIMConfig,
     DKIMKeyConfig,
     DKIMKeyError,

@@ -14,9 +14,16 @@ import dns.rcode
 import pytest
 import yaml
 
-from proxy import dns_cli
-from proxy.dkim import DKIMConfig, DKIMKeyConfig, Signer, dns_txt_strings, generate_private_key, write_private_key
-from proxy.dnscheck import (
+from proxy.cli import dns as dns_cli
+from proxy.reputation.dkim import (
+    DKIMConfig,
+    DKIMKeyConfig,
+    Signer,
+    dns_txt_strings,
+    generate_private_key,
+    write_private_key,
+)
+from proxy.reputation.dnscheck import (
     BlocklistConfig,
     BlocklistWatcher,
     BlocklistZone,

@@ -15,7 +15,7 @@ import pytest
 
 import policies
 from policies.base import MessageEdit, Policy, Transaction, Verdict
-from proxy.dkim import generate_private_key, write_private_key
+from proxy.reputation.dkim import generate_private_key, write_private_key
 from tests.conftest import Proxy, message
 from tests.dnsserver import DNSServer
 from tests.fakes import FakeUpstream

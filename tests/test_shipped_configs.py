@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import load_config
+from proxy.config.settings import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(

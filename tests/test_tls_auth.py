@@ -10,7 +10,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from proxy.auth import add_user
+from proxy.smtp.auth import add_user
 from tests.conftest import Proxy, RawClient, TLSFiles, message, submit
 from tests.fakes import FakeUpstream
 

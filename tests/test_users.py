@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.auth import UserStore, add_user, hash_password, verify_password
+from proxy.smtp.auth import UserStore, add_user, hash_password, verify_password
 from tests.conftest import ROOT
 
 

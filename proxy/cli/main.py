@@ -18,16 +18,17 @@ from typing import Any
 
 from policies.base import Transaction
 from policies.message import ParsedMessage
-from proxy import __version__, dns_cli
-from proxy.auth import add_user
-from proxy.classify import Classifier
-from proxy.config import ConfigError, Settings, load_config, parse_upstream_address
-from proxy.consent_cli import add_consent_parser, run_consent_command
-from proxy.intake import MessageRefused, prepare_message
-from proxy.limits_cli import add_limits_parser, run_limits
-from proxy.logsetup import configure_logging, stop_logging
-from proxy.pipeline import Pipeline, PolicyResult, StageDecision
+from proxy import __version__
+from proxy.cli import dns as dns_cli
+from proxy.cli.consent import add_consent_parser, run_consent_command
+from proxy.cli.limits import add_limits_parser, run_limits
+from proxy.config.settings import ConfigError, Settings, load_config, parse_upstream_address
+from proxy.observability.logsetup import configure_logging, stop_logging
+from proxy.relay.classify import Classifier
+from proxy.relay.intake import MessageRefused, prepare_message
+from proxy.relay.pipeline import Pipeline, PolicyResult, StageDecision
 from proxy.schema import parse_hostport
+from proxy.smtp.auth import add_user
 from proxy.stores.consent import ConsentStoreError, open_consent_store
 from proxy.unsubscribe import add_unsubscribe_parser, run_unsubscribe_command
 

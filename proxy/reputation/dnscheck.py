@@ -67,7 +67,7 @@ import dns.resolver
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from proxy.dkim import KeyExpectation, public_key_record
+from proxy.reputation.dkim import KeyExpectation, public_key_record
 from proxy.schema import Duration, doc
 
 __all__ = (

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from policies.base import Transaction
 from policies.message import ParsedMessage
-from proxy.config import ClassesConfig, ClassRule
+from proxy.config.settings import ClassesConfig, ClassRule
 
 __all__ = ("Classification", "Classifier")
 

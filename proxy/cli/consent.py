@@ -5,7 +5,7 @@ Every command opens the store named by ``stores.consent`` in the config file (SQ
 the config's ``consent`` policy, so it answers as the proxy would.
 
 Exit codes: 0 done, 2 bad input or config (nothing was written), 3 the store is unreachable.
-Runnable alone as ``python -m proxy.consent_cli --help``.
+Runnable alone as ``python -m proxy.cli.consent --help``.
 """
 
 from __future__ import annotations
@@ -478,7 +478,7 @@ def _describe(event: ConsentEvent) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m proxy.consent_cli SUBCOMMAND ...``: the same as ``sendguard consent SUBCOMMAND ...``."""
+    """``python -m proxy.cli.consent SUBCOMMAND ...``: the same as ``sendguard consent SUBCOMMAND ...``."""
     args = build_parser().parse_args(["consent", *(sys.argv[1:] if argv is None else argv)])
     return run_consent_command(args)
 

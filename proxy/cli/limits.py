@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
 from policies.ratelimit import LimitSpec, RateLimitPolicy, RateSpec, human_wait, normalize_domain
-from proxy.config import Settings
+from proxy.config.settings import Settings
 from proxy.stores.limits import (
     BucketState,
     LimitStore,

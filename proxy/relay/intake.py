@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from policies.base import Reply
 from policies.message import MessageParseError, ParsedMessage
-from proxy import rawmsg
 from proxy import replies as R
-from proxy.config import MessageLimits
+from proxy.config.settings import MessageLimits
+from proxy.relay import rawmsg
 
 __all__ = ("MessageRefused", "prepare_message")
 

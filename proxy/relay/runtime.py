@@ -18,20 +18,20 @@ from typing import Any
 
 import dns.asyncresolver
 
-from proxy.auth import AuthFailureTracker, UserStore
-from proxy.backoff import Backoff
-from proxy.bounces import Bounces
-from proxy.classify import Classifier
-from proxy.config import ListenerConfig, Settings
-from proxy.dkim import Signer
-from proxy.logsetup import AuditLog
-from proxy.metrics import Metrics
-from proxy.pipeline import Pipeline
+from proxy.config.settings import ListenerConfig, Settings
+from proxy.observability.logsetup import AuditLog
+from proxy.observability.metrics import Metrics
+from proxy.relay.classify import Classifier
+from proxy.relay.pipeline import Pipeline
+from proxy.relay.upstream import MaildirUpstream, SmtpUpstream
+from proxy.reputation.backoff import Backoff
+from proxy.reputation.bounces import Bounces
+from proxy.reputation.dkim import Signer
 from proxy.schema import address_in
+from proxy.smtp.auth import AuthFailureTracker, UserStore
 from proxy.stores.consent import ConsentStore
 from proxy.stores.limits import LimitStore
 from proxy.stores.pauses import PauseStore
-from proxy.upstream import MaildirUpstream, SmtpUpstream
 
 __all__ = ("ListenerState", "Runtime", "Services", "build_server_tls_context")
 

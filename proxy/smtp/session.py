@@ -24,17 +24,17 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from policies.base import Action, Outcome, Reply, Transaction
-from proxy import rawmsg
 from proxy import replies as R
-from proxy.backoff import sender_domains
-from proxy.dkim import DKIMSignError
-from proxy.dsn import build_dsn
-from proxy.footer import NoReadablePart, append_footer
-from proxy.intake import MessageRefused, prepare_message
-from proxy.pipeline import PolicyResult, StageDecision
-from proxy.runtime import ListenerState, Runtime, Services
+from proxy.relay import rawmsg
+from proxy.relay.dsn import build_dsn
+from proxy.relay.intake import MessageRefused, prepare_message
+from proxy.relay.pipeline import PolicyResult, StageDecision
+from proxy.relay.runtime import ListenerState, Runtime, Services
+from proxy.relay.upstream import UpstreamSession, UpstreamUnavailable
+from proxy.reputation.backoff import sender_domains
+from proxy.reputation.dkim import DKIMSignError
 from proxy.schema import address_in
-from proxy.upstream import UpstreamSession, UpstreamUnavailable
+from proxy.unsubscribe.footer import NoReadablePart, append_footer
 
 __all__ = ("AppHandle", "RelayHandler", "SendguardSMTP")
 

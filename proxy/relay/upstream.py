@@ -29,7 +29,7 @@ from typing import Protocol
 import aiosmtplib
 
 from policies.base import Reply
-from proxy.config import UpstreamConfig
+from proxy.config.settings import UpstreamConfig
 from proxy.replies import r451_internal, r451_upstream_busy, r451_upstream_lost, r451_upstream_unavailable
 
 __all__ = (

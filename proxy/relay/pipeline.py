@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from policies.base import MESSAGE_CLASSES, Action, MessageEdit, Outcome, Policy, Reply, Transaction, Verdict
-from proxy.config import PolicyEntry
+from proxy.config.settings import PolicyEntry
 from proxy.replies import r451_policy_error
 
 __all__ = ("Pipeline", "PipelineObserver", "PolicyResult", "StageDecision")

@@ -23,10 +23,10 @@ import yaml
 
 from policies import REGISTRY
 from policies.base import MESSAGE_CLASSES, Policy
-from proxy.backoff import BackoffConfig
-from proxy.bounces import BounceConfig
-from proxy.dkim import DKIMConfig, dkim_config_problems
-from proxy.dnscheck import DNSConfig
+from proxy.reputation.backoff import BackoffConfig
+from proxy.reputation.bounces import BounceConfig
+from proxy.reputation.dkim import DKIMConfig, dkim_config_problems
+from proxy.reputation.dnscheck import DNSConfig
 from proxy.schema import (
     INVALID,
     ConfigError,

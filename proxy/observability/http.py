@@ -8,7 +8,7 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.metrics import Metrics
+from proxy.observability.metrics import Metrics
 
 __all__ = ("HealthSource", "build_http_app")
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from policies.base import Reply, Transaction
-from proxy.metrics import Metrics
+from proxy.observability.metrics import Metrics
 from proxy.schema import Duration, doc
 from proxy.stores.consent import SUPPRESSED, ConsentStore, new_event
 from proxy.stores.pauses import Pause, PauseStore

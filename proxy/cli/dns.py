@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import dns.resolver
 import yaml
 
-from proxy.dkim import (
+from proxy.reputation.dkim import (
     RECOMMENDED_RSA_BITS,
     Algorithm,
     DKIMConfig,
@@ -40,7 +40,7 @@ from proxy.dkim import (
     load_key,
     write_private_key,
 )
-from proxy.dnscheck import DNSConfig, OrgDomains, ResolverConfig, build_resolver, preflight, render_report
+from proxy.reputation.dnscheck import DNSConfig, OrgDomains, ResolverConfig, build_resolver, preflight, render_report
 from proxy.schema import ConfigError, ConfigIssue, Converter, Duration, compose, is_invalid
 
 __all__ = ("add_commands", "build_parser", "main", "read_section", "run")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from policies.base import Reply, Transaction
-from proxy.metrics import Metrics
+from proxy.observability.metrics import Metrics
 from proxy.schema import Duration, Rate, doc
 from proxy.stores.pauses import Pause, PauseStore
 
