@@ -23,7 +23,7 @@ from proxy.observability.logsetup import AuditLog
 from proxy.observability.metrics import Metrics
 from proxy.relay.classify import Classifier
 from proxy.relay.pipeline import Pipeline
-from proxy.relay.runtime import ListenerState, Runtime, Services
+from proxy.relay.runtime import Runtime
 from proxy.relay.upstream import build_upstream
 from proxy.replies import R421_SHUTTING_DOWN
 from proxy.reputation.backoff import Backoff
@@ -31,7 +31,9 @@ from proxy.reputation.bounces import Bounces
 from proxy.reputation.dkim import Signer
 from proxy.reputation.dnscheck import BlocklistWatcher, build_resolver
 from proxy.smtp.auth import UserStore
-from proxy.smtp.session import RelayHandler, SendguardSMTP
+from proxy.smtp.commands import RelayHandler
+from proxy.smtp.listener import ListenerState, Services
+from proxy.smtp.session import SendguardSMTP
 from proxy.stores.consent import NO_SOFT_OPT_IN, ConsentStore, SoftOptInRules, open_consent_store
 from proxy.stores.limits import open_limit_store
 from proxy.stores.pauses import Pause, open_pause_store

@@ -224,7 +224,7 @@ async def test_an_internal_error_is_451_never_500(
     def broken(content: bytes, limits: object) -> None:
         raise ZeroDivisionError("bug")
 
-    monkeypatch.setattr("proxy.smtp.session.prepare_message", broken)  # inject a bug in the product's own code
+    monkeypatch.setattr("proxy.relay.delivery.prepare_message", broken)  # inject a bug in the product's own code
     client = await RawClient.connect(proxy.port)
     await client.cmd("EHLO client.test")
     await client.cmd("MAIL FROM:<a@example.com>")
