@@ -8,7 +8,7 @@ import pytest
 
 from proxy.config.settings import load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(
     [
         ROOT / "config" / "sendguard.yaml",

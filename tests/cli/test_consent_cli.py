@@ -22,7 +22,7 @@ from proxy.cli.consent import EXIT_BAD_INPUT, EXIT_OK, EXIT_STORE_DOWN, build_pa
 from proxy.stores.consent import ConsentStoreConfig, open_consent_store
 from tests.stores.test_consent_store import closed_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
 
 

@@ -12,7 +12,7 @@ import pytest
 from proxy.config.settings import ConfigError, load_config, load_config_text
 from proxy.schema import Duration, Rate, Size, parse_duration, parse_rate, parse_size
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GOOD = """
 listeners:
   - name: local
