@@ -27,9 +27,10 @@ from proxy.relay.runtime import Runtime
 from proxy.relay.upstream import build_upstream
 from proxy.replies import R421_SHUTTING_DOWN
 from proxy.reputation.backoff import Backoff
+from proxy.reputation.blocklists import BlocklistWatcher
 from proxy.reputation.bounces import Bounces
 from proxy.reputation.dkim import Signer
-from proxy.reputation.dnscheck import BlocklistWatcher, build_resolver
+from proxy.reputation.resolver import build_resolver
 from proxy.smtp.auth import UserStore
 from proxy.smtp.commands import RelayHandler
 from proxy.smtp.listener import ListenerState, Services

@@ -40,7 +40,8 @@ from proxy.reputation.dkim import (
     load_key,
     write_private_key,
 )
-from proxy.reputation.dnscheck import DNSConfig, OrgDomains, ResolverConfig, build_resolver, preflight, render_report
+from proxy.reputation.preflight import OrgDomains, preflight, render_report
+from proxy.reputation.resolver import DNSConfig, ResolverConfig, build_resolver
 from proxy.schema import ConfigError, ConfigIssue, Converter, Duration, compose, is_invalid
 
 __all__ = ("add_commands", "build_parser", "main", "read_section", "run")

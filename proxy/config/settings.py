@@ -26,7 +26,7 @@ from policies.base import MESSAGE_CLASSES, Policy
 from proxy.reputation.backoff import BackoffConfig
 from proxy.reputation.bounces import BounceConfig
 from proxy.reputation.dkim import DKIMConfig, dkim_config_problems
-from proxy.reputation.dnscheck import DNSConfig
+from proxy.reputation.resolver import DNSConfig
 from proxy.schema import (
     INVALID,
     ConfigError,

@@ -27,7 +27,7 @@ from proxy.reputation.dkim import (
     generate_private_key,
     write_private_key,
 )
-from proxy.reputation.dnscheck import ResolverConfig, build_resolver
+from proxy.reputation.resolver import ResolverConfig, build_resolver
 from proxy.schema import Converter, Duration
 from tests.dnsserver import DNSServer
 

@@ -28,7 +28,7 @@ from proxy.relay.upstream import build_upstream
 from proxy.reputation.backoff import Backoff
 from proxy.reputation.bounces import Bounces
 from proxy.reputation.dkim import Signer
-from proxy.reputation.dnscheck import build_resolver
+from proxy.reputation.resolver import build_resolver
 from proxy.smtp.auth import UserStore
 from proxy.smtp.listener import Services
 from proxy.stores.limits import MemoryLimitStore

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from proxy.cli import dns as dns_cli
+from proxy.reputation.blocklists import BlocklistWatcher, Listing, blocklist_query_name, interpret_blocklist_answer
 from proxy.reputation.dkim import (
     DKIMConfig,
     DKIMKeyConfig,
@@ -23,21 +24,9 @@ from proxy.reputation.dkim import (
     generate_private_key,
     write_private_key,
 )
-from proxy.reputation.dnscheck import (
-    BlocklistConfig,
-    BlocklistWatcher,
-    BlocklistZone,
-    DNSConfig,
-    Listing,
-    OrgDomains,
-    ResolverConfig,
-    blocklist_query_name,
-    build_resolver,
-    interpret_blocklist_answer,
-    preflight,
-    render_report,
-    spf_check,
-)
+from proxy.reputation.preflight import OrgDomains, preflight, render_report
+from proxy.reputation.resolver import BlocklistConfig, BlocklistZone, DNSConfig, ResolverConfig, build_resolver
+from proxy.reputation.spf import spf_check
 from proxy.schema import Converter, Duration, compose
 from tests.dnsserver import DNSServer, Zone
 
