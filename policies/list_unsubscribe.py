@@ -74,7 +74,7 @@ def footer_edit(service: Any, txn: Transaction, topic: str) -> MessageEdit | Non
 
     Blocking (it walks the message's MIME structure): call it from a thread.
     """
-    from proxy.footer import readable_part_count
+    from proxy.unsubscribe.footer import readable_part_count
 
     if txn.message is None or readable_part_count(txn.message.raw) == 0:
         return None

@@ -3,7 +3,7 @@
 Gmail, Yahoo and Outlook.com require of bulk senders SPF and DKIM, a DMARC record and a
 From domain aligned with one of them (field anchors 1c); they say so only after the fact,
 with 4.7.27/4.7.30/4.7.32 deferrals and spam-foldering. This policy runs the same checks
-before sending (``proxy.dnscheck.preflight``) and refuses with ``550 5.7.1`` naming the
+before sending (``proxy.reputation.preflight.preflight``) and refuses with ``550 5.7.1`` naming the
 failed item and how to fix it.
 
 Costs nothing per message after the first: a report is cached per (From domain,
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from policies.base import Policy, PolicyError, Transaction, Verdict
-from proxy.dkim import KeyExpectation
-from proxy.dnscheck import DomainReport, OrgDomains, preflight
+from proxy.reputation.dkim import KeyExpectation
+from proxy.reputation.preflight import DomainReport, OrgDomains, preflight
 from proxy.schema import Duration, doc
 
 __all__ = ("SenderDomainPolicy",)

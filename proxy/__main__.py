@@ -1,5 +1,5 @@
 """``python -m proxy`` is the ``sendguard`` command."""
 
-from proxy.cli import main
+from proxy.cli.main import main
 
 raise SystemExit(main())

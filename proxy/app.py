@@ -17,26 +17,29 @@ from aiohttp import web
 
 from policies.base import MESSAGE_CLASSES
 from proxy import __version__
-from proxy.auth import UserStore
-from proxy.backoff import Backoff
-from proxy.bounces import Bounces
-from proxy.classify import Classifier
-from proxy.config import ConfigError, ListenerConfig, Settings, load_config
-from proxy.dkim import Signer
-from proxy.dnscheck import BlocklistWatcher, build_resolver
-from proxy.http import build_http_app
-from proxy.logsetup import AuditLog
-from proxy.metrics import Metrics
-from proxy.pipeline import Pipeline
+from proxy.config.settings import ConfigError, ListenerConfig, Settings, load_config
+from proxy.observability.http import build_http_app
+from proxy.observability.logsetup import AuditLog
+from proxy.observability.metrics import Metrics
+from proxy.relay.classify import Classifier
+from proxy.relay.pipeline import Pipeline
+from proxy.relay.runtime import Runtime
+from proxy.relay.upstream import build_upstream
 from proxy.replies import R421_SHUTTING_DOWN
-from proxy.runtime import ListenerState, Runtime, Services
-from proxy.smtp import RelayHandler, SendguardSMTP
+from proxy.reputation.backoff import Backoff
+from proxy.reputation.blocklists import BlocklistWatcher
+from proxy.reputation.bounces import Bounces
+from proxy.reputation.dkim import Signer
+from proxy.reputation.resolver import build_resolver
+from proxy.smtp.auth import UserStore
+from proxy.smtp.commands import RelayHandler
+from proxy.smtp.listener import ListenerState, Services
+from proxy.smtp.session import SendguardSMTP
 from proxy.stores.consent import NO_SOFT_OPT_IN, ConsentStore, SoftOptInRules, open_consent_store
 from proxy.stores.limits import open_limit_store
 from proxy.stores.pauses import Pause, open_pause_store
 from proxy.unsubscribe import UnsubscribeService
 from proxy.unsubscribe.web import UnsubscribeServers
-from proxy.upstream import build_upstream
 
 __all__ = ("App", "serve")
 

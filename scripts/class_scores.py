@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from policies.commercial import CommercialDetector  # noqa: E402
 from policies.message import ParsedMessage  # noqa: E402
-from proxy import rawmsg  # noqa: E402
+from proxy.relay import rawmsg  # noqa: E402
 
 CORPUS_LABELS = {"newsletter": "commercial", "personal": "transactional", "transactional": "transactional",
                  "mailing-list": "transactional"}  # fmt: skip

@@ -23,7 +23,7 @@ from pathlib import Path
 from policies.message import ParsedMessage
 from policies.recipients import count_visible_recipients
 from policies.unsubscribe import find_unsubscribe_links, inspect_list_unsubscribe, load_vocabulary
-from proxy import rawmsg
+from proxy.relay import rawmsg
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = ROOT / "tests" / "corpus"

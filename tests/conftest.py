@@ -20,7 +20,7 @@ import trustme
 import yaml
 
 from proxy.app import App
-from proxy.config import load_config
+from proxy.config.settings import load_config
 from tests.fakes import FakeUpstream, LenientUpstream
 from tests.services import postgres_target, redis_target  # noqa: F401 - fixtures for every test module
 

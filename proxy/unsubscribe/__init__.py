@@ -46,7 +46,6 @@ from typing import Any, ClassVar, Literal
 
 from prometheus_client import CollectorRegistry, Counter
 
-from proxy.footer import footer_for
 from proxy.schema import Duration, HostPort, IPNetwork, Rate, Size, doc
 from proxy.stores.consent import (
     ADDRESS,
@@ -68,6 +67,7 @@ from proxy.stores.consent import (
     normalize_topic,
     parse_subject,
 )
+from proxy.unsubscribe.footer import footer_for
 from proxy.unsubscribe.tokens import (
     TokenCodec,
     TokenError,
@@ -458,7 +458,7 @@ class UnsubscribeService:
         rules: SoftOptInRules = NO_SOFT_OPT_IN,
     ) -> None:
         self._consent = consent
-        self.audit = audit  # proxy.logsetup.AuditLog (anything with .write(dict))
+        self.audit = audit  # proxy.observability.logsetup.AuditLog (anything with .write(dict))
         self.metrics = UnsubscribeMetrics.for_registry(registry or CollectorRegistry())
         self.rules = rules
         self.config = config

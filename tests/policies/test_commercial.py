@@ -33,9 +33,9 @@ from policies.commercial import (
     load_word_lists,
 )
 from policies.message import ParsedMessage
-from proxy import rawmsg
-from proxy.classify import Classifier
-from proxy.config import ConfigError, load_config_text
+from proxy.config.settings import ConfigError, load_config_text
+from proxy.relay import rawmsg
+from proxy.relay.classify import Classifier
 
 TESTS = Path(__file__).resolve().parent.parent
 CORPUS = TESTS / "corpus"

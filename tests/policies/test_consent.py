@@ -22,8 +22,8 @@ from policies import REGISTRY
 from policies.base import Action, Transaction, Verdict
 from policies.consent import ConsentPolicy
 from policies.message import ParsedMessage
-from proxy.config import ConfigError, PolicyEntry, load_config_text
-from proxy.pipeline import Pipeline
+from proxy.config.settings import ConfigError, PolicyEntry, load_config_text
+from proxy.relay.pipeline import Pipeline
 from proxy.schema import Converter, Duration
 from proxy.stores.consent import ConsentEvent, ConsentStore, ConsentStoreConfig, new_event, open_consent_store
 from tests.stores.test_consent_store import closed_port
@@ -602,8 +602,8 @@ def test_config_mistakes_are_reported(monkeypatch: pytest.MonkeyPatch, extra: st
 async def _started_proxy(
     proxy_factory: Any, upstream: Any, tmp_path: Path, policy: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> Any:
-    from proxy.config import StoresConfig
-    from proxy.runtime import Runtime
+    from proxy.config.settings import StoresConfig
+    from proxy.relay.runtime import Runtime
 
     wired = {f.name for f in dataclasses.fields(StoresConfig)} >= {"consent"} and "consent" in {
         f.name for f in dataclasses.fields(Runtime)

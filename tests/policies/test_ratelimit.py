@@ -22,8 +22,8 @@ import policies
 from policies.base import Action, Outcome, Transaction, Verdict
 from policies.message import ParsedMessage
 from policies.ratelimit import MXRollup, RateLimitPolicy, human_wait, parse_rate_spec
-from proxy.config import ConfigError, PolicyEntry, load_config_text
-from proxy.pipeline import Pipeline
+from proxy.config.settings import ConfigError, PolicyEntry, load_config_text
+from proxy.relay.pipeline import Pipeline
 from proxy.schema import Converter, Duration
 from proxy.stores.limits import LimitStore, MemoryLimitStore
 from proxy.stores.limits_redis import RedisLimitStore

@@ -12,8 +12,8 @@ import pytest
 from policies.base import Action, Transaction
 from policies.message import ParsedMessage
 from policies.recipients import VisibleRecipientsPolicy, count_visible_recipients
-from proxy import rawmsg
-from proxy.config import ConfigError, load_config_text
+from proxy.config.settings import ConfigError, load_config_text
+from proxy.relay import rawmsg
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"
 MANIFEST = list(
@@ -285,7 +285,7 @@ def test_config_loader_refuses_bad_options(options: str, message: str) -> None:
 
 @pytest.mark.usefixtures("registered")
 async def test_pipeline_runs_the_policy_for_both_classes() -> None:
-    from proxy.pipeline import Pipeline
+    from proxy.relay.pipeline import Pipeline
 
     settings = load_config_text(
         CONFIG.format(options="    max_visible_by_class: {commercial: 2}\n    remedy: reject\n")

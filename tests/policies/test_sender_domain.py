@@ -17,10 +17,17 @@ import yaml
 from policies.base import MESSAGE_CLASSES, Action, PolicyError, Transaction
 from policies.message import ParsedMessage
 from policies.sender_domain import SenderDomainPolicy
-from proxy.config import PolicyEntry
-from proxy.dkim import DKIMConfig, DKIMKeyConfig, Signer, dns_txt_strings, generate_private_key, write_private_key
-from proxy.dnscheck import ResolverConfig, build_resolver
-from proxy.pipeline import Pipeline
+from proxy.config.settings import PolicyEntry
+from proxy.relay.pipeline import Pipeline
+from proxy.reputation.dkim import (
+    DKIMConfig,
+    DKIMKeyConfig,
+    Signer,
+    dns_txt_strings,
+    generate_private_key,
+    write_private_key,
+)
+from proxy.reputation.resolver import ResolverConfig, build_resolver
 from proxy.schema import Converter, Duration
 from tests.dnsserver import DNSServer
 

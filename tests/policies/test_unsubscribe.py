@@ -21,8 +21,8 @@ from policies.unsubscribe import (
     inspect_list_unsubscribe,
     load_vocabulary,
 )
-from proxy import rawmsg
-from proxy.config import ConfigError, load_config_text
+from proxy.config.settings import ConfigError, load_config_text
+from proxy.relay import rawmsg
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"
 MANIFEST = list(
@@ -713,7 +713,7 @@ def test_config_loader_refuses_bad_options(options: str, message: str) -> None:
 
 @pytest.mark.usefixtures("registered")
 async def test_pipeline_runs_the_policy_for_commercial_mail_only() -> None:
-    from proxy.pipeline import Pipeline
+    from proxy.relay.pipeline import Pipeline
 
     pipeline = Pipeline(load_config_text(CONFIG.format(options="    language: en\n")).policies)
     decision = await pipeline.check_message(transaction(WITHOUT_LINK, "commercial"))

@@ -23,8 +23,8 @@ import yaml
 
 import policies
 from policies.ratelimit import RateLimitPolicy
-from proxy.config import Settings, load_config_text
-from proxy.limits_cli import add_limits_parser, show_limits
+from proxy.cli.limits import add_limits_parser, show_limits
+from proxy.config.settings import Settings, load_config_text
 from proxy.schema import Converter
 from proxy.stores.limits import (
     NEVER,

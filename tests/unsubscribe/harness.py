@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.logsetup import AuditLog
+from proxy.observability.logsetup import AuditLog
 from proxy.schema import HostPort, Rate
 from proxy.stores.consent import ConsentStore
 from proxy.stores.consent_sqlite import SQLiteConsentStore

@@ -15,7 +15,7 @@ import aiosmtplib
 import dkim
 import pytest
 
-from proxy.dkim import generate_private_key, write_private_key
+from proxy.reputation.dkim import generate_private_key, write_private_key
 from proxy.stores.consent import OPTED_IN, OPTED_OUT, new_event
 from tests.conftest import Proxy, message
 from tests.fakes import FakeUpstream

@@ -14,7 +14,7 @@ import pytest
 
 from policies.message import ParsedMessage
 from policies.unsubscribe import UnsubscribePolicy
-from proxy.footer import FOOTER_TEXTS, NoReadablePart, append_footer, footer_for, readable_part_count
+from proxy.unsubscribe.footer import FOOTER_TEXTS, NoReadablePart, append_footer, footer_for, readable_part_count
 from tests.conftest import CORPUS
 
 URL = "https://unsubscribe.shop.example/u/AbC-123_xyz"

@@ -11,8 +11,8 @@ import policies
 from policies.base import Action, PolicyError, Transaction
 from policies.list_unsubscribe import ListUnsubscribePolicy
 from policies.message import ParsedMessage
-from proxy import rawmsg
-from proxy.config import load_config_text
+from proxy.config.settings import load_config_text
+from proxy.relay import rawmsg
 from proxy.schema import ConfigError
 from proxy.unsubscribe import UnsubscribeService
 from tests.unsubscribe.harness import BASE_URL, config_section, make_config
@@ -206,7 +206,7 @@ def test_the_policy_needs_the_unsubscribe_section(monkeypatch: pytest.MonkeyPatc
 
 def test_footer_edit_gives_each_recipient_its_own_link() -> None:
     from policies.list_unsubscribe import footer_edit
-    from proxy.footer import append_footer
+    from proxy.unsubscribe.footer import append_footer
 
     unsubscribe = service()
     transaction = txn(recipients=["ann@example.org", "postmaster", "ben@example.org"])

@@ -8,10 +8,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.auth import AuthFailureTracker
-from proxy.config import ConfigError, load_config_text
-from proxy.footer import append_footer
+from proxy.config.settings import ConfigError, load_config_text
+from proxy.smtp.auth import AuthFailureTracker
 from proxy.stores.consent import OPTED_IN, OPTED_OUT, new_event
+from proxy.unsubscribe.footer import append_footer
 from tests.unsubscribe.harness import Running, open_store
 
 

@@ -1,0 +1,1 @@
+"""The ``sendguard`` command: one module per command group."""

@@ -1,0 +1,337 @@
+"""The ``sendguard`` command.
+
+Exit codes: 0 success (or: the message would be accepted), 1 the message would be refused
+or deferred, 2 bad input or bad config (os.EX_USAGE-like), 3 could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from policies.base import Action, Reply, Transaction
+from policies.message import ParsedMessage
+from proxy import __version__
+from proxy.cli import dns as dns_cli
+from proxy.cli.consent import add_consent_parser, run_consent_command
+from proxy.cli.limits import add_limits_parser, run_limits
+from proxy.config.settings import ConfigError, Settings, load_config, parse_upstream_address
+from proxy.observability.logsetup import configure_logging, stop_logging
+from proxy.relay.classify import Classifier
+from proxy.relay.intake import MessageRefused, prepare_message
+from proxy.relay.pipeline import Pipeline, PolicyResult, StageDecision
+from proxy.schema import parse_hostport
+from proxy.smtp.auth import add_user
+from proxy.stores.consent import ConsentStoreError, open_consent_store
+from proxy.unsubscribe import add_unsubscribe_parser, run_unsubscribe_command
+
+__all__ = ("main",)
+
+EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_START_FAILED = 0, 1, 2, 3
+
+
+def _hostport(text: str) -> str:
+    try:
+        parse_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _upstream(text: str) -> str:
+    try:
+        return parse_upstream_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sendguard", description="Outbound SMTP filtering proxy.")
+    parser.add_argument("--version", action="version", version=f"sendguard {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", required=True, help="YAML config file")
+    serve.add_argument("--listen", type=_hostport, help="HOST:PORT for the first listener")
+    serve.add_argument("--upstream", type=_upstream, help="HOST:PORT of the upstream MTA, or maildir:PATH")
+    serve.add_argument("--http", type=_hostport, help="HOST:PORT for /metrics, /healthz, /readyz")
+
+    check = commands.add_parser("check", help="run the policies on a message offline; print the decision as JSON")
+    check.add_argument("--config", required=True, help="YAML config file")
+    check.add_argument("--from", dest="sender", help="envelope sender (default: from the headers)")
+    check.add_argument(
+        "--to", dest="recipients", action="append", help="envelope recipient, repeatable (default: To, Cc and Bcc)"
+    )
+    check.add_argument(
+        "--class", dest="message_class", choices=("commercial", "transactional"), help="force the message class"
+    )
+    check.add_argument("--listener", help="listener the message arrives on (default: the first)")
+    check.add_argument("--auth-user", help="AUTH user the message is sent as")
+    check.add_argument("message", help="the message, an .eml file (- for standard input)")
+
+    config = commands.add_parser("config", help="config file tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    config_check = config_commands.add_parser("check", help="validate a config file")
+    config_check.add_argument("file")
+
+    user = commands.add_parser("user", help="AUTH users")
+    user_commands = user.add_subparsers(dest="user_command", required=True, metavar="SUBCOMMAND")
+    user_add = user_commands.add_parser("add", help="add a user or change a password")
+    user_add.add_argument("name")
+    where = user_add.add_mutually_exclusive_group()
+    where.add_argument("--config", help="take the users file from this config (users_file)")
+    where.add_argument("--users-file", help="the users file (default: var/users)")
+    user_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+
+    dns_cli.add_commands(commands)  # dkim keygen, domain check
+    add_limits_parser(commands)
+    add_unsubscribe_parser(commands)  # unsubscribe keygen
+    add_consent_parser(commands)  # consent import, export, show, add, customer, revoke, suppress ...
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "config":
+            return _config_check(args.file)
+        if args.command == "user":
+            return _user_add(args)
+        if args.command in ("dkim", "domain"):
+            return dns_cli.run(args)
+        if args.command == "limits":
+            return run_limits(args, load_config(args.config))
+        if args.command == "consent":
+            return run_consent_command(args)
+        if args.command == "unsubscribe":
+            return run_unsubscribe_command(args)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return EXIT_BAD_INPUT
+    parser.error("unknown command")  # exits
+
+
+def _print_config_error(exc: ConfigError) -> None:
+    print(f"sendguard: the config has {len(exc.issues)} problem(s):", file=sys.stderr)
+    for issue in exc.issues:
+        print(f"  {issue}", file=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from proxy.app import serve
+
+    overrides = {k: v for k, v in (("listen", args.listen), ("upstream", args.upstream), ("http", args.http)) if v}
+    settings = load_config(args.config, overrides=overrides)  # refuse to start on bad config
+    configure_logging(settings.logging.format, settings.logging.level)
+    try:
+        return asyncio.run(serve(args.config, overrides))
+    except (OSError, ConsentStoreError) as exc:
+        logging.getLogger("sendguard").error("cannot start: %s", exc)
+        return EXIT_START_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        stop_logging()  # flush every queued line before the process ends
+
+
+def _config_check(path: str) -> int:
+    settings = load_config(path)
+    print(
+        f"{path}: OK ({len(settings.listeners)} listener(s), {len(settings.policies)} polic(ies), "
+        f"upstream {settings.upstream.address})"
+    )
+    return EXIT_OK
+
+
+def _user_add(args: argparse.Namespace) -> int:
+    users_file = args.users_file or (load_config(args.config).users_file if args.config else "var/users")
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"Password for {args.name}: ")
+        if password != getpass.getpass("Again: "):
+            print("sendguard: the passwords differ", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    try:
+        new = add_user(users_file, args.name, password)
+    except ValueError as exc:
+        print(f"sendguard: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{'added' if new else 'updated'} user {args.name} in {users_file}")
+    return EXIT_OK
+
+
+# ---- check ---------------------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace) -> int:
+    settings = load_config(args.config)
+    try:
+        raw = sys.stdin.buffer.read() if args.message == "-" else Path(args.message).read_bytes()
+    except OSError as exc:
+        print(f"sendguard: cannot read {args.message}: {exc.strerror}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not raw.strip():
+        print(f"sendguard: {args.message} is empty", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.listener is not None and args.listener not in {listener.name for listener in settings.listeners}:
+        print(f"sendguard: no listener is called {args.listener!r}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    result = asyncio.run(
+        run_check(
+            settings,
+            raw,
+            sender=args.sender,
+            recipients=args.recipients,
+            forced_class=args.message_class,
+            listener=args.listener,
+            auth_user=args.auth_user,
+        )
+    )
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    if result["action"] == "error":
+        return EXIT_BAD_INPUT
+    return EXIT_OK if result["action"] == "accept" else EXIT_REFUSED
+
+
+async def run_check(
+    settings: Settings,
+    raw: bytes,
+    *,
+    sender: str | None = None,
+    recipients: Sequence[str] | None = None,
+    forced_class: str | None = None,
+    listener: str | None = None,
+    auth_user: str | None = None,
+) -> dict[str, Any]:
+    """The proxy's decision for one message, without sockets and without side effects."""
+    try:
+        content, message = prepare_message(raw, settings.message)
+    except MessageRefused as refusal:
+        return {
+            "action": "reject" if refusal.reply.code >= 500 else "tempfail",
+            "reply": refusal.reply.line(),
+            "reason": refusal.why,
+            "policies": [],
+        }
+    if sender is None:
+        sender = _sender_from_headers(message)
+    if not recipients:
+        recipients = [a.addr_spec for a in message.addresses("To", "Cc", "Bcc")]
+    if not recipients:
+        return {
+            "action": "error",
+            "reply": None,
+            "reason": "no recipients: give --to or put To: in the message",
+            "policies": [],
+        }
+
+    consent = None
+    if settings.needs("consent"):
+        try:
+            # connect=False: an unreachable store shows up as the proxy's 451, not as a crash.
+            consent = await open_consent_store(settings.stores.consent, connect=False)
+        except ConsentStoreError as exc:
+            return {"action": "error", "reply": None, "reason": f"consent store: {exc}", "policies": []}
+    # Exhaustive: every policy runs and the first refusal is marked as the deciding one, so
+    # that a sender fixes a message in one round (the running proxy stops at the first).
+    pipeline = Pipeline(settings.policies, resources={"consent": consent}, exhaustive=True)
+    classifier = Classifier(settings.classes)
+    txn = Transaction(
+        txn_id="check",
+        listener=listener or settings.listeners[0].name,
+        client_ip="127.0.0.1",
+        auth_user=auth_user,
+        mail_from=sender,
+    )
+    results: list[PolicyResult] = []
+    deciding: Reply | None = None
+    deciding_action = Action.ACCEPT
+
+    def decided(decision: StageDecision) -> None:
+        nonlocal deciding, deciding_action
+        if deciding is None and not decision.accepted and decision.reply is not None:
+            deciding, deciding_action = decision.reply, decision.action
+
+    try:
+        classification = classifier.from_envelope(txn)
+        txn.message_class = forced_class or (classification.message_class if classification else None)
+        decision = await pipeline.check_mail(txn)
+        results.extend(decision.results)
+        decided(decision)
+        refused: dict[str, StageDecision] = {}
+        for recipient in recipients:
+            decision = await pipeline.check_rcpt(txn, recipient)
+            results.extend(decision.results)
+            if decision.accepted:
+                txn.recipients.append(recipient)
+            else:
+                refused[recipient] = decision
+        for first in refused.values():
+            decided(first)
+            break
+        if not txn.recipients:  # still judge the message, for every problem at once
+            txn.recipients.extend(recipients)
+        txn.message = message
+        txn.size = len(content)
+        final = classifier.from_message(txn, message)
+        txn.message_class = forced_class or final.message_class
+        txn.class_note = final.note() if txn.message_class == final.message_class else ""
+        if final.refusal is not None and forced_class is None and deciding is None:
+            deciding, deciding_action = final.refusal, Action.REJECT
+        decision = await pipeline.check_message(txn)
+        results.extend(decision.results)
+        decided(decision)
+        txn.recipients[:] = [r for r in txn.recipients if r not in refused]
+        out: dict[str, Any] = {
+            "action": str(deciding_action),
+            "reply": deciding.line() if deciding else "250 2.0.0 Ok",
+            "class": txn.message_class,
+            "class_reason": final.as_dict() if forced_class is None else {"class": forced_class, "source": "--class"},
+            "sender": txn.mail_from,
+            "recipients": list(txn.recipients),
+            "policies": [r.as_dict() for r in results],
+            "problems": [
+                {
+                    "policy": r.policy,
+                    "stage": r.stage,
+                    "reply": r.reply.line(),
+                    **({"recipient": r.recipient} if r.recipient else {}),
+                }
+                for r in results
+                if r.action is not Action.ACCEPT and r.mode == "enforce" and r.reply is not None
+            ],
+        }
+        if final.refusal is not None and forced_class is None:
+            out["problems"].insert(0, {"policy": "classes", "stage": "message", "reply": final.refusal.line()})
+        if refused:
+            out["refused_recipients"] = {rcpt: d.reply.line() if d.reply else None for rcpt, d in refused.items()}
+        additions = [f"{name}: {value}" for edit in decision.edits for name, value in edit.add]
+        if additions and deciding is None:
+            out["added_headers"] = additions
+        return out
+    finally:
+        await pipeline.close()
+        if consent is not None:
+            await consent.close()
+
+
+def _sender_from_headers(message: ParsedMessage) -> str:
+    for name in ("Return-Path", "Sender", "From"):
+        addresses = message.addresses(name)
+        if addresses:
+            return addresses[0].addr_spec
+    return ""

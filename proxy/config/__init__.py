@@ -1,0 +1,1 @@
+"""The config tree (settings.py) and its loading; value types live in proxy.schema."""

@@ -1,0 +1,52 @@
+"""The HTTP side, in the same event loop as SMTP: /metrics, /healthz, /readyz."""
+
+from __future__ import annotations
+
+import json
+from typing import Protocol
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.observability.metrics import Metrics
+
+__all__ = ("HealthSource", "build_http_app")
+
+
+class HealthSource(Protocol):
+    def readiness(self) -> tuple[bool, dict[str, object]]: ...
+
+
+_SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def build_http_app(metrics: Metrics, health: HealthSource) -> web.Application:
+    async def metrics_view(request: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        response = web.Response(body=body, headers=_SECURITY_HEADERS)
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def healthz(request: web.Request) -> web.Response:
+        # Alive: the event loop answers. Nothing else is checked here on purpose, so a
+        # restart is never triggered by a dependency that is down.
+        return web.json_response({"status": "ok"}, headers=_SECURITY_HEADERS)
+
+    async def readyz(request: web.Request) -> web.Response:
+        ready, detail = health.readiness()
+        return web.Response(
+            status=200 if ready else 503,
+            text=json.dumps({"status": "ready" if ready else "not ready", **detail}),
+            content_type="application/json",
+            headers=_SECURITY_HEADERS,
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

@@ -1,0 +1,34 @@
+"""DKIM-signing the final bytes of a message: the last change before the upstream."""
+
+from __future__ import annotations
+
+import logging
+
+from policies.base import Reply
+from proxy import replies as R
+from proxy.relay.transaction import RelayTransaction
+from proxy.reputation.dkim import DKIMSignError
+
+__all__ = ("sign",)
+
+log = logging.getLogger("sendguard.smtp")
+
+
+async def sign(t: RelayTransaction, content: bytes) -> bytes | Reply:
+    """DKIM-sign the final bytes (the last change before the upstream); a Reply when the
+    message cannot be signed and dkim.on_error says to refuse it."""
+    runtime, metrics = t.runtime, t.services.metrics
+    if not runtime.signer.enabled:
+        return content
+    try:
+        result = await runtime.signer.sign_async(content)
+    except DKIMSignError as exc:
+        metrics.dkim_signatures.labels("error").inc()
+        log.error("txn %s: DKIM signing failed: %s", t.txn.txn_id, exc)
+        if runtime.settings.dkim.on_error == "send_unsigned":
+            return content
+        if exc.permanent:
+            return Reply(550, "5.6.0", "The message header cannot be DKIM-signed; check its header lines")
+        return R.r451_policy_error(t.txn.txn_id)
+    metrics.dkim_signatures.labels("signed" if result.signatures else result.skipped.replace("-", "_")).inc()
+    return result.message

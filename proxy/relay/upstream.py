@@ -1,0 +1,549 @@
+"""Where accepted mail goes: an upstream MTA over SMTP, or a local Maildir.
+
+Both speak the same small interface so the handler can relay in lockstep: ``open`` a
+session when the client says MAIL, relay ``mail``, each ``rcpt`` and ``data``, then
+``finish`` (the connection goes back to the pool) or ``abort`` (RSET, or close when the
+connection is in doubt).
+
+Every outcome is a ``Reply``. Upstream text is relayed (so a sender learns why the real
+server refused), cleaned of control characters; our own failures are generic 451 replies
+with the transaction id and never show host names, ports or exception text (Postfix's
+before-queue proxy does the same "for privacy reasons").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from policies.base import Reply
+from proxy.config.settings import UpstreamConfig
+from proxy.replies import r451_internal, r451_upstream_busy, r451_upstream_lost, r451_upstream_unavailable
+
+__all__ = (
+    "Capabilities",
+    "MaildirUpstream",
+    "SmtpUpstream",
+    "Upstream",
+    "UpstreamSession",
+    "UpstreamUnavailable",
+    "build_upstream",
+    "reply_from_upstream",
+)
+
+log = logging.getLogger("sendguard.upstream")
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    smtputf8: bool = True
+    eightbitmime: bool = True
+    size: int | None = None
+
+
+class UpstreamUnavailable(Exception):
+    """No upstream session could be opened; ``reply`` says what the client gets."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.line())
+        self.reply = reply
+
+
+def reply_from_upstream(code: int, message: str, *, stage: str, txn_id: str) -> Reply:
+    """An upstream reply as a client reply: same code class, the upstream's own words.
+
+    Replies that make no sense at this stage (1xx, 3xx, a 2xx where none belongs) become a
+    generic 451, as Postfix's before-queue proxy replaces unexpected replies (T5).
+    """
+    valid = {2, 4, 5}
+    if code // 100 not in valid or code > 599:
+        log.warning("txn %s: unexpected upstream reply %s at %s", txn_id, code, stage)
+        return r451_internal(txn_id)
+    if code == 421:
+        # The upstream is closing *its* connection; ours with the client is fine, and a 421
+        # would tell the client we are closing (RFC 5321 3.8). Same meaning, minus that.
+        code = 451
+    # Printable ASCII only: a Latin-1 reply decoded with surrogateescape would crash the reply
+    # to our client, and a client that did not ask for SMTPUTF8 expects ASCII anyway.
+    text = _CONTROL.sub(" ", message).encode("ascii", "replace").decode("ascii").strip()
+    match = _ENHANCED.match(text)
+    if match and int(match.group(1)) == code // 100:
+        status = f"{match.group(1)}.{match.group(2)}.{match.group(3)}"
+        text = text[match.end() :]
+    else:
+        status = f"{code // 100}.0.0"
+        if match:  # the class disagrees with the code: keep the words, drop the bad status
+            text = text[match.end() :]
+    text = text[:400] or ("OK" if code < 400 else "Refused by the upstream mail server")
+    return Reply(code, status, text)
+
+
+class UpstreamSession(Protocol):
+    capabilities: Capabilities
+
+    @property
+    def lost(self) -> bool: ...
+
+    def discard(self) -> None: ...
+
+    async def mail(self, sender: str, options: list[str]) -> Reply: ...
+    async def rcpt(self, recipient: str, options: list[str]) -> Reply: ...
+    async def data(self, content: bytes) -> Reply: ...
+    async def finish(self) -> None: ...
+    async def abort(self) -> None: ...
+
+
+class Upstream(Protocol):
+    name: str
+
+    @property
+    def capabilities(self) -> Capabilities | None: ...
+
+    async def open(self, txn_id: str) -> UpstreamSession: ...
+    async def close(self) -> None: ...
+
+
+# ---- Maildir ---------------------------------------------------------------------------------
+
+
+class MaildirUpstream:
+    """Each accepted message becomes one file in a Maildir: written to tmp/, fsync'd, renamed
+    into new/, and the directory fsync'd, all before the 250 (so a crash never loses it)."""
+
+    name = "maildir"
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._counter = itertools.count(1)  # next() is atomic; deliveries run in worker threads
+        self._hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+        for sub in ("tmp", "new", "cur"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    async def open(self, txn_id: str) -> MaildirSession:
+        return MaildirSession(self, txn_id)
+
+    async def close(self) -> None:
+        return None
+
+    def _unique_name(self) -> str:
+        now = time.time()
+        return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{next(self._counter)}.{self._hostname}"
+
+    def deliver(self, content: bytes, sender: str, recipients: list[str]) -> str:
+        """Blocking write; run in a thread. Returns the file name."""
+        envelope = [f"Return-Path: <{sender}>"] + [f"Delivered-To: {r}" for r in recipients]
+        # Maildir files use LF line endings, like every local delivery agent writes them.
+        body = "\n".join(envelope).encode("utf-8", "surrogateescape") + b"\n" + content.replace(b"\r\n", b"\n")
+        name = self._unique_name()
+        tmp_path = self.path / "tmp" / name
+        final_name = f"{name},S={len(body)}"
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            try:
+                view = memoryview(body)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp_path, self.path / "new" / final_name)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)  # never leave a half-delivered file in tmp/
+            raise
+        dir_fd = os.open(self.path / "new", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return final_name
+
+
+class MaildirSession:
+    capabilities = Capabilities()
+
+    def __init__(self, upstream: MaildirUpstream, txn_id: str) -> None:
+        self.upstream = upstream
+        self.txn_id = txn_id
+        self.sender = ""
+        self.recipients: list[str] = []
+
+    async def mail(self, sender: str, options: list[str]) -> Reply:
+        self.sender, self.recipients = sender, []
+        return Reply(250, "2.1.0", "Sender OK")
+
+    async def rcpt(self, recipient: str, options: list[str]) -> Reply:
+        self.recipients.append(recipient)
+        return Reply(250, "2.1.5", "Recipient OK")
+
+    async def data(self, content: bytes) -> Reply:
+        try:
+            name = await asyncio.to_thread(self.upstream.deliver, content, self.sender, self.recipients)
+        except OSError:
+            log.exception("txn %s: maildir write failed", self.txn_id)
+            return Reply(451, "4.3.0", f"Local mail store write error; try again later ({self.txn_id})")
+        return Reply(250, "2.0.0", f"Ok: delivered as {name}")
+
+    lost = False
+
+    def discard(self) -> None:
+        return None  # nothing is written before data() completes
+
+    async def finish(self) -> None:
+        return None
+
+    async def abort(self) -> None:
+        return None
+
+
+# ---- SMTP ------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Connection:
+    client: aiosmtplib.SMTP
+    created: float
+    last_used: float
+    messages: int = 0
+    reused: bool = False
+
+
+class SmtpUpstream:
+    """An upstream MTA reached with aiosmtplib, with a pool of reusable connections."""
+
+    name = "smtp"
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        *,
+        helo_name: str,
+        on_reply: Callable[[str, str], None] | None = None,
+        on_pool: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._on_pool = on_pool
+        self.helo_name = config.helo_name or helo_name
+        address = config.hostport
+        self.host, self.port = address.host, address.port
+        self._idle: list[_Connection] = []
+        self._slots = asyncio.Semaphore(config.pool.max_connections)
+        self._known: Capabilities | None = None
+        self._on_reply = on_reply
+        self._reaper: asyncio.Task[None] | None = None
+        self._closed = False
+        self.busy = 0
+
+    @property
+    def capabilities(self) -> Capabilities | None:
+        """What the upstream offered on its last EHLO (None before the first connection)."""
+        return self._known
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def _report(self) -> None:
+        if self._on_pool:
+            self._on_pool(self.busy, len(self._idle))
+
+    def count(self, stage: str, outcome: str) -> None:
+        if self._on_reply:
+            self._on_reply(stage, outcome)
+
+    async def open(self, txn_id: str) -> SmtpSession:
+        if self._closed:
+            raise UpstreamUnavailable(r451_upstream_unavailable(txn_id))
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.config.timeouts.connect)
+        except TimeoutError:
+            log.warning("txn %s: all %d upstream connections busy", txn_id, self.config.pool.max_connections)
+            raise UpstreamUnavailable(r451_upstream_busy(txn_id)) from None
+        self.busy += 1
+        try:
+            connection = self._take_idle() or await self._connect(txn_id)
+        except BaseException:
+            self.busy -= 1
+            self._slots.release()
+            raise
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+        self._report()
+        return SmtpSession(self, connection, txn_id)
+
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.client.is_connected and now - connection.last_used < self.config.pool.idle_timeout:
+                connection.reused = True
+                return connection
+            connection.client.close()
+        return None
+
+    async def _connect(self, txn_id: str) -> _Connection:
+        config = self.config
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            local_hostname=self.helo_name,
+            timeout=config.timeouts.command,
+            use_tls=config.tls == "implicit",
+            start_tls={"starttls": True, "opportunistic": None}.get(config.tls, False),
+            validate_certs=config.verify_certificate,
+            cert_bundle=config.ca_file,
+            username=config.username,
+            password=config.password,
+        )
+        try:
+            await client.connect(timeout=config.timeouts.connect)
+            if client.last_ehlo_response is None:  # connect() says EHLO only for STARTTLS or AUTH
+                await client.ehlo(timeout=config.timeouts.connect)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            log.error("txn %s: upstream refused our AUTH: %s %s", txn_id, exc.code, exc.message)
+            client.close()
+            self.count("connect", "auth_failed")
+            raise UpstreamUnavailable(r451_upstream_unavailable(txn_id)) from exc
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
+            log.error("txn %s: cannot connect to upstream %s:%s: %s", txn_id, self.host, self.port, exc)
+            client.close()
+            self.count("connect", "error")
+            raise UpstreamUnavailable(r451_upstream_unavailable(txn_id)) from exc
+        self.count("connect", "2xx")
+        extensions = client.esmtp_extensions
+        size = extensions.get("size", "")
+        self._known = Capabilities(
+            smtputf8="smtputf8" in extensions,
+            eightbitmime="8bitmime" in extensions,
+            size=int(size) if size.isdigit() and int(size) > 0 else None,
+        )
+        now = time.monotonic()
+        return _Connection(client, created=now, last_used=now)
+
+    async def replace(self, txn_id: str) -> _Connection:
+        """A fresh connection for a session whose pooled one went stale, in the same pool slot;
+        on failure (or cancellation) the slot is given back and the exception raised."""
+        try:
+            return await self._connect(txn_id)
+        except BaseException:
+            self.busy -= 1
+            self._slots.release()
+            self._report()
+            raise
+
+    def give_back(self, connection: _Connection, *, healthy: bool) -> None:
+        self.busy -= 1
+        self._slots.release()
+        connection.last_used = time.monotonic()
+        if (
+            healthy
+            and not self._closed
+            and connection.client.is_connected
+            and connection.messages < self.config.pool.max_messages_per_connection
+        ):
+            self._idle.append(connection)
+        else:
+            asyncio.get_running_loop().create_task(self._quit(connection))
+        self._report()
+
+    @staticmethod
+    async def _quit(connection: _Connection) -> None:
+        try:
+            if connection.client.is_connected:
+                await asyncio.wait_for(connection.client.quit(), 5)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            connection.client.close()
+
+    async def _reap_idle(self) -> None:
+        interval = max(1.0, min(10.0, self.config.pool.idle_timeout / 2))
+        while not self._closed:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            # Take every stale connection out at once, then say QUIT: a session may take one
+            # from the idle list while we wait for a QUIT reply.
+            stale = [c for c in self._idle if now - c.last_used >= self.config.pool.idle_timeout]
+            self._idle = [c for c in self._idle if c not in stale]
+            self._report()
+            await asyncio.gather(*(self._quit(c) for c in stale), return_exceptions=True)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(self._quit(c) for c in idle), return_exceptions=True)
+
+
+class SmtpSession:
+    """One client transaction relayed in lockstep over a pooled upstream connection."""
+
+    def __init__(self, upstream: SmtpUpstream, connection: _Connection, txn_id: str) -> None:
+        self.upstream = upstream
+        self.connection = connection
+        self.txn_id = txn_id
+        self.capabilities = upstream.capabilities or Capabilities()
+        self._released = False
+        self._in_transaction = False
+        self._pending = False
+
+    @property
+    def client(self) -> aiosmtplib.SMTP:
+        return self.connection.client
+
+    async def _command(self, stage: str, verb: bytes, argument: bytes, limit: float) -> Reply:
+        self._pending = True  # until the reply is read: cancelled here, the connection is in doubt
+        try:
+            response = await self.client.execute_command(verb, argument, timeout=limit)
+        except aiosmtplib.SMTPTimeoutError:
+            log.error("txn %s: upstream timed out after %s", self.txn_id, stage)
+            self.upstream.count(stage, "timeout")
+            raise
+        except (aiosmtplib.SMTPServerDisconnected, OSError):
+            log.error("txn %s: upstream connection lost at %s", self.txn_id, stage)
+            self.upstream.count(stage, "disconnected")
+            raise
+        self._pending = False
+        self.upstream.count(stage, f"{response.code // 100}xx")
+        return reply_from_upstream(response.code, response.message, stage=stage, txn_id=self.txn_id)
+
+    async def mail(self, sender: str, options: list[str]) -> Reply:
+        argument = b"FROM:<" + sender.encode("utf-8") + b">" + b"".join(b" " + o.encode("ascii") for o in options)
+        try:
+            reply = await self._command("mail", b"MAIL", argument, self.upstream.config.timeouts.command)
+        except (aiosmtplib.SMTPServerDisconnected, OSError):
+            if not self.connection.reused:
+                self._release(healthy=False)
+                return r451_upstream_lost(self.txn_id)
+            # A pooled connection the upstream closed while idle: try once on a fresh one.
+            log.info("txn %s: pooled upstream connection was stale; reconnecting", self.txn_id)
+            self.connection.client.close()
+            try:
+                self.connection = await self.upstream.replace(self.txn_id)
+            except UpstreamUnavailable as exc:
+                self._released = True  # replace() gave the pool slot back
+                return exc.reply
+            except BaseException:
+                self._released = True  # cancelled while reconnecting: replace() gave the slot back
+                raise
+            return await self.mail(sender, options)
+        except aiosmtplib.SMTPTimeoutError:
+            self._release(healthy=False)
+            return r451_upstream_lost(self.txn_id)
+        self._in_transaction = reply.is_success
+        return reply
+
+    async def rcpt(self, recipient: str, options: list[str]) -> Reply:
+        argument = b"TO:<" + recipient.encode("utf-8") + b">" + b"".join(b" " + o.encode("ascii") for o in options)
+        try:
+            return await self._command("rcpt", b"RCPT", argument, self.upstream.config.timeouts.command)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError):
+            self._release(healthy=False)
+            return r451_upstream_lost(self.txn_id)
+
+    async def data(self, content: bytes) -> Reply:
+        """DATA and the message. aiosmtplib turns bare CR/LF into CRLF and dot-stuffs every
+        line that starts with '.', so the upstream sees exactly one message (T10)."""
+        self._pending = True
+        try:
+            response = await self.client.data(content, timeout=self.upstream.config.timeouts.data)
+        except aiosmtplib.SMTPDataError as exc:
+            self._pending = False
+            if exc.code < 400:
+                # A 2xx or 3xx where the other belongs (a 250 to the DATA command itself, say):
+                # the upstream and we disagree about where we are. Never pass it on as success.
+                log.error("txn %s: upstream answered %s %s out of turn at DATA", self.txn_id, exc.code, exc.message)
+                self.upstream.count("data", "error")
+                self.discard()
+                return r451_upstream_lost(self.txn_id)
+            self.upstream.count("data", f"{exc.code // 100}xx")
+            # Refused at the DATA command (before 354) the transaction is still open upstream;
+            # after the dot it is over. RSET is right in both cases, so finish() will say it.
+            self._in_transaction = True
+            return reply_from_upstream(exc.code, exc.message, stage="data", txn_id=self.txn_id)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            # The message may or may not have arrived; 451 makes the client retry, which risks
+            # a duplicate but never a loss (T3).
+            log.error("txn %s: upstream connection lost during DATA: %s", self.txn_id, exc)
+            self.upstream.count("data", "timeout" if isinstance(exc, TimeoutError) else "disconnected")
+            self._release(healthy=False)
+            return r451_upstream_lost(self.txn_id)
+        self._pending = False
+        self.upstream.count("data", f"{response.code // 100}xx")
+        self._in_transaction = False
+        self.connection.messages += 1
+        return reply_from_upstream(response.code, response.message, stage="data", txn_id=self.txn_id)
+
+    @property
+    def lost(self) -> bool:
+        """The connection is gone (or given back): nothing more can be relayed on this session."""
+        return self._released
+
+    def discard(self) -> None:
+        """Drop the connection at once, mid-command if need be: the upstream must never
+        complete a transaction the client abandoned (a close without the final dot)."""
+        if not self._released:
+            self.client.close()
+            self._release(healthy=False)
+
+    def _release(self, *, healthy: bool) -> None:
+        if not self._released:
+            self._released = True
+            self.upstream.give_back(self.connection, healthy=healthy)
+
+    async def finish(self) -> None:
+        if self._in_transaction:
+            await self.abort()
+        else:
+            self._release(healthy=True)
+
+    async def abort(self) -> None:
+        """Abandon the transaction: RSET so the upstream never completes it (T7). A command
+        cut off before its reply (the client went away) leaves the connection in doubt: a
+        RSET could read that old reply, so the connection is closed instead."""
+        if self._released:
+            return
+        if self._pending:
+            self.discard()
+            return
+        healthy = False
+        if self.client.is_connected:
+            try:
+                response = await self.client.execute_command(b"RSET", timeout=self.upstream.config.timeouts.command)
+                healthy = response.code == 250
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                healthy = False
+        self._in_transaction = False
+        self._release(healthy=healthy)
+
+
+def build_upstream(
+    config: UpstreamConfig,
+    *,
+    helo_name: str,
+    on_reply: Callable[[str, str], None] | None = None,
+    on_pool: Callable[[int, int], None] | None = None,
+) -> MaildirUpstream | SmtpUpstream:
+    if config.is_maildir:
+        return MaildirUpstream(config.maildir_path)
+    return SmtpUpstream(config, helo_name=helo_name, on_reply=on_reply, on_pool=on_pool)

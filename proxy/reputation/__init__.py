@@ -1,0 +1,1 @@
+"""What keeps the sending domains' reputation: DKIM, DNS checks, backoff, bounces."""

@@ -1,0 +1,127 @@
+"""Hard bounces: suppress dead addresses, and pause a sender whose bounce rate climbs.
+
+sendguard relays in lockstep, so the upstream's refusal of a recipient arrives at RCPT (or
+at the final dot, for a copy sent to one recipient): no bounce message needs parsing. A
+refusal whose enhanced status says the address does not exist (5.1.1 bad mailbox, 5.1.2 bad
+domain, 5.1.3 bad syntax, 5.1.6 mailbox moved, 5.1.10 null MX, RFC 3463 and RFC 7505;
+5.2.1 mailbox disabled) is recorded as a ``suppressed`` event in the consent store, so
+commercial mail is not sent there again (the consent rules let a suppression win over
+any consent). An admin can lift it with ``sendguard consent unsuppress``.
+
+Per sending domain (the envelope sender's: bounces go there), the share of hard bounces
+among the recipients tried in a rolling window is watched; above the threshold (default
+5%, SES reviews accounts at 5% and pauses at 10%) that sender's commercial mail is paused
+on every instance, so a stale list cannot ruin the domain's reputation. A minimum volume
+keeps one bounce out of three recipients from pausing anyone.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from dataclasses import dataclass
+
+from policies.base import Reply, Transaction
+from proxy.observability.metrics import Metrics
+from proxy.schema import Duration, doc
+from proxy.stores.consent import SUPPRESSED, ConsentStore, new_event
+from proxy.stores.pauses import Pause, PauseStore
+
+__all__ = ("BounceConfig", "Bounces")
+
+log = logging.getLogger("sendguard.bounces")
+
+#: RFC 3463 / RFC 7505 statuses that mean "this address will never take mail".
+DEAD_ADDRESS_STATUSES = ("5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1")
+
+
+@dataclass(frozen=True)
+class BounceConfig:
+    suppress: bool = doc("record hard-bounced addresses as suppressed in the consent store", default=True)
+    statuses: tuple[str, ...] = doc(
+        "enhanced statuses (globs allowed) that mean the address is dead", default=DEAD_ADDRESS_STATUSES
+    )
+    rate_threshold: float = doc(
+        "pause a sender's commercial mail above this hard-bounce share (0.05 = 5%)", default=0.05
+    )
+    rate_window: Duration = doc("the rolling window of the bounce rate", default=Duration(86400))
+    min_recipients: int = doc("recipients tried in the window before the rate counts", default=100)
+    pause: Duration = doc("how long a sender's commercial mail stays paused", default=Duration(86400))
+
+    def __post_init__(self) -> None:
+        if not 0 < self.rate_threshold <= 1:
+            raise ValueError("rate_threshold is a share between 0 and 1, e.g. 0.05 for 5%")
+        if self.min_recipients < 1:
+            raise ValueError("min_recipients must be at least 1")
+        for status in self.statuses:
+            if not status.startswith("5."):
+                raise ValueError(f"statuses: {status!r} is not permanent; only 5.x.x means the address is dead")
+
+
+class Bounces:
+    def __init__(
+        self, config: BounceConfig, consent: ConsentStore | None, pauses: PauseStore, metrics: Metrics | None = None
+    ) -> None:
+        self.config = config
+        self.consent = consent
+        self.pauses = pauses
+        self.metrics = metrics
+
+    def is_dead(self, reply: Reply) -> bool:
+        return reply.code >= 500 and any(fnmatch.fnmatchcase(reply.status, s) for s in self.config.statuses)
+
+    async def recipient_tried(
+        self, txn: Transaction, recipient: str, reply: Reply, *, count_tried: bool = True
+    ) -> None:
+        """Called for each recipient the upstream answered at RCPT, and for each one-recipient
+        copy's answer (``count_tried=False``: that recipient was counted at its RCPT)."""
+        domain = txn.mail_from.rsplit("@", 1)[1].lower() if "@" in txn.mail_from else ""
+        dead = self.is_dead(reply)
+        if dead:
+            if self.metrics is not None:
+                self.metrics.hard_bounces.inc()
+            if self.config.suppress and self.consent is not None:
+                await self._suppress(txn, recipient, reply)
+        if not domain:
+            return  # bounces and auto-replies (MAIL FROM:<>) have no sender to pause
+        window = self.config.rate_window
+        if count_tried:
+            tried = await self.pauses.hit(f"bounces:tried:{domain}", window)
+        else:
+            tried = await self.pauses.count(f"bounces:tried:{domain}", window)
+        if not dead:
+            return
+        bounced = await self.pauses.hit(f"bounces:hard:{domain}", window)
+        if tried < self.config.min_recipients or bounced / tried <= self.config.rate_threshold:
+            return
+        reason = (
+            f"{bounced} of the last {tried} recipients of {domain} hard-bounced ({bounced / tried:.1%}, "
+            f"more than {self.config.rate_threshold:.0%}); clean the list"
+        )
+        await self.pauses.pause(
+            Pause("sender", domain, time.time() + self.config.pause, reason, "bounces", message_class="commercial")
+        )
+        if self.metrics is not None:
+            self.metrics.bounce_pauses.inc()
+        log.warning("commercial mail from %s paused: %s", domain, reason)
+
+    async def _suppress(self, txn: Transaction, recipient: str, reply: Reply) -> None:
+        assert self.consent is not None
+        try:
+            await self.consent.add(
+                new_event(
+                    SUPPRESSED,
+                    recipient,
+                    method="hard_bounce",
+                    reason=f"upstream refused the address ({reply.status})",
+                    upstream_reply=reply.line()[:500],
+                    source=f"sendguard txn {txn.txn_id}",
+                )
+            )
+        except Exception as exc:  # suppression is bookkeeping: it must never fail the mail
+            log.error("txn %s: cannot record the suppression of %s: %s", txn.txn_id, recipient, exc)
+            if self.metrics is not None:
+                self.metrics.state_errors.labels("suppression").inc()
+        else:
+            log.info("txn %s: %s suppressed after %s", txn.txn_id, recipient, reply.line())

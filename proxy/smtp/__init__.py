@@ -1,0 +1,1 @@
+"""The inbound SMTP session: commands, AUTH, limits, timeouts and replies."""

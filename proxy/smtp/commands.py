@@ -1,0 +1,273 @@
+"""What each SMTP command does in a session: the aiosmtpd handler.
+
+The commands check what is the session's to check (relay authorization, address syntax,
+the recipient limit, duplicates, timeouts) and hand the rest to one
+``proxy.relay.transaction.RelayTransaction`` per transaction (policies, the upstream) and,
+after DATA, to ``proxy.relay.delivery.deliver``; the client gets the reply they return.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import Envelope, Session
+
+from policies.base import Reply, Transaction
+from proxy import replies as R
+from proxy.relay.delivery import deliver
+from proxy.relay.runtime import Runtime
+from proxy.relay.transaction import RelayTransaction
+from proxy.smtp.listener import ListenerState, Services
+from proxy.smtp.session import SendguardSMTP, new_txn_id
+
+__all__ = ("AppHandle", "RelayHandler")
+
+log = logging.getLogger("sendguard.smtp")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class AppHandle(Protocol):
+    """What a session needs from the application."""
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+    @property
+    def services(self) -> Services: ...
+
+    @property
+    def accepting(self) -> bool: ...
+
+    def track(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a session's clean-up in the background; the app waits for it on stop."""
+
+
+def _utf8(address: str) -> bool:
+    """aiosmtpd keeps bytes that are not UTF-8 as lone surrogates; such an address cannot be
+    relayed (and is not a valid internationalized address either, RFC 6531)."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class RelayHandler:
+    """The aiosmtpd handler of one session: relay authorization, then the lockstep relay."""
+
+    def __init__(self, app: AppHandle, listener: ListenerState) -> None:
+        self.app = app
+        self.listener = listener
+        self.server: SendguardSMTP | None = None
+        #: The transaction in progress; kept after an internal error (``failed``) only to
+        #: answer the rest of its commands.
+        self.state: RelayTransaction | None = None
+
+    @property
+    def current_txn_id(self) -> str | None:
+        return self.state.txn.txn_id if self.state else None
+
+    @property
+    def services(self) -> Services:
+        return self.app.services
+
+    def _begin(self, txn: Transaction, *, smtputf8: bool) -> RelayTransaction:
+        state = RelayTransaction.begin(self.app.runtime, self.services, txn, smtputf8=smtputf8)
+
+        def forget() -> None:
+            if self.state is state:
+                self.state = None
+
+        state.on_end = forget
+        self.state = state
+        return state
+
+    # ---- session-level hooks --------------------------------------------------------------
+
+    async def handle_EHLO(
+        self, server: SendguardSMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        await self.abandon("reset")
+        session.host_name = hostname
+        config = self.listener.config
+        caps = self.app.runtime.upstream.capabilities
+        size = int(config.max_message_size)
+        if caps is not None and caps.size:
+            size = min(size, caps.size)
+        out = []
+        for line in responses:
+            keyword = line[4:].split(" ", 1)[0].upper()
+            if keyword == "AUTH" and config.auth == "none":
+                continue
+            if keyword == "SIZE":
+                line = f"250-SIZE {size}"
+            if caps is not None and (
+                (keyword == "SMTPUTF8" and not caps.smtputf8) or (keyword == "8BITMIME" and not caps.eightbitmime)
+            ):
+                continue
+            if line == "250 HELP":
+                out.append("250-ENHANCEDSTATUSCODES")
+            out.append(line)
+        return out
+
+    async def handle_HELO(self, server: SendguardSMTP, session: Session, envelope: Envelope, hostname: str) -> str:
+        await self.abandon("reset")
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    async def handle_RSET(self, server: SendguardSMTP, session: Session, envelope: Envelope) -> str:
+        await self.abandon("reset")
+        return R.R250_RESET.line()
+
+    async def handle_QUIT(self, server: SendguardSMTP, session: Session, envelope: Envelope) -> str:
+        await self.abandon("quit")
+        return "221 2.0.0 Bye"
+
+    async def handle_NOOP(self, server: SendguardSMTP, session: Session, envelope: Envelope, arg: str) -> str:
+        return "250 2.0.0 OK"
+
+    async def handle_VRFY(self, server: SendguardSMTP, session: Session, envelope: Envelope, address: str) -> str:
+        # Never confirm or deny addresses (RFC 5321 3.5.3; avoids address harvesting).
+        return "252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery"
+
+    def connection_lost(self) -> None:
+        if self.state is not None:
+            self.app.track(self.abandon("disconnected"))
+
+    # ---- MAIL -----------------------------------------------------------------------------
+
+    def _relay_refusal(self, session: Session) -> Reply | None:
+        """Who may relay (Postfix: permit_mynetworks, permit_sasl_authenticated, reject)."""
+        assert self.server is not None
+        config = self.listener.config
+        if session.authenticated:
+            return None
+        if config.auth == "required":
+            return R.R530_AUTH_REQUIRED
+        if self.listener.is_trusted(self.server.client_ip):
+            return None
+        if config.auth == "optional" and self.server.auth_possible:
+            return R.R530_AUTH_REQUIRED
+        return R.R550_RELAY_DENIED
+
+    async def handle_MAIL(
+        self, server: SendguardSMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        refusal = self._relay_refusal(session)
+        if refusal is not None:
+            log.warning("relay refused for %s on %s: %s", server.client_ip, self.listener.name, refusal.code)
+            return refusal.line()
+        if not self.app.accepting:
+            return R.R421_SHUTTING_DOWN.line()
+        if self.state is not None:
+            # aiosmtpd ends a transaction by itself when the message is too big or has an
+            # over-long line (handle_DATA is never called): close ours before a new one.
+            if self.state.failed is not None:
+                self.state = None
+            else:
+                await self.abandon("message refused by the SMTP layer")
+        sender = "" if address == "<>" else address
+        if _CONTROL.search(sender) or len(sender) > 320 or not _utf8(sender):
+            return R.R501_BAD_SENDER.line()
+        options = [o.upper() for o in mail_options]
+        smtputf8 = "SMTPUTF8" in options
+        if not smtputf8 and not sender.isascii():
+            return R.R553_SMTPUTF8_REQUIRED.line()
+
+        login = getattr(session.auth_data, "login", None)
+        auth_user = login.decode("utf-8", "replace") if isinstance(login, bytes) else None
+        txn = Transaction(
+            txn_id=new_txn_id(),
+            listener=self.listener.name,
+            client_ip=server.client_ip,
+            helo=session.host_name,
+            auth_user=auth_user if session.authenticated else None,
+            tls=session.ssl is not None or self.listener.config.tls.mode == "implicit",
+            mail_from=sender,
+        )
+        reply = await self._begin(txn, smtputf8=smtputf8).mail(options)
+        if reply.is_success:
+            envelope.mail_from = address
+            envelope.mail_options.extend(mail_options)
+        return reply.line()
+
+    # ---- RCPT -----------------------------------------------------------------------------
+
+    async def handle_RCPT(
+        self, server: SendguardSMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        state = self.state
+        if state is None:
+            return R.R503_NEED_MAIL.line()
+        if state.failed is not None:
+            return state.failed.line()
+        txn, metrics = state.txn, self.services.metrics
+        reply = self._check_recipient_syntax(state, address)
+        if reply is not None:
+            klass = txn.message_class or "unknown"
+            metrics.recipients.labels(txn.listener, klass, "rejected" if reply.code >= 500 else "tempfailed").inc()
+            return reply.line()
+        if address.lower() in state.seen:
+            return R.R250_DUPLICATE_RECIPIENT.line()  # relayed once (Postfix dedups in cleanup too)
+        reply = await state.rcpt(address)
+        if reply.is_success:
+            envelope.rcpt_tos.append(address)
+        return reply.line()
+
+    def _check_recipient_syntax(self, state: RelayTransaction, address: str) -> Reply | None:
+        if address in ("<>", ""):
+            return R.R501_NULL_RECIPIENT
+        if _CONTROL.search(address) or len(address) > 320 or "@" not in address or not _utf8(address):
+            return R.R501_BAD_RECIPIENT
+        if not state.smtputf8 and not address.isascii():
+            return R.R553_SMTPUTF8_REQUIRED
+        if len(state.txn.recipients) >= self.listener.config.max_recipients:
+            return R.R452_TOO_MANY_RECIPIENTS
+        return None
+
+    # ---- DATA -----------------------------------------------------------------------------
+
+    async def handle_DATA(self, server: SendguardSMTP, session: Session, envelope: Envelope) -> str:
+        state = self.state
+        if state is not None and state.failed is not None:
+            self.state = None  # the transaction ends with this DATA, as the client sees it
+            return state.failed.line()
+        if state is None or not state.txn.recipients:
+            return R.R503_NEED_RCPT.line()
+        settings = state.runtime.settings
+        # The idle timer ran from the DATA command through the upload; the relay gets its own
+        # budget: every policy's timeout plus the upstream's data timeout, and a margin.
+        budget = sum(e.timeout for e in settings.policies) + (settings.upstream.timeouts.data + 30)
+        server._reset_timeout(budget)
+        server.in_data = True
+        try:
+            delivered = await deliver(state, envelope.original_content or b"", keepalive=server._reset_timeout)
+        finally:
+            server.in_data = False
+        await state.end(delivered.outcome, client_reply=delivered.reply, upstream_reply=delivered.upstream_reply)
+        if delivered.outcome == "delivered":
+            server.errors = 0  # Postfix counts errors "without delivering mail"
+        return delivered.reply.line()
+
+    # ---- transaction end ------------------------------------------------------------------
+
+    async def abandon(self, why: str) -> None:
+        """The client left the transaction (RSET, EHLO, QUIT, disconnect, a new MAIL)."""
+        state = self.state
+        if state is not None and state.failed is not None:
+            self.state = None  # already ended by fail(); the client has moved on
+        elif state is not None:
+            await state.abandon(why)
+
+    async def fail(self, reply: Reply) -> None:
+        """An internal error: end the transaction upstream but keep answering its commands
+        with a 4xx, so the client retries the whole message instead of bouncing recipients."""
+        state = self.state
+        if state is None:
+            return
+        await state.fail(reply)
+        self.state = state  # kept (ended) only to answer the rest of the transaction

@@ -1,0 +1,66 @@
+"""What the sessions share: per listener (``ListenerState``) and for the process's whole
+life (``Services``: metrics, the audit log, the users file, the machine's name)."""
+
+from __future__ import annotations
+
+import ssl
+from collections import Counter
+from dataclasses import dataclass
+
+from proxy.config.settings import ListenerConfig
+from proxy.observability.logsetup import AuditLog
+from proxy.observability.metrics import Metrics
+from proxy.schema import address_in
+from proxy.smtp.auth import AuthFailureTracker, UserStore
+
+__all__ = ("ListenerState", "Services", "build_server_tls_context")
+
+
+@dataclass
+class Services:
+    metrics: Metrics
+    audit: AuditLog
+    users: UserStore
+    hostname: str
+
+
+def build_server_tls_context(config: ListenerConfig) -> ssl.SSLContext | None:
+    if config.tls.mode == "none" or not config.tls.cert or not config.tls.key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls.cert, config.tls.key)
+    return context
+
+
+class ListenerState:
+    """Shared by every session of one listener: its config, TLS context and counters."""
+
+    def __init__(self, config: ListenerConfig) -> None:
+        self.config = config
+        self.tls_context = build_server_tls_context(config)
+        self.active = 0
+        self.per_ip: Counter[str] = Counter()
+        self.auth_failures = AuthFailureTracker(config.max_auth_failures)
+        self.sessions: set[object] = set()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @staticmethod
+    def check_tls(config: ListenerConfig) -> None:
+        """Load the certificate and key into a throwaway context: raises (ssl.SSLError,
+        OSError) on a bad pair, before anything is changed."""
+        build_server_tls_context(config)
+
+    def update(self, config: ListenerConfig) -> None:
+        """Take a reloaded config. The certificate is reloaded into the same SSLContext,
+        so a renewed certificate takes effect for new handshakes without a restart."""
+        self.config = config
+        self.auth_failures.limit = config.max_auth_failures
+        if self.tls_context is not None and config.tls.cert and config.tls.key:
+            self.tls_context.load_cert_chain(config.tls.cert, config.tls.key)
+
+    def is_trusted(self, ip: str) -> bool:
+        return address_in(ip, self.config.trusted_networks)

@@ -1,0 +1,316 @@
+"""SMTP in: the aiosmtpd session with sendguard's limits, timeouts, replies and AUTH.
+
+What the commands do is ``proxy.smtp.commands``; the transactions they start are
+``proxy.relay`` (policies, the upstream, the delivery of the message). This module knows
+connections and replies: session limits per listener and per client, the session timer,
+the error limit, aiosmtpd's replies rewritten with enhanced status codes, and AUTH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+import secrets
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+from policies.base import Reply
+from proxy import replies as R
+from proxy.schema import address_in
+from proxy.smtp.listener import ListenerState, Services
+
+__all__ = ("SendguardSMTP", "SessionHandler", "new_txn_id")
+
+log = logging.getLogger("sendguard.smtp")
+
+_ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}( |$)")
+_MAX_ERRORS = 20  # Postfix smtpd_hard_error_limit
+# Only protocol errors (bad syntax, wrong sequence, failed AUTH) count towards the limit:
+# refusing recipients is normal business (a newsletter with thirty addresses without
+# consent), and "too many recipients" must leave the client free to send the rest later.
+_PROTOCOL_ERROR = re.compile(r"^(50[0-4] |5\d\d 5\.5\.|53[05] |538 )")
+
+
+def new_txn_id() -> str:
+    return secrets.token_hex(6)
+
+
+# aiosmtpd's own replies carry no enhanced status code and some leak nothing useful;
+# each is replaced by one that tells the client what to do (RFC 3463, RFC 2034).
+_REWRITES_EXACT = {
+    "500 Error: bad syntax": "500 5.5.2 Syntax error",
+    "500 Command line too long": "500 5.5.2 Command line too long (512 bytes at most, RFC 5321 4.5.3.1.4)",
+    "503 Error: need MAIL command": R.R503_NEED_MAIL.line(),
+    "503 Error: need RCPT command": R.R503_NEED_RCPT.line(),
+    "503 Error: nested MAIL command": "503 5.5.1 Nested MAIL command; finish or RSET the transaction first",
+    "503 Error: send HELO first": "503 5.5.1 Send HELO or EHLO first",
+    "503 Error: send EHLO first": "503 5.5.1 Send EHLO first",
+    "503 Already authenticated": "503 5.5.1 Already authenticated",
+    "530 Must issue a STARTTLS command first": R.R530_STARTTLS_REQUIRED.line(),
+    "454 TLS not available": "454 4.7.0 TLS not available",
+    "554 Command refused due to lack of security": "554 5.7.0 Command refused: the TLS handshake failed",
+    "500 Error: strict ASCII mode": "500 5.6.7 Non-ASCII characters need the SMTPUTF8 extension",
+    "501 Error: SMTPUTF8 disabled": "501 5.5.4 SMTPUTF8 is not available",
+    "501 Error: SMTPUTF8 takes no arguments": "501 5.5.4 SMTPUTF8 takes no arguments",
+    "501 Error: BODY can only be one of 7BIT, 8BITMIME": "501 5.5.4 BODY can only be 7BIT or 8BITMIME",
+    "555 MAIL FROM parameters not recognized or not implemented": "555 5.5.4 MAIL FROM parameters not recognized",
+    "555 RCPT TO parameters not recognized or not implemented": "555 5.5.4 RCPT TO parameters not recognized",
+    "502 EXPN not implemented": "502 5.5.1 EXPN not implemented",
+    "501 Not enough value": "501 5.5.4 AUTH needs a mechanism",
+    "501 Too many values": "501 5.5.4 Too many AUTH arguments",
+    "250 OK": "250 2.0.0 OK",
+    "221 Bye": "221 2.0.0 Bye",
+    "252 Cannot VRFY user, but will accept message and attempt delivery": "252 2.5.2 Cannot VRFY user",
+}
+
+
+class SessionHandler(Protocol):
+    """What the session needs from its command handler (``proxy.smtp.commands.RelayHandler``)."""
+
+    server: SendguardSMTP | None
+
+    @property
+    def current_txn_id(self) -> str | None: ...
+
+    async def fail(self, reply: Reply) -> None:
+        """An internal error: end the transaction in progress with this reply."""
+
+    def connection_lost(self) -> None: ...
+
+
+class SendguardSMTP(SMTP):
+    """aiosmtpd's SMTP with sendguard's limits, AUTH, replies and exception handling."""
+
+    AuthLoginUsernameChallenge = "Username:"  # aiosmtpd's "User Name\x00" breaks Go and curl (#566)
+    AuthLoginPasswordChallenge = "Password:"
+
+    def __init__(
+        self,
+        handler: SessionHandler,
+        listener: ListenerState,
+        services: Services,
+        idle_timeout: float,
+        session_timeout: float,
+    ) -> None:
+        config = listener.config
+        self.line_length_limit = int(config.max_line_length)  # read by SMTP.__init__ for the stream limit
+        self.listener = listener
+        self.services = services
+        self.relay = handler
+        self._session_timeout = session_timeout
+        self._session_timer: asyncio.TimerHandle | None = None
+        self._counted_ip: str | None = None
+        self.errors = 0
+        self.client_ip = ""
+        self.in_data = False
+        self.close_after_reply = False
+        super().__init__(
+            handler,
+            data_size_limit=int(config.max_message_size),
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=config.hostname or services.hostname,
+            ident="sendguard ESMTP",
+            tls_context=listener.tls_context if config.tls.mode == "starttls" else None,
+            require_starttls=config.tls.required,
+            timeout=idle_timeout,
+            auth_required=False,
+            auth_require_tls=True,
+            loop=asyncio.get_running_loop(),
+        )
+        handler.server = self
+
+    # ---- connection accounting ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self._original_transport is None and self.transport is None
+        super().connection_made(transport)
+        if not first:
+            return
+        peer = transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]) if peer else ""
+        # Loopback clients may AUTH without TLS (nothing crosses a network); others only
+        # over TLS. An implicit-TLS connection is encrypted from its first byte.
+        implicit = self.listener.config.tls.mode == "implicit"
+        self._auth_require_tls = not (
+            implicit or address_in(self.client_ip, self.listener.config.plaintext_auth_networks)
+        )
+        listener, metrics = self.listener, self.services.metrics
+        config = listener.config
+        refused: Reply | None = None
+        if listener.active >= config.max_sessions:
+            refused = R.R421_SERVER_BUSY
+        elif listener.per_ip[self.client_ip] >= config.max_sessions_per_ip:
+            refused = R.R421_TOO_MANY_SESSIONS
+        if refused is not None:
+            # Refuse before the greeting (RFC 5321 3.1: a 421 greeting) and close.
+            log.warning("refusing session from %s on %s: %s", self.client_ip, listener.name, refused.text)
+            metrics.sessions.labels(listener.name, "refused_limit").inc()
+            if self._handler_coroutine is not None:
+                self._handler_coroutine.cancel()
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(refused.line().encode("ascii") + b"\r\n")
+            transport.close()
+            return
+        self._counted_ip = self.client_ip
+        listener.active += 1
+        listener.per_ip[self.client_ip] += 1
+        listener.sessions.add(self)
+        metrics.sessions.labels(listener.name, "accepted").inc()
+        metrics.sessions_active.labels(listener.name).inc()
+        self._session_timer = self.loop.call_later(self._session_timeout, self._session_expired)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted_ip is not None:
+            listener = self.listener
+            listener.active -= 1
+            listener.per_ip[self._counted_ip] -= 1
+            if listener.per_ip[self._counted_ip] <= 0:
+                del listener.per_ip[self._counted_ip]
+            listener.sessions.discard(self)
+            self.services.metrics.sessions_active.labels(listener.name).dec()
+            self._counted_ip = None
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+        super().connection_lost(error)
+        self.relay.connection_lost()
+
+    def _session_expired(self) -> None:
+        if self.in_data:
+            self.close_after_reply = True  # never cut a relay in flight; close after its reply
+            return
+        log.info("session from %s reached the session time limit", self.client_ip)
+        self.close_with(R.R421_SESSION_TIMEOUT)
+
+    def close_with(self, reply: Reply) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(reply.line().encode("ascii") + b"\r\n")
+            transport.close()
+
+    # ---- replies --------------------------------------------------------------------------
+
+    async def push(self, status: Any) -> None:
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+        text = self._rewrite(text)
+        code = text[:3]
+        if _PROTOCOL_ERROR.match(text):
+            self.errors += 1
+        await super().push(text)
+        if self.errors >= _MAX_ERRORS and self.transport is not None and not self.transport.is_closing():
+            log.warning("closing session from %s after %d errors", self.client_ip, self.errors)
+            await super().push("421 4.7.0 Too many errors; closing connection")
+            self.transport.close()
+        elif self.close_after_reply and not self.in_data and code != "354":
+            self.close_with(R.R421_SESSION_TIMEOUT)
+
+    def _rewrite(self, text: str) -> str:
+        if (
+            text.startswith(("220 ", "250-", "334 ", "354 ", "235 ", "214"))
+            or text == "250 HELP"
+            or "\r\n" in text
+            or _ENHANCED.match(text)
+        ):
+            return text
+        exact = _REWRITES_EXACT.get(text)
+        if exact is not None:
+            return exact
+        if text.startswith("500 Line too long"):
+            return R.r500_line_too_long(self.line_length_limit).line()
+        if text.startswith("552 Error:"):
+            return R.r552_message_too_big(self.listener.config.max_message_size).line()
+        if text.startswith("501 Syntax:"):
+            return "501 5.5.4 " + text[4:]
+        if text.startswith("500 Error: command"):
+            return "500 5.5.1 Command not recognized"
+        if text.startswith("502 Could not VRFY"):
+            return "502 5.5.4 Could not VRFY that address"
+        if len(text) >= 4 and text[:3].isdigit() and text[0] in "245" and text[3] in (" ", ""):
+            # Anything else of aiosmtpd's: add the class's generic enhanced status.
+            return f"{text[:3]} {text[0]}.0.0 {text[4:]}".rstrip()
+        return text
+
+    async def handle_exception(self, error: Exception) -> str:
+        """An unexpected exception is a 451 with the transaction id, never aiosmtpd's
+        permanent ``500 Error: (Exception) ...`` with internal details."""
+        txn_id = self.relay.current_txn_id or new_txn_id()
+        log.error("txn %s: internal error in session from %s", txn_id, self.client_ip, exc_info=error)
+        reply = R.r451_internal(txn_id)
+        await self.relay.fail(reply)
+        return reply.line()
+
+    # ---- AUTH -----------------------------------------------------------------------------
+
+    @property
+    def auth_possible(self) -> bool:
+        """Whether this client can AUTH here, now or after STARTTLS."""
+        if self.listener.config.auth == "none":
+            return False
+        return bool(self._tls_protocol) or not self._auth_require_tls or self.listener.config.tls.mode == "starttls"
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        mode = self.listener.config.auth
+        if mode == "none":
+            await self.push(R.R503_AUTH_NOT_OFFERED.line())
+            return
+        if self._auth_require_tls and not self._tls_protocol:
+            await self.push(R.R538_ENCRYPTION_REQUIRED.line())
+            return
+        if self.listener.auth_failures.blocked(self.client_ip):
+            self.services.metrics.auth.labels(self.listener.name, "blocked").inc()
+            await self.push(R.R454_AUTH_BLOCKED.line())
+            return
+        await super().smtp_AUTH(arg)
+
+    async def _check_login(self, login: bytes, password: bytes) -> AuthResult:
+        metrics, listener = self.services.metrics, self.listener
+        try:
+            name, secret = login.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            name, secret = "", ""
+        ok = bool(name) and await asyncio.to_thread(self.services.users.check, name, secret)
+        if ok:
+            metrics.auth.labels(listener.name, "success").inc()
+            log.info("AUTH success for %s from %s", name, self.client_ip)
+            return AuthResult(success=True, auth_data=LoginPassword(login, b""))
+        metrics.auth.labels(listener.name, "failure").inc()
+        listener.auth_failures.failed(self.client_ip)
+        log.warning("AUTH failure for %r from %s", name[:64], self.client_ip)
+        return AuthResult(success=False, handled=False, message=R.R535_AUTH_INVALID.line())
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1].encode(), validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:  # RFC 4616: [authzid] NUL authcid NUL passwd
+            await self.push("501 5.5.2 Cannot split the AUTH PLAIN value")
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if not isinstance(login, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                login = base64.b64decode(args[1].encode(), validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(login, password)

@@ -1,0 +1,193 @@
+"""DKIM and the blocklist watch through the running proxy: what leaves sendguard is signed
+(each per-recipient copy on its own), and a listing pauses commercial mail only."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import dkim
+import pytest
+
+import policies
+from policies.base import MessageEdit, Policy, Transaction, Verdict
+from proxy.reputation.dkim import generate_private_key, write_private_key
+from tests.conftest import Proxy, message
+from tests.dnsserver import DNSServer
+from tests.fakes import FakeUpstream
+
+ProxyFactory = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def dns_server() -> AsyncIterator[DNSServer]:
+    server = await DNSServer().start()
+    yield server
+    await server.stop()
+
+
+def dkim_keys(tmp_path: Path) -> list[dict[str, Any]]:
+    rsa, ed = tmp_path / "rsa.pem", tmp_path / "ed.pem"
+    write_private_key(rsa, generate_private_key("rsa-sha256", 2048))
+    write_private_key(ed, generate_private_key("ed25519-sha256"))
+    return [
+        {"domain": "example.com", "selector": "r2026", "key_file": str(rsa), "algorithm": "rsa-sha256"},
+        {"domain": "example.com", "selector": "e2026", "key_file": str(ed), "algorithm": "ed25519-sha256"},
+    ]
+
+
+def publish_keys(proxy: Proxy, server: DNSServer) -> None:
+    for key in proxy.app.runtime.signer.keys_for("example.com"):
+        record = key.dns_record()
+        server.set(
+            f"{key.config.selector}._domainkey.example.com",
+            "TXT",
+            [" ".join(f'"{record[i : i + 250]}"' for i in range(0, len(record), 250))],
+        )
+
+
+async def verify_all(content: bytes, server: DNSServer) -> list[bool]:
+    resolver = server.resolver()
+
+    async def lookup(name: str) -> bytes | None:
+        answer = await resolver.resolve(name.rstrip("."), "TXT")
+        return b"".join(b"".join(r.strings) for r in answer)
+
+    records: dict[str, bytes | None] = {}
+    for selector in ("r2026", "e2026"):
+        name = f"{selector}._domainkey.example.com."
+        records[name] = await lookup(name)
+
+    def dnsfunc(name: bytes | str, timeout: int = 5) -> bytes | None:
+        key = name.decode() if isinstance(name, bytes) else name
+        return records.get(key if key.endswith(".") else key + ".")
+
+    verifier = dkim.DKIM(content)
+    count = sum(
+        1 for line in content.split(b"\r\n\r\n", 1)[0].split(b"\r\n") if line.lower().startswith(b"dkim-signature:")
+    )
+    return [bool(verifier.verify(index, dnsfunc=dnsfunc)) for index in range(count)]
+
+
+async def test_relayed_mail_is_dkim_signed(
+    upstream: FakeUpstream, proxy_factory: ProxyFactory, dns_server: DNSServer, tmp_path: Path
+) -> None:
+    proxy = await proxy_factory(upstream.address, {"dkim": {"keys": dkim_keys(tmp_path)}})
+    publish_keys(proxy, dns_server)
+    newsletter = message(
+        sender="news@example.com",
+        extra=(
+            "List-Unsubscribe: <https://example.com/u/abc>, <mailto:unsub@example.com>\r\n"
+            "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+        ),
+    )
+    await aiosmtplib.send(
+        newsletter,
+        sender="news@example.com",
+        recipients=["bob@example.org"],
+        hostname="127.0.0.1",
+        port=proxy.port,
+        start_tls=False,
+        timeout=20,
+    )
+    relayed = upstream.messages[0].content
+    assert relayed.count(b"DKIM-Signature:") == 2  # RSA and Ed25519
+    assert await verify_all(relayed, dns_server) == [True, True]
+    unfolded = relayed.replace(b"\r\n ", b"").replace(b"\r\n\t", b"").decode()
+    signed_fields = re.search(r"; h=([^;]+);", unfolded)
+    assert signed_fields is not None
+    names = [name.strip().lower() for name in signed_fields.group(1).split(":")]
+    assert {"list-unsubscribe", "list-unsubscribe-post", "from"} <= set(names)
+    registry = proxy.app.services.metrics.registry
+    assert registry.get_sample_value("sendguard_dkim_signatures_total", {"result": "signed"}) == 1
+
+
+class Personalize(Policy):
+    name = "test_personalize"
+
+    async def check_message(self, txn: Transaction) -> Verdict | None:
+        fields = {r: (("List-Unsubscribe", f"<https://example.com/u/{r.split('@')[0]}>"),) for r in txn.recipients}
+        return Verdict.accept(edit=MessageEdit(split_per_recipient=True, per_recipient=fields))
+
+
+async def test_each_per_recipient_copy_carries_its_own_valid_signature(
+    upstream: FakeUpstream,
+    proxy_factory: ProxyFactory,
+    dns_server: DNSServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(policies.REGISTRY, Personalize.name, Personalize)
+    proxy = await proxy_factory(
+        upstream.address, {"dkim": {"keys": dkim_keys(tmp_path)}, "policies": [{"name": "test_personalize"}]}
+    )
+    publish_keys(proxy, dns_server)
+    await aiosmtplib.send(
+        message(sender="news@example.com"),
+        sender="news@example.com",
+        recipients=["ann@example.org", "ben@example.org"],
+        hostname="127.0.0.1",
+        port=proxy.port,
+        start_tls=False,
+        timeout=20,
+    )
+    assert len(upstream.messages) == 2
+    for received in upstream.messages:
+        assert await verify_all(received.content, dns_server) == [True, True]
+    assert (
+        upstream.messages[0].content.split(b"DKIM-Signature:")[1]
+        != upstream.messages[1].content.split(b"DKIM-Signature:")[1]
+    )
+
+
+async def test_a_blocklist_listing_pauses_commercial_mail_only(
+    upstream: FakeUpstream, proxy_factory: ProxyFactory, dns_server: DNSServer
+) -> None:
+    dns_server.set("2.0.0.127.bl.test", "A", ["127.0.0.2"])  # the list's RFC 5782 test entry
+    dns_server.set("10.2.0.192.bl.test", "A", ["127.0.0.4"])  # our sending IP is listed
+    proxy = await proxy_factory(
+        upstream.address,
+        {
+            "classes": {"rules": [{"class": "commercial", "headers_present": ["List-Unsubscribe"]}]},
+            "dns": {
+                "resolver": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "timeout": "2s"},
+                "sending_ips": ["192.0.2.10"],
+                "blocklists": {"interval": "1m", "zones": [{"zone": "bl.test", "pause_commercial": True}]},
+            },
+        },
+    )
+    registry = proxy.app.services.metrics.registry
+    for _ in range(100):  # the first round runs at start
+        if registry.get_sample_value("sendguard_blocklist_pausing_commercial") == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert registry.get_sample_value("sendguard_blocklist_listed", {"zone": "bl.test", "target_kind": "ip"}) == 1
+    newsletter = message(extra="List-Unsubscribe: <https://example.com/u/1>\r\n")
+    with pytest.raises(aiosmtplib.SMTPDataError) as caught:
+        await aiosmtplib.send(
+            newsletter,
+            sender="news@example.com",
+            recipients=["bob@example.org"],
+            hostname="127.0.0.1",
+            port=proxy.port,
+            start_tls=False,
+            timeout=10,
+        )
+    assert caught.value.code == 451
+    assert "Commercial mail is paused until" in caught.value.message
+    assert "on a DNS blocklist" in caught.value.message
+    assert "192.0.2.10" not in caught.value.message  # which address is listed is for the log, not the client
+    await aiosmtplib.send(
+        message(),
+        sender="billing@example.com",
+        recipients=["bob@example.org"],
+        hostname="127.0.0.1",
+        port=proxy.port,
+        start_tls=False,
+        timeout=10,
+    )
+    assert len(upstream.messages) == 1  # the transactional one
