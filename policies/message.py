@@ -210,6 +210,16 @@ class ParsedMessage:
         return any(value.strip() for value in self.raw_header_values(name))
 
     @cached_property
+    def raw_fields(self) -> dict[str, list[str]]:
+        """Lower-case field name -> its undecoded, non-empty values, in order."""
+        out: dict[str, list[str]] = {}
+        for key, value in self.msg._headers:  # type: ignore[attr-defined]
+            text = str(value)
+            if text.strip():
+                out.setdefault(key.lower(), []).append(text)
+        return out
+
+    @cached_property
     def header_names(self) -> list[str]:
         return [key for key, _ in self.msg._headers]  # type: ignore[attr-defined]
 

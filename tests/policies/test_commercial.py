@@ -378,7 +378,7 @@ def test_extra_words_extend_every_language() -> None:
 
 def test_compounds_match_with_a_star() -> None:
     lists = WordLists.from_mapping({"languages": {"de": {"promotion": ["*rabatt", "sommer*"]}}}, "test")
-    found = CommercialDetector(words=lists)._find("sommerschlussverkauf mit treuerabatt")
+    found, _ = CommercialDetector(words=lists)._find("sommerschlussverkauf mit treuerabatt")
     assert found["promotion"] == {("sommer*", "de"), ("*rabatt", "de")}
 
 
