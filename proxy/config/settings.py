@@ -191,7 +191,7 @@ class DetectorConfig:
         "the class of grey-zone mail; when unsure, side with the law", default="commercial"
     )
     weights: dict[str, float] = doc("signal -> weight, replacing the shipped weight", default_factory=dict)
-    words_file: str | None = doc("a YAML file in the format of policies/commercial_words.yaml, added", default=None)
+    words_file: str | None = doc("a YAML file in the format of policies/commercial/words.yaml, added", default=None)
     extra_words: dict[str, dict[str, tuple[str, ...]]] = doc(
         "language -> word list -> entries, added to the shipped lists", default_factory=dict
     )

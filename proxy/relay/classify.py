@@ -7,7 +7,7 @@ Order of precedence, most specific first:
    users the config names (nobody by default: a network address, loopback included, proves
    nothing about who wrote a message);
 2. the first class rule that matches (the admin's overrides for known cases);
-3. the commercial-mail detector (``policies/commercial.py``), in ``enforce`` mode: its
+3. the commercial-mail detector (``policies/commercial/``), in ``enforce`` mode: its
    verdict, with the grey zone going to ``grey_outcome``;
 4. the configured default (detector off or in monitor mode).
 

@@ -1,4 +1,4 @@
-"""The commercial-mail detector (policies/commercial.py) and the classifier around it
+"""The commercial-mail detector (policies/commercial/) and the classifier around it
 (proxy/classify.py): the labelled sets, hand-written cases in five languages for what a
 set does not hold, explanations, tuning and the rules for a transactional declaration.
 
