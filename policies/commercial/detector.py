@@ -102,13 +102,22 @@ def _sender(message: ParsedMessage) -> Address | None:
     return senders[0] if senders else None
 
 
+#: Mailbox providers for the public: two of their users are not colleagues (a shop owner on
+#: gmail.com writing to a customer on gmail.com).
+_PUBLIC_MAIL = re.compile(
+    r"^(?:g(?:oogle)?mail|hotmail|outlook|live|msn|yahoo|ymail|icloud|me|mac|aol|gmx|web|t-online|freenet|orange"
+    r"|wanadoo|free|sfr|laposte|ziggo|kpnmail|kpnplanet|xs4all|planet|hetnet|home|chello|telenet|skynet|proton"
+    r"|protonmail|pm|libero|virgilio|tiscali|telefonica|movistar|terra|mail|email|posteo|mailbox|zoho|yandex"
+    r"|mail\.ru|seznam|wp|o2|onet|interia)\.[a-z.]{2,6}$"
+)
+
+
 def _same_organisation(domain: str, other: str) -> bool:
-    """One domain is the other or a subdomain of it (mail.example.com and example.com)."""
-    return (
-        bool(domain)
-        and bool(other)
-        and (domain == other or domain.endswith("." + other) or other.endswith("." + domain))
-    )
+    """One domain is the other or a subdomain of it (mail.example.com and example.com), and
+    it is not a public mailbox provider."""
+    if not domain or not other or _PUBLIC_MAIL.match(domain) or _PUBLIC_MAIL.match(other):
+        return False
+    return domain == other or domain.endswith("." + other) or other.endswith("." + domain)
 
 
 def _find_discount(text: str) -> str:

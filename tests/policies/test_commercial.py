@@ -206,6 +206,36 @@ COMMERCIAL_CASES = {
         "uw planning vereenvoudigt. Schrijf je in via de link: er is een beperkt aantal plaatsen.\n\nTeam Planly",
         sender="Planly <events@planly.example>",
     ),
+    "nl sales follow-up, plain text, one to one": build(
+        "Planningssoftware",
+        "Beste Peter,\n\nIk wilde even terugkomen op mijn mail van vorige week over onze planningssoftware. Heeft u al "
+        "tijd gehad om ernaar te kijken? Ik licht het graag toe in een kort gesprek; donderdag of vrijdag zou mij goed "
+        "uitkomen.\n\nMet vriendelijke groet,\nSanne Bakker\nAccountmanager, Roosterwijs",
+        sender="Sanne Bakker <sanne@roosterwijs.example>",
+        to="peter@bouwbedrijf-vos.example",
+    ),
+    "de sales follow-up, plain text, one to one": build(
+        "Zeiterfassung bei Weber Logistik",
+        "Sehr geehrter Herr Weber,\n\nich wollte kurz nachhaken, ob Sie meine E-Mail zu unserer Lösung für die "
+        "Zeiterfassung erhalten haben. Gerne zeige ich Ihnen in einem kurzen Gespräch, wie andere Speditionen damit "
+        "Zeit sparen. Hätten Sie nächste Woche 20 Minuten Zeit?\n\nBeste Grüße\nJonas Keller",
+        sender="Jonas Keller <j.keller@zeitwerk.example>",
+        to="weber@weber-logistik.example",
+    ),
+    "es sales follow-up, plain text, one to one": build(
+        "Facturación en Talleres Ruiz",
+        "Hola Lucía,\n\nte escribo de nuevo por si no viste mi correo anterior sobre nuestra herramienta de "
+        "facturación para talleres. ¿Te iría bien una llamada de 15 minutos esta semana?\n\nUn saludo,\nPablo",
+        sender="Pablo Gil <pablo@factura-facil.example>",
+        to="lucia@talleresruiz.example",
+    ),
+    "nl shop owner on a public mailbox writing to a customer on the same provider": build(
+        "Zomerjurken",
+        "Hoi Sanne,\n\nDeze week hebben we in de winkel 20% korting op alle zomerjurken, en bij besteding vanaf 50 "
+        "euro krijg je een gratis tas. Kom gerust langs!\n\nGroetjes,\nMarieke (Boetiek Lila)",
+        sender="Marieke Lila <boetieklila@gmail.com>",
+        to="sanne.devries@gmail.com",
+    ),
 }
 
 NOT_COMMERCIAL_CASES = {
@@ -255,6 +285,19 @@ NOT_COMMERCIAL_CASES = {
             "List-Unsubscribe": "<https://lists.example.org/users>",
             "Precedence": "list",
         },
+    ),
+    "fr payment reminder": build(
+        "Relance : facture F-2025-0412 impayée",
+        "Bonjour,\n\nSauf erreur de notre part, la facture F-2025-0412 du 3 mars (1 250,00 € TTC) reste impayée. "
+        "Merci de régler le montant dû avant le 30 avril par virement (IBAN FR76 3000 6000 0112 3456 7890 189).\n\n"
+        "Le service comptabilité",
+        sender="Comptabilité <compta@atelier-durand.example>",
+    ),
+    "en colleague asking a quick question": build(
+        "Quick question",
+        "Hi Sam, quick question: did you get a chance to look at the Q3 budget? Happy to send the sheet again.\n\nAnna",
+        sender="Anna Berg <anna@ourcompany.example>",
+        to="Sam Lee <sam@ourcompany.example>",
     ),
     "nl verification code": build(
         "Je verificatiecode",
