@@ -288,8 +288,9 @@ class ParsedMessage:
         return list(self._walk_text(self.msg, top=True))
 
     def _walk_text(self, part: Message, *, top: bool) -> Iterator[TextPart]:
+        mime = _mime_fields(part)
         try:
-            ctype = part.get_content_type()
+            ctype = mime.get_content_type()
         except Exception:
             ctype = "text/plain"
         if ctype.startswith("message/"):
@@ -301,7 +302,7 @@ class ParsedMessage:
                     if isinstance(sub, Message):
                         yield from self._walk_text(sub, top=False)
             return
-        if not top and (part.get_content_disposition() or "").lower() == "attachment":
+        if not top and (mime.get_content_disposition() or "").lower() == "attachment":
             return
         if ctype not in ("text/plain", "text/html"):
             # A multipart declared without a boundary parses as a leaf of a multipart type;
@@ -317,15 +318,29 @@ class ParsedMessage:
             raw_payload = part.get_payload()
             payload_bytes = raw_payload.encode("utf-8", "surrogateescape") if isinstance(raw_payload, str) else b""
         try:
-            declared = part.get_content_charset()
+            declared = mime.get_content_charset()
         except Exception:
             declared = None
         text, used = _decode_bytes(payload_bytes, declared)
-        try:
-            transfer_encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
-        except Exception:
-            transfer_encoding = ""
+        transfer_encoding = str(mime.get("Content-Transfer-Encoding", "")).strip().lower()
         yield TextPart(ctype, text, used, transfer_encoding)
+
+
+#: The MIME fields a part's type, disposition, charset and encoding come from.
+_MIME_FIELDS = frozenset({"content-type", "content-disposition", "content-transfer-encoding"})
+
+
+def _mime_fields(part: Message) -> Message:
+    """A part's MIME fields in a ``compat32`` message, which reads type, parameters and
+    disposition from the raw strings with the stdlib's long-standing parser, where
+    ``policy.default`` builds a structured header object for every read (most of the cost
+    of walking a message's parts). The default type (message/rfc822 in a digest) is kept."""
+    fields = Message()
+    for key, value in part._headers:  # type: ignore[attr-defined]
+        if key.lower() in _MIME_FIELDS:
+            fields[key] = str(value)
+    fields.set_default_type(part.get_default_type())
+    return fields
 
 
 def _parse_address_field(name: str, raw: str, msg: EmailMessage) -> list[Address]:

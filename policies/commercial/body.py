@@ -15,13 +15,12 @@ import urllib.parse
 from dataclasses import dataclass
 
 from policies.message import ParsedMessage
-from policies.unsubscribe import fold
 
 __all__ = ("HTML_BUDGET", "LINK_BUDGET", "TEXT_BUDGET", "UTM", "Body", "tracked")
 
 #: Characters of text read per message; a campaign shows what it is in its first pages and
 #: its footer, and the bound keeps the cost of a long message that of a short newsletter.
-TEXT_BUDGET = 24_000
+TEXT_BUDGET = 16_000
 
 #: Characters of HTML source read per part: its beginning and its end, where the footer
 #: (unsubscribe, "you receive this because") of a long newsletter is.
@@ -89,7 +88,8 @@ def tracked(target: str) -> bool:
 class Body:
     """What the detector needs of the body, read once from the shared parse."""
 
-    folded: str
+    #: The text in lower case (accents kept: the word look-up folds them itself).
+    lowered: str
     text_sample: str
     link_targets: list[str]
     images: int
@@ -153,7 +153,7 @@ class Body:
             budget -= len(text)
             pieces.append(text)
         joined = "\n".join(pieces)
-        return cls(fold(joined), joined[:TEXT_BUDGET], list(dict.fromkeys(targets)), images, pixels, tables, quoted)
+        return cls(joined.lower(), joined, list(dict.fromkeys(targets)), images, pixels, tables, quoted)
 
 
 def _pixel(tag: str) -> bool:

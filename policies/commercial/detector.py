@@ -21,7 +21,6 @@ from policies.commercial.signals import (
 )
 from policies.commercial.words import WordLists, default_word_lists, find
 from policies.message import Address, ParsedMessage
-from policies.unsubscribe import fold
 
 __all__ = ("CommercialDetector",)
 
@@ -75,16 +74,16 @@ _PRICE = re.compile(
 )
 # A percentage off, in the five languages, or a "-20%" badge.
 _DISCOUNT = re.compile(
-    r"\d{1,2}\s?%\s?(?:off|korting|rabatt|discount|de (?:reduction|remise|descuento)|reduction|remise|descuento"
+    r"\d{1,2}\s?%\s?(?:off|korting|rabatt|discount|de (?:r[eé]duction|remise|descuento)|r[eé]duction|remise|descuento"
     r"|dto|sparen|voordeel|minder|ahorro|en moins|extra)\b|(?<![\w-])-\s?\d{1,2}\s?%"
-    r"|\b(?:up to|tot|bis zu|jusqu'a|hasta)\s+(?:\d{1,2}\s?%|[€$£]\s?\d+)"
-    r"|\b(?:korting|rabatt|sconto|descuento|remise|reduction|discount|dto)\s+(?:\w+\s+){0,2}(?:van|von|de|del|of|di)"
+    r"|\b(?:up to|tot|bis zu|jusqu['’][aà]|hasta)\s+(?:\d{1,2}\s?%|[€$£]\s?\d+)"
+    r"|\b(?:korting|rabatt|sconto|descuento|remise|r[eé]duction|discount|dto)\s+(?:\w+\s+){0,2}(?:van|von|de|del|of|di)"
     r"\s+\d{1,2}\s?%"
     r"|\d+\s?% (?:op|auf|sur|en) (?:alles|alle|tout|toute?s?|tod[oa]s?)"
     r"|\b(?:was|antes|statt|voorheen|normaal|au lieu de|instead of)\s*:?\s*(?:[€$£]\s?\d|\d+(?:[.,]\d+)?\s?(?:€|eur))",
 )
 # A promo code: the word, then something that looks like a code (letters and digits, upper case).
-_CODE_WORDS = re.compile(r"code|coupon|gutschein|cupon|codigo|voucher")
+_CODE_WORDS = re.compile(r"code|coupon|gutschein|cup[oó]n|c[oó]digo|voucher")
 _CODE = re.compile(
     r"(?i:code|coupon|gutschein|cup[oó]n|c[oó]digo|voucher)\s*:?\s*[\"'“]?(?=[A-Z0-9]*\d|[A-Z]{4})[A-Z0-9]{4,}\b"
 )
@@ -273,7 +272,7 @@ class CommercialDetector:
     # ---- words ----
 
     def _word_signals(self, subject: str, body: Body, signals: list[Signal]) -> None:
-        text = fold(subject) + "\n" + body.folded
+        text = subject.lower() + "\n" + body.lowered
         found, reference = self._find(text)
         for list_name, signal in LIST_SIGNAL.items():
             hits = found.get(list_name)
@@ -295,5 +294,5 @@ class CommercialDetector:
         if reference:
             self._add(signals, "reference_number", reference)
 
-    def _find(self, folded: str) -> tuple[dict[str, set[tuple[str, str]]], str]:
-        return find(self.words, folded)
+    def _find(self, text: str) -> tuple[dict[str, set[tuple[str, str]]], str]:
+        return find(self.words, text)
