@@ -43,6 +43,7 @@ def main() -> None:
     detector = CommercialDetector()
     grey_is_commercial = True
     tally: Counter[tuple[str, str]] = Counter()
+    by_language: Counter[tuple[str, str, str]] = Counter()  # (language, expected, got)
     for path, language, group, expected in cases(which):
         message = ParsedMessage(rawmsg.normalize_newlines(path.read_bytes()))
         detection = detector.detect(message)
@@ -53,6 +54,7 @@ def main() -> None:
         )
         ok = got == expected
         tally[(group, "ok" if ok else "wrong")] += 1
+        by_language[(language, expected, got)] += 1
         if verbose or not ok:
             mark = "  " if ok else "XX"
             print(
@@ -61,6 +63,17 @@ def main() -> None:
     groups = sorted({g for g, _ in tally})
     for group in groups:
         print(f"{group:20} ok={tally[(group, 'ok')]:3} wrong={tally[(group, 'wrong')]:3}")
+    print("\nlanguage  commercial found/expected  not-commercial called commercial/expected")
+    for language in sorted({lang for lang, _, _ in by_language}):
+        hit = by_language[(language, "commercial", "commercial")]
+        want = hit + by_language[(language, "commercial", "transactional")]
+        false = by_language[(language, "transactional", "commercial")]
+        others = false + by_language[(language, "transactional", "transactional")]
+        print(f"{language:9} {hit:3}/{want:<3}                      {false:3}/{others:<3}")
+    hits = sum(n for (_, e, g), n in by_language.items() if e == g == "commercial")
+    called = sum(n for (_, _, g), n in by_language.items() if g == "commercial")
+    wanted = sum(n for (_, e, _), n in by_language.items() if e == "commercial")
+    print(f"\nprecision {hits / called:.1%}  recall {hits / wanted:.1%}" if called and wanted else "")
 
 
 if __name__ == "__main__":

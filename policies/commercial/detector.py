@@ -37,7 +37,7 @@ _AD_LABEL = re.compile(
 )
 _FORWARD_SUBJECT = re.compile(r"^\s*(?:fwd?|wg|tr|doorst|i|enc|rv)\s*:", re.I)
 _ROLE_STRONG = re.compile(
-    r"^(?:news|newsletter|newsletters|nieuws|nieuwsbrief|marketing|promo|promos|promotions?|offers?|deals?|sales?"
+    r"^(?:news|newsletter|newsletters|nieuws|nieuwsbrief|marketing|promo|promos|promotions?|offers?|deals?"
     r"|aanbieding(?:en)?|acties?|angebote?|werbung|campaigns?|campagne|mailing|mailings|announce|announcements"
     r"|ofertas?|promociones|boletin|infolettre|lettre|donate|donations?|fundraising|giving|doneer|spenden)"
     r"(?:[-_.+].*)?$",

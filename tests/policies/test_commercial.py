@@ -120,13 +120,14 @@ def test_dev_cases_cover_five_languages_and_every_kind() -> None:
 
 def test_holdout_does_not_fall_below_its_first_blind_run() -> None:
     """First blind run (before any change made after seeing these messages): 52 of 60 right,
-    1 of 30 non-commercial called commercial, 7 of 30 commercial missed."""
+    1 of 30 non-commercial called commercial, 7 of 30 commercial missed. After tuning on the
+    development cases only: 25 of 30 found, still 1 false. The floor is the latter."""
     tally: Counter[tuple[str, str]] = Counter()
     for row in HOLDOUT_ROWS:
         detection = DETECTOR.detect(parse((FIXTURES / "holdout" / row["file"]).read_bytes()))
         tally[(row["expected"], judged(detection))] += 1
     assert tally[("transactional", "commercial")] <= 1, tally
-    assert tally[("commercial", "commercial")] >= 23, tally
+    assert tally[("commercial", "commercial")] >= 25, tally
 
 
 # ---- hand-written cases: what the law counts, in five languages ------------------------------
