@@ -3,7 +3,7 @@
 Telecommunicatiewet art. 11.7 / ePrivacy Directive art. 13: prior opt-in consent, or the soft
 opt-in for existing customers of the *same* sender about *similar* products, provided the chance
 to object was offered when the address was collected; objections and suppressions always win.
-The rules themselves live with the store (proxy/stores/consent.py, ``evaluate``); this policy
+The rules themselves live with the store (proxy/stores/consent_basis.py, ``evaluate``); this policy
 decides *when* to ask and what to answer.
 
 * **Topic.** The message's topic comes from ``topic_header`` (default ``X-Sendguard-Topic``;

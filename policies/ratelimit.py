@@ -56,6 +56,11 @@ Semantics, in order of the questions operators ask:
 Resources: ``limits`` (a ``LimitStore``; without it the policy keeps a private in-memory
 store), ``dns`` (a dnspython async resolver for ``mx_rollup``), ``metrics_limit_errors``
 (a callable taking "reserve" or "refund", called once per store error).
+
+Why one module of about 700 lines: 60 of them are this manual, and the rest is one policy
+whose ledger (what was reserved at MAIL, RCPT and after DATA, and what ``commit`` refunds)
+has to be read in one piece to see that every unit taken is given back exactly once. The
+buckets themselves (GCRA, the stores) are in proxy/stores/limits.py.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ required:
   single ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``. (RFC 8058 also wants a DKIM
   signature covering both fields; sendguard signs after the policies, so that is the
   signer's part.)
+
+Why one module of about 700 lines: the body check is half of it (the vocabulary, and finding
+and judging opt-out links in what a reader sees), written for this policy: its findings are
+the policy's evidence and reply (the commercial detector borrows only ``fold``). The text it
+reads is rendered in policies/readable.py; the headers are added by policies/list_unsubscribe.py.
 """
 
 from __future__ import annotations

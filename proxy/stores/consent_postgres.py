@@ -23,15 +23,8 @@ import psycopg.errors
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from proxy.stores.consent import (
-    STORED_COLUMNS,
-    ConsentEvent,
-    ConsentStore,
-    ConsentStoreError,
-    as_utc,
-    event_from_stored,
-    stored_values,
-)
+from proxy.stores.consent_events import STORED_COLUMNS, ConsentEvent, as_utc, event_from_stored, stored_values
+from proxy.stores.consent_store import ConsentStore, ConsentStoreError
 from proxy.stores.migrations import Migration, apply_postgres
 from proxy.stores.migrations.consent import CONSENT_MIGRATIONS
 

@@ -19,15 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from proxy.stores.consent import (
-    STORED_COLUMNS,
-    ConsentEvent,
-    ConsentStore,
-    ConsentStoreError,
-    as_utc,
-    event_from_stored,
-    stored_values,
-)
+from proxy.stores.consent_events import STORED_COLUMNS, ConsentEvent, as_utc, event_from_stored, stored_values
+from proxy.stores.consent_store import ConsentStore, ConsentStoreError
 from proxy.stores.migrations import Migration, apply_sqlite
 from proxy.stores.migrations.consent import CONSENT_MIGRATIONS
 

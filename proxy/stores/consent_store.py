@@ -1,0 +1,175 @@
+"""The consent store interface: what every backend offers, and the checks and time limits they share.
+
+A backend (``consent_sqlite``, ``consent_postgres``) imports this module and the event model
+only; ``proxy.stores.consent`` chooses and opens one (``open_consent_store``).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import ClassVar, TypeVar
+
+from proxy.stores.consent_basis import NO_SOFT_OPT_IN, Basis, SoftOptInRules, evaluate
+from proxy.stores.consent_events import (
+    ADDRESS,
+    ANY,
+    FUTURE_SKEW,
+    ConsentEvent,
+    ConsentInputError,
+    Subject,
+    as_utc,
+    event_problems,
+    normalize_sender,
+    normalize_topic,
+    parse_subject,
+    utcnow,
+)
+
+__all__ = ("ConsentStore", "ConsentStoreError")
+
+T = TypeVar("T")
+
+
+class ConsentStoreError(Exception):
+    """The store cannot answer (unreachable, timed out, broken). Never means "no consent"."""
+
+
+class ConsentStore(abc.ABC):
+    """Append-only consent events with a lookup per recipient. Every method may raise
+    ``ConsentStoreError`` (store down, timeout) or ``ConsentInputError`` (bad input)."""
+
+    backend: ClassVar[str] = ""
+
+    def __init__(self, timeout: float, where: str) -> None:
+        self.timeout = float(timeout)
+        self.where = where  # for messages: a path, or host:port/database (never a password)
+
+    # -- public API
+
+    async def add(self, *events: ConsentEvent) -> list[ConsentEvent]:
+        """Record events (one transaction); return them with their ids and recording time."""
+        now = utcnow()
+        self._check(events, now)
+        # Nothing takes effect after it is recorded: an opt-in stamped a few minutes ahead (a
+        # skewed clock) must not outrank an opt-out recorded after it.
+        events = tuple(dataclasses.replace(e, effective_at=min(e.effective_at, now)) for e in events)
+        return await self._bounded(self._insert(events, now))
+
+    async def import_events(self, events: Iterable[ConsentEvent], *, keep_recorded_at: bool = False) -> int:
+        """Record many events in one transaction: all of them, or none when anything fails.
+
+        The events are consumed as they are written (a million need not sit in memory); one
+        that breaks the rules aborts the transaction with ``ConsentInputError``. Not bounded by
+        ``timeout``: a large import takes longer than a lookup.
+        """
+        now = utcnow()
+
+        def checked() -> Iterator[ConsentEvent]:
+            for number, event in enumerate(events, 1):
+                problems = event_problems(event, now)
+                if event.recorded_at is not None and event.recorded_at > now + FUTURE_SKEW:
+                    problems.append("recorded_at is in the future")
+                if problems:
+                    raise ConsentInputError(
+                        f"event {number} ({event.kind} {event.label}): {'; '.join(problems)}; nothing was imported"
+                    )
+                if event.recorded_at is not None and not keep_recorded_at:
+                    event = dataclasses.replace(event, recorded_at=None)
+                if event.effective_at > now:
+                    event = dataclasses.replace(event, effective_at=now)
+                yield event
+
+        try:
+            return await self._insert_bulk(checked(), now)
+        except (ConsentStoreError, ConsentInputError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise self._wrap(exc) from exc
+
+    async def history(self, subject: str | Subject, *, at: datetime | None = None) -> list[ConsentEvent]:
+        """Every event of a subject, oldest first; for an address, its domain's events too."""
+        parsed = subject if isinstance(subject, Subject) else parse_subject(subject)
+        bound = as_utc(at) if at is not None else None
+        return await self._bounded(self._select(parsed.keys, bound))
+
+    async def basis(
+        self,
+        address: str,
+        topic: str = ANY,
+        sender: str = ANY,
+        *,
+        at: datetime | None = None,
+        rules: SoftOptInRules = NO_SOFT_OPT_IN,
+    ) -> Basis:
+        """The lawful basis for commercial mail to ``address`` now, or as known at ``at``."""
+        subject = parse_subject(address)
+        if subject.kind != ADDRESS:
+            raise ConsentInputError("a basis is looked up for one address, not a domain")
+        events = await self.history(subject, at=at)
+        return evaluate(events, subject.value, normalize_topic(topic), normalize_sender(sender), at=at, rules=rules)
+
+    async def export(self, *, batch: int = 5000) -> AsyncIterator[ConsentEvent]:
+        """Every event in id order, fetched page by page."""
+        after = 0
+        while True:
+            page = await self._bounded(self._page(after, batch))
+            for event in page:
+                yield event
+            if len(page) < batch:
+                return
+            after = page[-1].id or after
+
+    async def count(self) -> int:
+        return await self._bounded(self._count())
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # -- for backends
+
+    @abc.abstractmethod
+    async def _insert(self, events: Sequence[ConsentEvent], now: datetime) -> list[ConsentEvent]: ...
+
+    @abc.abstractmethod
+    async def _insert_bulk(self, events: Iterable[ConsentEvent], now: datetime) -> int:
+        """Write every event of the iterable in one transaction; return how many."""
+
+    @abc.abstractmethod
+    async def _select(self, keys: Sequence[tuple[str, str]], at: datetime | None) -> list[ConsentEvent]: ...
+
+    @abc.abstractmethod
+    async def _page(self, after_id: int, limit: int) -> list[ConsentEvent]: ...
+
+    @abc.abstractmethod
+    async def _count(self) -> int: ...
+
+    @abc.abstractmethod
+    def _wrap(self, error: Exception) -> ConsentStoreError:
+        """Turn a driver error into a ConsentStoreError that says what failed."""
+
+    @staticmethod
+    def _check(events: Sequence[ConsentEvent], now: datetime) -> None:
+        problems: list[str] = []
+        for index, event in enumerate(events):
+            for problem in event_problems(event, now):
+                problems.append(f"event {index + 1} ({event.kind} {event.label}): {problem}")
+            if event.recorded_at is not None and event.recorded_at > now + FUTURE_SKEW:
+                problems.append(f"event {index + 1}: recorded_at is in the future")
+        if problems:
+            raise ConsentInputError("; ".join(problems[:20]) + (" ..." if len(problems) > 20 else ""))
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(call, self.timeout)
+        except (ConsentStoreError, ConsentInputError, asyncio.CancelledError):
+            raise
+        except TimeoutError as exc:
+            raise ConsentStoreError(
+                f"consent store ({self.backend} {self.where}) did not answer within {self.timeout:g}s"
+            ) from exc
+        except Exception as exc:
+            raise self._wrap(exc) from exc
