@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from proxy.stores.limits import (
+from proxy.stores.limits_store import (
     NEVER,
     REFUND_MEMORY,
     BucketState,

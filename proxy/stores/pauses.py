@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from proxy.stores.limits import LimitStoreConfig
+from proxy.stores.limits_store import LimitStoreConfig
 
 __all__ = ("Pause", "PauseStore", "MemoryPauseStore", "RedisPauseStore", "open_pause_store")
 
