@@ -43,6 +43,7 @@ import yaml
 from policies.base import Action, Policy, PolicyError, Transaction, Verdict
 from policies.list_unsubscribe import footer_edit, message_topic
 from policies.message import Link, ParsedMessage
+from policies.wordfiles import read_yaml_file
 from proxy.schema import doc
 from proxy.stores.consent import normalize_topic
 
@@ -179,15 +180,7 @@ def _strings(entries: Any, where: str) -> list[str]:
 
 def read_words_file(path: str | Path) -> Vocabulary:
     """A vocabulary from a YAML file in the format of ``unsubscribe_words.yaml``."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read the words file {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"words file {path} is not valid YAML: {exc}") from None
-    return Vocabulary.from_mapping(data, str(path))
+    return Vocabulary.from_mapping(read_yaml_file(path), str(path))
 
 
 def default_vocabulary() -> Vocabulary:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from policies.unsubscribe import fold
+from policies.wordfiles import read_yaml_file
 
 __all__ = ("WORD_LISTS", "WordLists", "default_word_lists", "find", "load_word_lists", "tokens")
 
@@ -190,15 +191,7 @@ class WordLists:
 
 
 def _read_words_file(path: str | Path) -> WordLists:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read the words file {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"words file {path} is not valid YAML: {exc}") from None
-    return WordLists.from_mapping(data, str(path))
+    return WordLists.from_mapping(read_yaml_file(path), str(path))
 
 
 def default_word_lists() -> WordLists:

@@ -420,6 +420,16 @@ def test_extra_words_extend_every_language() -> None:
     assert judged(CommercialDetector(words=lists).detect(message)) == "commercial"
 
 
+def test_a_words_file_adds_entries(tmp_path: Path) -> None:
+    words = tmp_path / "words.yaml"
+    words.write_text("languages:\n  nl:\n    promotion: [prikje, dagdeal]\n", encoding="utf-8")
+    message = build("Dagdeal", "Vandaag: de fietsbel voor een prikje.")
+    assert judged(CommercialDetector(words=load_word_lists(str(words))).detect(message)) == "commercial"
+    words.write_text("languages: [nl\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="is not valid YAML"):
+        load_word_lists(str(words))
+
+
 def test_compounds_match_with_a_star() -> None:
     lists = WordLists.from_mapping({"languages": {"de": {"promotion": ["*rabatt", "sommer*"]}}}, "test")
     found, _ = CommercialDetector(words=lists)._find("sommerschlussverkauf mit treuerabatt")
@@ -562,6 +572,7 @@ def test_detector_off_uses_the_default() -> None:
         ("  detector: {grey_from: 5, commercial_at: 4}\n", "grey_from (5.0) must not be above commercial_at"),
         ("  detector: {weights: {promotions: 2}}\n", "unknown signal(s) promotions"),
         ("  detector: {extra_words: {nl: {promos: [x]}}}\n", "unknown list"),
+        ("  detector: {words_file: /nonexistent/words.yaml}\n", "cannot read the words file /nonexistent/words.yaml"),
         ("  detector: {mode: on}\n", "must be one of enforce, monitor, off"),
         ("  header: {declared_transactional: allow}\n", "refuse, commercial, monitor, believe"),
     ],
