@@ -34,6 +34,9 @@ class Faults:
     drop_at: str | None = None  # "mail", "rcpt", "data-start", "data-end": close without reply
     hang_at: str | None = None  # same stages: never answer
     hang_seconds: float = 30.0
+    #: A line sent right after a reply, in the same write, unasked: stage -> line.
+    #: ("data-end": after the reply to the final dot; "mail", "rcpt": after those replies.)
+    extra_line: dict[str, str] = field(default_factory=dict)
 
 
 class RecordingHandler:
@@ -61,7 +64,11 @@ class RecordingHandler:
             return self.faults.mail_reply
         envelope.mail_from = address
         envelope.mail_options.extend(options)
-        return "250 2.1.0 Ok"
+        return self._with_extra("mail", "250 2.1.0 Ok")
+
+    def _with_extra(self, stage: str, reply: str) -> str:
+        extra = self.faults.extra_line.get(stage)
+        return f"{reply}\r\n{extra}" if extra else reply
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -72,7 +79,7 @@ class RecordingHandler:
         if reply:
             return reply
         envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
+        return self._with_extra("rcpt", "250 2.1.5 Ok")
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.commands.append("RSET")
@@ -93,7 +100,7 @@ class RecordingHandler:
                 str(envelope.mail_from), list(envelope.rcpt_tos), envelope.original_content, list(envelope.mail_options)
             )
         )
-        return f"250 2.0.0 Ok: queued as Q{len(self.messages)}"
+        return self._with_extra("data-end", f"250 2.0.0 Ok: queued as Q{len(self.messages)}")
 
     def authenticator(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any

@@ -218,6 +218,14 @@ class MaildirSession:
 # ---- SMTP ------------------------------------------------------------------------------------
 
 
+def _unasked_bytes(client: aiosmtplib.SMTP) -> int:
+    """Bytes the upstream sent after the reply just read, in the same write: nobody asked for
+    them, and aiosmtplib would hand them out as the reply to the next command (another
+    client's, on a pooled connection). A connection holding any is out of step."""
+    buffer = getattr(getattr(client, "protocol", None), "_buffer", None)
+    return len(buffer) if buffer else 0
+
+
 @dataclass(eq=False)
 class _Connection:
     client: aiosmtplib.SMTP
@@ -294,7 +302,8 @@ class SmtpUpstream:
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()
-            if connection.client.is_connected and now - connection.last_used < self.config.pool.idle_timeout:
+            fresh = now - connection.last_used < self.config.pool.idle_timeout
+            if connection.client.is_connected and fresh and not _unasked_bytes(connection.client):
                 connection.reused = True
                 return connection
             connection.client.close()
@@ -359,6 +368,7 @@ class SmtpUpstream:
             and not self._closed
             and connection.client.is_connected
             and connection.messages < self.config.pool.max_messages_per_connection
+            and not _unasked_bytes(connection.client)
         ):
             self._idle.append(connection)
         else:
@@ -424,6 +434,13 @@ class SmtpSession:
             self.upstream.count(stage, "disconnected")
             raise
         self._pending = False
+        if _unasked_bytes(self.client):
+            # More than one reply to one command: which of them answers it is unknowable, and
+            # the next command would read the extra one. End the transaction (the client sends
+            # again) and drop the connection.
+            log.error("txn %s: upstream sent more than its reply to %s; dropping the connection", self.txn_id, stage)
+            self.upstream.count(stage, "error")
+            raise aiosmtplib.SMTPServerDisconnected("upstream out of step")
         self.upstream.count(stage, f"{response.code // 100}xx")
         return reply_from_upstream(response.code, response.message, stage=stage, txn_id=self.txn_id)
 
@@ -489,9 +506,20 @@ class SmtpSession:
             self._release(healthy=False)
             return r451_upstream_lost(self.txn_id)
         self._pending = False
-        self.upstream.count("data", f"{response.code // 100}xx")
         self._in_transaction = False
         self.connection.messages += 1
+        if _unasked_bytes(self.client):
+            # The reply to the final dot came first and is the upstream's answer to this
+            # message (a 451 now would make the client send a duplicate); what followed it
+            # was unasked, so the connection is dropped, never pooled for someone else.
+            log.error(
+                "txn %s: upstream sent more than its reply to the final dot; dropping the connection", self.txn_id
+            )
+            self.upstream.count("data", "error")
+            reply = reply_from_upstream(response.code, response.message, stage="data", txn_id=self.txn_id)
+            self.discard()
+            return reply
+        self.upstream.count("data", f"{response.code // 100}xx")
         return reply_from_upstream(response.code, response.message, stage="data", txn_id=self.txn_id)
 
     @property
