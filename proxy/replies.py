@@ -27,6 +27,7 @@ R454_AUTH_BLOCKED = Reply(454, "4.7.0", "Too many failed login attempts from you
 R535_AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
 R235_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 R503_AUTH_NOT_OFFERED = Reply(503, "5.5.1", "AUTH is not offered on this port")
+R503_AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first: AUTH is an ESMTP command (RFC 4954)")
 
 # ---- envelope
 R250_SENDER_OK = Reply(250, "2.1.0", "Sender OK")

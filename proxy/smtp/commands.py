@@ -150,7 +150,7 @@ class RelayHandler:
             return R.R530_AUTH_REQUIRED
         if self.listener.is_trusted(self.server.client_ip):
             return None
-        if config.auth == "optional" and self.server.auth_possible:
+        if config.auth == "optional" and self.server.can_authenticate:
             return R.R530_AUTH_REQUIRED
         return R.R550_RELAY_DENIED
 

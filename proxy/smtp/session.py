@@ -246,8 +246,9 @@ class SendguardSMTP(SMTP):
     # ---- AUTH -----------------------------------------------------------------------------
 
     @property
-    def auth_possible(self) -> bool:
-        """Whether this client can AUTH here, now or after STARTTLS."""
+    def can_authenticate(self) -> bool:
+        """Whether this client can AUTH here, now or after STARTTLS. (Not named ``auth_*``:
+        aiosmtpd offers every attribute so named as a SASL mechanism.)"""
         if self.listener.config.auth == "none":
             return False
         return bool(self._tls_protocol) or not self._auth_require_tls or self.listener.config.tls.mode == "starttls"
@@ -256,6 +257,11 @@ class SendguardSMTP(SMTP):
         mode = self.listener.config.auth
         if mode == "none":
             await self.push(R.R503_AUTH_NOT_OFFERED.line())
+            return
+        if self.session is not None and self.session.host_name and not self.session.extended_smtp:
+            # AUTH after HELO is a command out of sequence (503), not an unknown one (500):
+            # RFC 4954 4 offers it only after EHLO.
+            await self.push(R.R503_AUTH_NEEDS_EHLO.line())
             return
         if self._auth_require_tls and not self._tls_protocol:
             await self.push(R.R538_ENCRYPTION_REQUIRED.line())

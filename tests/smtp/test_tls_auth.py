@@ -274,3 +274,26 @@ async def test_credentials_never_reach_the_logs(
     assert "AUTH success for alice" in logged
     for secret in ("s3cret-Passw0rd", plain_auth("alice", "s3cret-Passw0rd")):
         assert secret not in logged
+
+
+async def test_only_real_mechanisms_are_offered_and_auth_after_helo_is_out_of_sequence(
+    tls_files: TLSFiles, upstream: FakeUpstream, proxy_factory: ProxyFactory, tmp_path: Any
+) -> None:
+    """Issue 15 part 7: aiosmtpd offers every ``auth_*`` attribute as a SASL mechanism (a
+    property once appeared as ``AUTH ... POSSIBLE``); AUTH after HELO is 503, not 500."""
+    add_user(str(tmp_path / "users"), "alice", "pw")
+    proxy = await proxy_factory(
+        upstream.address, {"listeners": [listener(tls_files, plaintext_auth_networks=["127.0.0.0/8"])]}
+    )
+    client = await RawClient.connect(proxy.port)
+    _, ehlo = await client.cmd("EHLO client.test")
+    offered = next(line for line in ehlo.splitlines() if "AUTH" in line)
+    assert offered.split("AUTH", 1)[1].split() == ["LOGIN", "PLAIN"]
+    code, text = await client.cmd("AUTH POSSIBLE")
+    assert (code, text.split(" ")[0]) == (504, "5.5.4")
+    await client.close()
+    client = await RawClient.connect(proxy.port)
+    await client.cmd("HELO client.test")
+    code, text = await client.cmd(f"AUTH PLAIN {plain_auth('alice', 'pw')}")
+    assert (code, text.split(" ")[0]) == (503, "5.5.1")
+    await client.close()
