@@ -61,6 +61,8 @@ class RecordingHandler:
         self.commands.append(f"MAIL {address} {' '.join(options)}".strip())
         await self._fault(server, "mail")
         if self.faults.mail_reply:
+            if self.faults.mail_reply.startswith("2"):  # a success in other words: still a sender
+                envelope.mail_from = address
             return self.faults.mail_reply
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -77,6 +79,8 @@ class RecordingHandler:
         await self._fault(server, "rcpt")
         reply = self.faults.rcpt_replies.get(address)
         if reply:
+            if reply.startswith("2"):
+                envelope.rcpt_tos.append(address)
             return reply
         envelope.rcpt_tos.append(address)
         return self._with_extra("rcpt", "250 2.1.5 Ok")

@@ -64,6 +64,9 @@ class UpstreamUnavailable(Exception):
         self.reply = reply
 
 
+_DEFAULT_SUCCESS = {"mail": "2.1.0", "rcpt": "2.1.5"}
+
+
 def reply_from_upstream(code: int, message: str, *, stage: str, txn_id: str) -> Reply:
     """An upstream reply as a client reply: same code class, the upstream's own words.
 
@@ -86,7 +89,9 @@ def reply_from_upstream(code: int, message: str, *, stage: str, txn_id: str) -> 
         status = f"{match.group(1)}.{match.group(2)}.{match.group(3)}"
         text = text[match.end() :]
     else:
-        status = f"{code // 100}.0.0"
+        # RFC 3463 3.2/3.3: a success at MAIL is 2.1.0 (sender), at RCPT 2.1.5 (destination);
+        # elsewhere, and for refusals whose subject we cannot know, the undefined x.0.0.
+        status = _DEFAULT_SUCCESS.get(stage, "2.0.0") if code < 300 else f"{code // 100}.0.0"
         if match:  # the class disagrees with the code: keep the words, drop the bad status
             text = text[match.end() :]
     text = text[:400] or ("OK" if code < 400 else "Refused by the upstream mail server")

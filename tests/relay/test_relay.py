@@ -320,3 +320,16 @@ async def test_client_disconnect_mid_data_relays_nothing(proxy: Proxy, upstream:
     audit = await proxy.wait_audit(1)
     assert audit[-1]["outcome"] == "abandoned"
     assert upstream.messages == []
+
+
+async def test_upstream_replies_without_enhanced_status_get_the_one_for_their_stage(
+    upstream_factory: Callable[..., Awaitable[FakeUpstream]], proxy_factory: Callable[..., Awaitable[Proxy]]
+) -> None:
+    """RFC 3463: a success at MAIL is 2.1.0, at RCPT 2.1.5 (issue 15 part 7), not 2.0.0."""
+    upstream = await upstream_factory(faults=Faults(mail_reply="250 Ok", rcpt_replies={"bob@example.org": "250 Ok"}))
+    proxy = await proxy_factory(upstream.address)
+    client = await RawClient.connect(proxy.port)
+    await client.cmd("EHLO client.test")
+    assert await client.cmd("MAIL FROM:<alice@example.com>") == (250, "2.1.0 Ok")
+    assert await client.cmd("RCPT TO:<bob@example.org>") == (250, "2.1.5 Ok")
+    await client.close()
