@@ -8,9 +8,11 @@ which would show AUTH exchanges at debug level, is kept at WARNING).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import sys
 import time
@@ -81,6 +83,24 @@ def stop_logging() -> None:
         _listener = None
 
 
+#: The audit log names people and what was decided about their mail: the owner writes it, its
+#: group (a log shipper) may read it, nobody else (AVG art. 32).
+AUDIT_FILE_MODE = 0o640
+
+
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating file handler whose files (the first and every rotated one) are created
+    with ``AUDIT_FILE_MODE``, and whose existing file loses any access by others."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, AUDIT_FILE_MODE)
+        with contextlib.suppress(OSError):  # not ours to change: leave it, still write
+            mode = os.fstat(fd).st_mode & 0o777
+            if mode & 0o007:
+                os.fchmod(fd, mode & ~0o007)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 class AuditLog:
     """One JSON line per transaction, flushed per line, rotated by size.
 
@@ -96,10 +116,8 @@ class AuditLog:
         self._logger.propagate = False
         if path is None:
             return
-        import os
-
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_size, backupCount=keep, encoding="utf-8")
+        handler = _PrivateRotatingFileHandler(path, maxBytes=max_size, backupCount=keep, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(message)s"))
         self._logger.addHandler(logging.handlers.QueueHandler(self._queue))
         self._listener = logging.handlers.QueueListener(self._queue, handler)

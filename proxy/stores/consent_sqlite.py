@@ -9,6 +9,7 @@ opt-out that was acknowledged must survive a power cut, and writes are rare.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import os
@@ -131,6 +132,7 @@ class SQLiteConsentStore(ConsentStore):
     def _open_sync(self, migrations: Sequence[Migration]) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
+        _private_file(self.path)
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -229,3 +231,19 @@ class SQLiteConsentStore(ConsentStore):
 
     def _wrap(self, error: Exception) -> ConsentStoreError:
         return ConsentStoreError(f"consent store (sqlite {self.where}) failed: {type(error).__name__}: {error}")
+
+
+def _private_file(path: str) -> None:
+    """Consent records are personal data (AVG art. 32): the database is created readable by
+    its owner only (SQLite gives its -wal and -shm files the same mode), and an existing
+    one loses any access by others."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o007:
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, mode & ~0o007)
+    finally:
+        os.close(fd)
