@@ -88,6 +88,25 @@ def r451_upstream_unavailable(txn_id: str) -> Reply:
     return Reply(451, "4.4.1", f"Upstream mail server not reachable; try again later ({txn_id})")
 
 
+def r451_upstream_tls_failed(txn_id: str) -> Reply:
+    # RFC 3463 X.3.5: the system is not configured to accept this message now.
+    return Reply(
+        451,
+        "4.3.5",
+        f"TLS with the upstream mail server failed (certificate or handshake); the administrator must check "
+        f"the upstream TLS settings; try again later ({txn_id})",
+    )
+
+
+def r451_upstream_auth_refused(txn_id: str) -> Reply:
+    return Reply(
+        451,
+        "4.3.5",
+        f"The upstream mail server refused sendguard's credentials; the administrator must check the upstream "
+        f"user name and password; try again later ({txn_id})",
+    )
+
+
 def r451_upstream_lost(txn_id: str) -> Reply:
     return Reply(451, "4.4.2", f"Connection to the upstream mail server was lost; try again later ({txn_id})")
 

@@ -25,7 +25,7 @@ MESSAGE_OUTCOMES = ("delivered", "rejected", "tempfailed", "abandoned")
 RECIPIENT_OUTCOMES = ("accepted", "rejected", "tempfailed")
 POLICY_ACTIONS = ("accept", "reject", "tempfail", "error")
 UPSTREAM_STAGES = ("connect", "mail", "rcpt", "data")
-UPSTREAM_CLASSES = ("2xx", "4xx", "5xx", "timeout", "disconnected", "error", "auth_failed")
+UPSTREAM_CLASSES = ("2xx", "4xx", "5xx", "timeout", "disconnected", "error", "auth_failed", "tls_failed")
 CLASSES_OR_UNKNOWN = (*MESSAGE_CLASSES, "unknown")
 #: Values of the ``decided_by`` label of sendguard_classifications_total (proxy/classify.py).
 DECIDED_BY = (

@@ -30,7 +30,14 @@ import aiosmtplib
 
 from policies.base import Reply
 from proxy.config.settings import UpstreamConfig
-from proxy.replies import r451_internal, r451_upstream_busy, r451_upstream_lost, r451_upstream_unavailable
+from proxy.replies import (
+    r451_internal,
+    r451_upstream_auth_refused,
+    r451_upstream_busy,
+    r451_upstream_lost,
+    r451_upstream_tls_failed,
+    r451_upstream_unavailable,
+)
 
 __all__ = (
     "Capabilities",
@@ -223,6 +230,17 @@ class MaildirSession:
 # ---- SMTP ------------------------------------------------------------------------------------
 
 
+def _tls_failure(exc: BaseException) -> bool:
+    """The connection failed in TLS: a certificate, a handshake, or STARTTLS not offered
+    where it is required (as opposed to a host that does not answer)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) or "STARTTLS" in str(seen).upper() or "TLS" in type(seen).__name__.upper():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _unasked_bytes(client: aiosmtplib.SMTP) -> int:
     """Bytes the upstream sent after the reply just read, in the same write: nobody asked for
     them, and aiosmtplib would hand them out as the reply to the next command (another
@@ -336,11 +354,23 @@ class SmtpUpstream:
             log.error("txn %s: upstream refused our AUTH: %s %s", txn_id, exc.code, exc.message)
             client.close()
             self.count("connect", "auth_failed")
-            raise UpstreamUnavailable(r451_upstream_unavailable(txn_id)) from exc
+            raise UpstreamUnavailable(r451_upstream_auth_refused(txn_id)) from exc
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
-            log.error("txn %s: cannot connect to upstream %s:%s: %s", txn_id, self.host, self.port, exc)
             client.close()
-            self.count("connect", "error")
+            if _tls_failure(exc):
+                log.error("txn %s: TLS with upstream %s:%s failed: %s", txn_id, self.host, self.port, exc)
+                self.count("connect", "tls_failed")
+                raise UpstreamUnavailable(r451_upstream_tls_failed(txn_id)) from exc
+            timed_out = isinstance(exc, TimeoutError)
+            log.error(
+                "txn %s: upstream %s:%s unreachable (%s): %s",
+                txn_id,
+                self.host,
+                self.port,
+                "timeout" if timed_out else "connection failed",
+                exc,
+            )
+            self.count("connect", "timeout" if timed_out else "error")
             raise UpstreamUnavailable(r451_upstream_unavailable(txn_id)) from exc
         self.count("connect", "2xx")
         extensions = client.esmtp_extensions

@@ -194,9 +194,15 @@ async def test_upstream_with_unknown_ca_is_refused_with_451(
     client = await RawClient.connect(proxy.port)
     await client.cmd("EHLO client.test")
     code, text = await client.cmd("MAIL FROM:<a@example.com>")
-    assert (code, text.split(" ")[0]) == (451, "4.4.1")
+    # Told apart from an unreachable host (issue 15 part 6): a configuration to fix.
+    assert (code, text.split(" ")[0]) == (451, "4.3.5")
+    assert "TLS with the upstream mail server failed" in text
     await client.close()
     assert upstream.messages == []
+    registry = proxy.app.services.metrics.registry
+    assert (
+        registry.get_sample_value("sendguard_upstream_replies_total", {"stage": "connect", "class": "tls_failed"}) == 1
+    )
 
 
 async def test_upstream_implicit_tls_and_auth_with_password_from_environment(
@@ -241,7 +247,8 @@ async def test_upstream_refusing_our_credentials_gives_451(
     client = await RawClient.connect(proxy.port)
     await client.cmd("EHLO client.test")
     code, text = await client.cmd("MAIL FROM:<a@example.com>")
-    assert (code, text.split(" ")[0]) == (451, "4.4.1")
+    assert (code, text.split(" ")[0]) == (451, "4.3.5")
+    assert "refused sendguard's credentials" in text
     assert "wrong" not in text and "relay@example.com" not in text
     await client.close()
 
