@@ -63,6 +63,9 @@ class Reply:
     code: int
     status: str
     text: str
+    #: The code the upstream itself sent, when the proxy answers its client with another
+    #: (an upstream 421 is relayed as 451); backoff rules match and quote the upstream's own.
+    upstream_code: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not 200 <= self.code <= 599:

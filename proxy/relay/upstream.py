@@ -84,6 +84,7 @@ def reply_from_upstream(code: int, message: str, *, stage: str, txn_id: str) -> 
     if code // 100 not in valid or code > 599:
         log.warning("txn %s: unexpected upstream reply %s at %s", txn_id, code, stage)
         return r451_internal(txn_id)
+    sent = code
     if code == 421:
         # The upstream is closing *its* connection; ours with the client is fine, and a 421
         # would tell the client we are closing (RFC 5321 3.8). Same meaning, minus that.
@@ -102,7 +103,7 @@ def reply_from_upstream(code: int, message: str, *, stage: str, txn_id: str) -> 
         if match:  # the class disagrees with the code: keep the words, drop the bad status
             text = text[match.end() :]
     text = text[:400] or ("OK" if code < 400 else "Refused by the upstream mail server")
-    return Reply(code, status, text)
+    return Reply(code, status, text, upstream_code=sent if sent != code else None)
 
 
 class UpstreamSession(Protocol):

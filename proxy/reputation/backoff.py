@@ -92,10 +92,10 @@ class Backoff:
         if match.stage != "any" and match.stage != stage:
             return False
         if match.code is not None:
-            wanted = match.code
-            if wanted.endswith("xx") and str(reply.code)[0] != wanted[0]:
+            wanted, sent = match.code, str(reply.upstream_code or reply.code)  # the upstream's own
+            if wanted.endswith("xx") and sent[0] != wanted[0]:
                 return False
-            if not wanted.endswith("xx") and str(reply.code) != wanted:
+            if not wanted.endswith("xx") and sent != wanted:
                 return False
         if match.status is not None and not fnmatch.fnmatchcase(reply.status, match.status):
             return False
@@ -127,7 +127,7 @@ class Backoff:
                     continue
                 until = time.time() + rule.duration
                 reason = (
-                    f'the upstream answered "{reply.code} {reply.status} {reply.text[:120]}" '
+                    f'the upstream answered "{reply.upstream_code or reply.code} {reply.status} {reply.text[:120]}" '
                     f"{count} times within {rule.threshold}"
                 )
                 await self.store.pause(Pause(rule.scope, target, until, reason, f"backoff:{rule.name}"))

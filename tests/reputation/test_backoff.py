@@ -113,6 +113,21 @@ async def test_throttling_upstream_pauses_commercial_mail_and_transactional_keep
     assert audit["policies"][-1]["reason"].startswith("backoff:upstream-throttle: the upstream answered")
 
 
+async def test_a_rule_on_421_sees_and_quotes_the_upstreams_own_reply(
+    upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory
+) -> None:
+    """Issue 15 part 8: the client gets 451 for an upstream 421, but backoff counts the 421."""
+    upstream = await upstream_factory(faults=Faults(data_reply="421 4.7.0 Try again later"))
+    rule = {"name": "closing", "match": {"code": "421"}, "threshold": "1/10m", "scope": "all", "duration": "10m"}
+    proxy = await proxy_factory(upstream.address, {"backoff": {"rules": [rule]}})
+    code, text = await send(proxy.port, RECEIPT)
+    assert (code, text.split(" [")[0]) == (451, "4.7.0 Try again later")  # relayed as 451: we are not closing
+    upstream.faults.data_reply = None
+    code, text = await send(proxy.port, RECEIPT)
+    assert code == 451 and " is paused until " in text
+    assert 'because the upstream answered "421 4.7.0 Try again later" 1 times within 1/10m' in text
+
+
 async def test_class_known_from_the_envelope_is_paused_at_mail(
     upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory
 ) -> None:
