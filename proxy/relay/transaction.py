@@ -165,6 +165,11 @@ class RelayTransaction:
             metrics.recipients.labels(txn.listener, klass, outcome).inc()
             return decision.reply
 
+        suppressed = await self.runtime.bounces.refusal(txn, address)
+        if suppressed is not None:
+            self.refused[address] = suppressed
+            metrics.recipients.labels(txn.listener, klass, "rejected").inc()
+            return suppressed
         if self.upstream is None or self.upstream_lost:
             reply = R.r451_upstream_lost(txn.txn_id)
         else:

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from policies.base import Reply, Transaction
 from proxy.observability.metrics import Metrics
 from proxy.schema import Duration, doc
-from proxy.stores.consent import SUPPRESSED, ConsentStore, new_event
+from proxy.stores.consent import (
+    SUPPRESSED,
+    ConsentEvent,
+    ConsentInputError,
+    ConsentStore,
+    active_suppression,
+    new_event,
+)
 from proxy.stores.pauses import Pause, PauseStore
 
 __all__ = ("BounceConfig", "Bounces")
@@ -68,6 +75,37 @@ class Bounces:
         self.pauses = pauses
         self.metrics = metrics
 
+    async def refusal(self, txn: Transaction, recipient: str) -> Reply | None:
+        """550 for an address that hard-bounced before: it is never offered to the upstream
+        again, whatever the class of mail (a password reset to a dead mailbox bounces too, and
+        counts against the sender's reputation). An admin's own suppressions are the consent
+        policy's business, for commercial mail; the store being down lets the mail pass."""
+        record = await self._hard_bounce_suppression(txn, recipient)
+        if record is None:
+            return None
+        when = record.effective_at.strftime("%Y-%m-%d")
+        return Reply(
+            550,
+            "5.1.1",
+            f"<{recipient}>: this address hard-bounced before ({when}) and is suppressed: remove it from your "
+            "list (an administrator lifts it with: sendguard consent unsuppress)"[:450],
+        )
+
+    async def _hard_bounce_suppression(self, txn: Transaction, recipient: str) -> ConsentEvent | None:
+        if not self.config.suppress or self.consent is None:
+            return None
+        try:
+            events = await self.consent.history(recipient)
+        except ConsentInputError:
+            return None  # not an address the store can hold (no domain): nothing recorded
+        except Exception as exc:  # ConsentStoreError and kin: bookkeeping never stops mail
+            log.error("txn %s: cannot look up the suppression of %s: %s", txn.txn_id, recipient, exc)
+            if self.metrics is not None:
+                self.metrics.state_errors.labels("suppression").inc()
+            return None
+        record = active_suppression(events)
+        return record if record is not None and record.method == "hard_bounce" else None
+
     def is_dead(self, reply: Reply) -> bool:
         return reply.code >= 500 and any(fnmatch.fnmatchcase(reply.status, s) for s in self.config.statuses)
 
@@ -108,6 +146,8 @@ class Bounces:
 
     async def _suppress(self, txn: Transaction, recipient: str, reply: Reply) -> None:
         assert self.consent is not None
+        if await self._hard_bounce_suppression(txn, recipient) is not None:
+            return  # recorded once: a repeated refusal adds nothing to what is known
         try:
             await self.consent.add(
                 new_event(

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy.schema import Duration, doc
-from proxy.stores.consent_basis import NO_SOFT_OPT_IN, Basis, SoftOptInRules, blanket_refusal, evaluate
+from proxy.stores.consent_basis import (
+    NO_SOFT_OPT_IN,
+    Basis,
+    SoftOptInRules,
+    active_suppression,
+    blanket_refusal,
+    evaluate,
+)
 from proxy.stores.consent_csv import CSV_COLUMNS, CSV_EXPORT_ONLY, CsvProblem, event_from_row, iter_csv, read_csv
 from proxy.stores.consent_events import (
     ADDRESS,
@@ -77,6 +84,7 @@ __all__ = (
     "SoftOptInRules",
     "Subject",
     "as_utc",
+    "active_suppression",
     "blanket_refusal",
     "evaluate",
     "event_from_row",

@@ -50,6 +50,7 @@ __all__ = (
     "Basis",
     "BasisKind",
     "SoftOptInRules",
+    "active_suppression",
     "blanket_refusal",
     "evaluate",
 )
@@ -330,6 +331,11 @@ def _soft_opt_in(
         at,
         near_miss=customer,
     )
+
+
+def active_suppression(events: Sequence[ConsentEvent], *, at: datetime | None = None) -> ConsentEvent | None:
+    """The suppression in force for an address (or its domain) at ``at``, else None."""
+    return _suppression(_visible(events, at))
 
 
 def blanket_refusal(events: Sequence[ConsentEvent], address: str, *, at: datetime | None = None) -> Basis | None:

@@ -106,3 +106,51 @@ async def test_a_high_hard_bounce_rate_pauses_the_senders_commercial_mail(
     )
     registry = proxy.app.services.metrics.registry
     assert registry.get_sample_value("sendguard_bounce_pauses_total") == 1
+
+
+async def test_a_suppressed_address_is_never_offered_to_the_upstream_again(
+    upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """Issue 15 part 8: whatever the class (here transactional), a hard-bounced address is
+    refused at RCPT by sendguard itself; the suppression is recorded once."""
+    upstream = await upstream_factory(faults=Faults(rcpt_replies={"gone@example.org": DEAD.format("gone@example.org")}))
+    proxy = await proxy_factory(upstream.address)
+    for attempt in range(3):
+        client = await RawClient.connect(proxy.port)
+        await client.cmd("EHLO client.test")
+        await client.cmd("MAIL FROM:<shop@example.com>")
+        code, text = await client.cmd("RCPT TO:<gone@example.org>")
+        assert (code, text.split(" ")[0]) == (550, "5.1.1"), attempt
+        if attempt:
+            assert "hard-bounced before" in text and "sendguard consent unsuppress" in text
+        await client.cmd("QUIT")
+        await client.close()
+    offered = [c for c in upstream.handler.commands if c == "RCPT gone@example.org"]
+    assert len(offered) == 1  # only the first attempt reached the upstream
+    store = await open_consent_store(ConsentStoreConfig(path=str(tmp_path / "consent.db")))
+    try:
+        assert [e.kind for e in await store.history("gone@example.org")] == ["suppressed"]
+    finally:
+        await store.close()
+    registry = proxy.app.services.metrics.registry
+    assert registry.get_sample_value("sendguard_hard_bounces_total") == 1
+
+
+async def test_a_repeated_hard_bounce_is_recorded_once(tmp_path: Path) -> None:
+    from policies.base import Reply, Transaction
+    from proxy.reputation.bounces import BounceConfig, Bounces
+    from proxy.stores.pauses import MemoryPauseStore
+
+    store = await open_consent_store(ConsentStoreConfig(path=str(tmp_path / "consent.db")))
+    try:
+        bounces = Bounces(BounceConfig(), store, MemoryPauseStore())
+        txn = Transaction(txn_id="t", listener="local", client_ip="127.0.0.1", mail_from="shop@example.com")
+        dead = Reply(550, "5.1.1", "User unknown")
+        for _ in range(3):  # e.g. copies of one message, each refused by the upstream
+            await bounces.recipient_tried(txn, "gone@example.org", dead, count_tried=False)
+        assert [e.kind for e in await store.history("gone@example.org")] == ["suppressed"]
+        refusal = await bounces.refusal(txn, "gone@example.org")
+        assert refusal is not None and refusal.code == 550
+        assert await bounces.refusal(txn, "alive@example.org") is None
+    finally:
+        await store.close()
