@@ -16,7 +16,7 @@ import re
 import secrets
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 
 from policies.base import Reply
 from proxy import replies as R
@@ -27,7 +27,6 @@ __all__ = ("SendguardSMTP", "SessionHandler", "new_txn_id")
 
 log = logging.getLogger("sendguard.smtp")
 
-_ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}( |$)")
 _MAX_ERRORS = 20  # Postfix smtpd_hard_error_limit
 # Only protocol errors (bad syntax, wrong sequence, failed AUTH) count towards the limit:
 # refusing recipients is normal business (a newsletter with thirty addresses without
@@ -37,35 +36,6 @@ _PROTOCOL_ERROR = re.compile(r"^(50[0-4] |5\d\d 5\.5\.|53[05] |538 )")
 
 def new_txn_id() -> str:
     return secrets.token_hex(6)
-
-
-# aiosmtpd's own replies carry no enhanced status code and some leak nothing useful;
-# each is replaced by one that tells the client what to do (RFC 3463, RFC 2034).
-_REWRITES_EXACT = {
-    "500 Error: bad syntax": "500 5.5.2 Syntax error",
-    "500 Command line too long": "500 5.5.2 Command line too long (512 bytes at most, RFC 5321 4.5.3.1.4)",
-    "503 Error: need MAIL command": R.R503_NEED_MAIL.line(),
-    "503 Error: need RCPT command": R.R503_NEED_RCPT.line(),
-    "503 Error: nested MAIL command": "503 5.5.1 Nested MAIL command; finish or RSET the transaction first",
-    "503 Error: send HELO first": "503 5.5.1 Send HELO or EHLO first",
-    "503 Error: send EHLO first": "503 5.5.1 Send EHLO first",
-    "503 Already authenticated": "503 5.5.1 Already authenticated",
-    "530 Must issue a STARTTLS command first": R.R530_STARTTLS_REQUIRED.line(),
-    "454 TLS not available": "454 4.7.0 TLS not available",
-    "554 Command refused due to lack of security": "554 5.7.0 Command refused: the TLS handshake failed",
-    "500 Error: strict ASCII mode": "500 5.6.7 Non-ASCII characters need the SMTPUTF8 extension",
-    "501 Error: SMTPUTF8 disabled": "501 5.5.4 SMTPUTF8 is not available",
-    "501 Error: SMTPUTF8 takes no arguments": "501 5.5.4 SMTPUTF8 takes no arguments",
-    "501 Error: BODY can only be one of 7BIT, 8BITMIME": "501 5.5.4 BODY can only be 7BIT or 8BITMIME",
-    "555 MAIL FROM parameters not recognized or not implemented": "555 5.5.4 MAIL FROM parameters not recognized",
-    "555 RCPT TO parameters not recognized or not implemented": "555 5.5.4 RCPT TO parameters not recognized",
-    "502 EXPN not implemented": "502 5.5.1 EXPN not implemented",
-    "501 Not enough value": "501 5.5.4 AUTH needs a mechanism",
-    "501 Too many values": "501 5.5.4 Too many AUTH arguments",
-    "250 OK": "250 2.0.0 OK",
-    "221 Bye": "221 2.0.0 Bye",
-    "252 Cannot VRFY user, but will accept message and attempt delivery": "252 2.5.2 Cannot VRFY user",
-}
 
 
 class SessionHandler(Protocol):
@@ -80,6 +50,14 @@ class SessionHandler(Protocol):
         """An internal error: end the transaction in progress with this reply."""
 
     def connection_lost(self) -> None: ...
+
+
+class _Session(Session):
+    """aiosmtpd's session without the deprecated ``login_data`` property, which aiosmtpd
+    itself sets on every successful AUTH (a "deprecated" warning in the log each time); the
+    login lives in ``auth_data``, where sendguard reads it."""
+
+    login_data: object = None
 
 
 class SendguardSMTP(SMTP):
@@ -192,6 +170,9 @@ class SendguardSMTP(SMTP):
             transport.write(reply.line().encode("ascii") + b"\r\n")
             transport.close()
 
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
+
     # ---- replies --------------------------------------------------------------------------
 
     async def push(self, status: Any) -> None:
@@ -209,30 +190,9 @@ class SendguardSMTP(SMTP):
             self.close_with(R.R421_SESSION_TIMEOUT)
 
     def _rewrite(self, text: str) -> str:
-        if (
-            text.startswith(("220 ", "250-", "334 ", "354 ", "235 ", "214"))
-            or text == "250 HELP"
-            or "\r\n" in text
-            or _ENHANCED.match(text)
-        ):
-            return text
-        exact = _REWRITES_EXACT.get(text)
-        if exact is not None:
-            return exact
-        if text.startswith("500 Line too long"):
-            return R.r500_line_too_long(self.line_length_limit).line()
-        if text.startswith("552 Error:"):
-            return R.r552_message_too_big(self.listener.config.max_message_size).line()
-        if text.startswith("501 Syntax:"):
-            return "501 5.5.4 " + text[4:]
-        if text.startswith("500 Error: command"):
-            return "500 5.5.1 Command not recognized"
-        if text.startswith("502 Could not VRFY"):
-            return "502 5.5.4 Could not VRFY that address"
-        if len(text) >= 4 and text[:3].isdigit() and text[0] in "245" and text[3] in (" ", ""):
-            # Anything else of aiosmtpd's: add the class's generic enhanced status.
-            return f"{text[:3]} {text[0]}.0.0 {text[4:]}".rstrip()
-        return text
+        return R.rewrite_aiosmtpd_reply(
+            text, line_length_limit=self.line_length_limit, max_message_size=int(self.listener.config.max_message_size)
+        )
 
     async def handle_exception(self, error: Exception) -> str:
         """An unexpected exception is a 451 with the transaction id, never aiosmtpd's

@@ -29,6 +29,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from proxy.replies import rewrite_aiosmtpd_reply
 from proxy.schema import HostPort
 from proxy.stores.consent import ConsentInputError, ConsentStoreError
 from proxy.unsubscribe import UnsubscribeService, UnsubscribeToken
@@ -185,6 +186,17 @@ class MailtoUnsubscribeHandler:
         return "; ".join(parts)
 
 
+class _MailtoSMTP(SMTP):
+    """aiosmtpd with the relay's reply wording: enhanced status codes on its own replies."""
+
+    async def push(self, status: Any) -> None:
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+        limit = int(self.data_size_limit or 0)
+        await super().push(
+            rewrite_aiosmtpd_reply(text, line_length_limit=self.line_length_limit, max_message_size=limit)
+        )
+
+
 async def start_mailto_listener(service: UnsubscribeService, address: HostPort) -> asyncio.Server:
     """Listen for unsubscribe mail on ``address`` (the caller closes the server)."""
     config = service.config
@@ -199,7 +211,7 @@ async def start_mailto_listener(service: UnsubscribeService, address: HostPort) 
     hostname = mailto.address.rpartition("@")[2]
 
     def factory() -> Any:
-        return SMTP(
+        return _MailtoSMTP(
             handler,
             data_size_limit=int(mailto.max_message_size),
             enable_SMTPUTF8=True,

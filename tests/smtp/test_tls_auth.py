@@ -304,3 +304,23 @@ async def test_only_real_mechanisms_are_offered_and_auth_after_helo_is_out_of_se
     code, text = await client.cmd(f"AUTH PLAIN {plain_auth('alice', 'pw')}")
     assert (code, text.split(" ")[0]) == (503, "5.5.1")
     await client.close()
+
+
+async def test_auth_logs_no_deprecation_warning(
+    tls_files: TLSFiles,
+    upstream: FakeUpstream,
+    proxy_factory: ProxyFactory,
+    tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 15 part 7: aiosmtpd logs "Session.login_data is deprecated" on every AUTH."""
+    caplog.set_level("WARNING")
+    add_user(str(tmp_path / "users"), "alice", "pw")
+    proxy = await proxy_factory(
+        upstream.address, {"listeners": [listener(tls_files, plaintext_auth_networks=["127.0.0.0/8"])]}
+    )
+    client = await RawClient.connect(proxy.port)
+    await client.cmd("EHLO client.test")
+    assert (await client.cmd(f"AUTH PLAIN {plain_auth('alice', 'pw')}"))[0] == 235
+    await client.close()
+    assert not [r for r in caplog.records if "login_data" in r.getMessage()]

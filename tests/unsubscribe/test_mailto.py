@@ -112,3 +112,11 @@ async def test_store_down_is_a_temporary_failure(running_factory: Factory) -> No
     await running.store.close()
     code, text = await send(running, mail(f"unsubscribe {token}"), ["unsubscribe@shop.example"])
     assert code == 451 and text.startswith("4.3.0")
+
+
+async def test_too_big_an_unsubscribe_mail_is_refused_with_an_enhanced_status(running_factory: Factory) -> None:
+    """Issue 15 part 7: aiosmtpd's bare "552 Error: Too much mail data" gets 5.3.4 and words."""
+    running = await running_factory()
+    code, text = await send(running, mail("unsubscribe", ("x" * 70 + "\r\n") * 1100), ["unsubscribe@shop.example"])
+    assert (code, text.split(" ")[0]) == (552, "5.3.4")
+    assert "Error: Too much mail data" not in text
