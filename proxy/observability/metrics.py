@@ -178,6 +178,12 @@ class Metrics:
             "Senders whose commercial mail was paused for their hard-bounce rate",
             registry=r,
         )
+        self.bounce_bursts = Counter(
+            "sendguard_bounce_bursts_total",
+            "Hard bounces of many addresses within seconds: taken for an upstream fault, not dead "
+            "addresses (nothing suppressed, commercial mail paused)",
+            registry=r,
+        )
         self.ratelimit_store_errors = Counter(
             "sendguard_ratelimit_store_errors_total",
             "Rate-limit store failures (reserve: the limit's on_error decided; refund: budget left charged)",

@@ -4,9 +4,16 @@ sendguard relays in lockstep, so the upstream's refusal of a recipient arrives a
 at the final dot, for a copy sent to one recipient): no bounce message needs parsing. A
 refusal whose enhanced status says the address does not exist (5.1.1 bad mailbox, 5.1.2 bad
 domain, 5.1.3 bad syntax, 5.1.6 mailbox moved, 5.1.10 null MX, RFC 3463 and RFC 7505;
-5.2.1 mailbox disabled) is recorded as a ``suppressed`` event in the consent store, so
-commercial mail is not sent there again (the consent rules let a suppression win over
-any consent). An admin can lift it with ``sendguard consent unsuppress``.
+5.2.1 mailbox disabled) is a hard bounce. An address that hard-bounced ``suppress_after``
+times (default 2) over at least ``suppress_span`` (default a day, as Postal does), within
+``suppress_window``, is recorded as a ``suppressed`` event in the consent store: sendguard
+then refuses it at RCPT for every class of mail and never offers it to the upstream again.
+One refusal is not enough: a mailbox server that misbehaves for a minute must not kill the
+addresses it touched. An admin lifts a suppression with ``sendguard consent unsuppress``.
+
+Many distinct addresses bouncing within seconds (``burst``) is the upstream's fault, not a
+list full of dead addresses: nothing is counted toward suppression, the burst is counted in
+``sendguard_bounce_bursts_total`` and commercial mail is paused while it lasts.
 
 Per sending domain (the envelope sender's: bounces go there), the share of hard bounces
 among the recipients tried in a rolling window is watched; above the threshold (default
@@ -18,13 +25,14 @@ keeps one bounce out of three recipients from pausing anyone.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
 
 from policies.base import Reply, Transaction
 from proxy.observability.metrics import Metrics
-from proxy.schema import Duration, doc
+from proxy.schema import Duration, Rate, doc, parse_rate
 from proxy.stores.consent import (
     SUPPRESSED,
     ConsentEvent,
@@ -55,8 +63,22 @@ class BounceConfig:
     rate_window: Duration = doc("the rolling window of the bounce rate", default=Duration(86400))
     min_recipients: int = doc("recipients tried in the window before the rate counts", default=100)
     pause: Duration = doc("how long a sender's commercial mail stays paused", default=Duration(86400))
+    suppress_after: int = doc("hard bounces of one address before it is suppressed", default=2)
+    suppress_span: Duration = doc(
+        "the first and the last of those at least this far apart (0: at once; ignored for 1)", default=Duration(86400)
+    )
+    suppress_window: Duration = doc("hard bounces older than this are forgotten", default=Duration(30 * 86400))
+    burst: Rate = doc(
+        "this many hard bounces (any addresses) this fast mean an upstream fault, not dead addresses",
+        default_factory=lambda: parse_rate("20/1m"),
+    )
+    burst_pause: Duration = doc("how long commercial mail pauses after a burst", default=Duration(1800))
 
     def __post_init__(self) -> None:
+        if self.suppress_after < 1:
+            raise ValueError("suppress_after must be at least 1")
+        if self.suppress_span >= self.suppress_window:
+            raise ValueError("suppress_span must be shorter than suppress_window")
         if not 0 < self.rate_threshold <= 1:
             raise ValueError("rate_threshold is a share between 0 and 1, e.g. 0.05 for 5%")
         if self.min_recipients < 1:
@@ -119,7 +141,8 @@ class Bounces:
         if dead:
             if self.metrics is not None:
                 self.metrics.hard_bounces.inc()
-            if self.config.suppress and self.consent is not None:
+            counted = not await self._burst(txn) and self.config.suppress and self.consent is not None
+            if counted and await self._bounced_enough(recipient):
                 await self._suppress(txn, recipient, reply)
         if not domain:
             return  # bounces and auto-replies (MAIL FROM:<>) have no sender to pause
@@ -143,6 +166,39 @@ class Bounces:
         if self.metrics is not None:
             self.metrics.bounce_pauses.inc()
         log.warning("commercial mail from %s paused: %s", domain, reason)
+
+    async def _burst(self, txn: Transaction) -> bool:
+        """True while hard bounces come faster than ``burst``: an upstream fault. The first
+        bounce over the line pauses commercial mail and is counted once per burst."""
+        rate = self.config.burst
+        seen = await self.pauses.hit("bounces:burst", rate.period)
+        if seen <= rate.count:
+            return False
+        if seen == rate.count + 1:
+            reason = (
+                f"the upstream refused {seen} addresses as dead within {rate}: more like an upstream fault "
+                "than dead addresses; nothing was suppressed, check the upstream"
+            )
+            await self.pauses.pause(
+                Pause("class", "commercial", time.time() + self.config.burst_pause, reason, "bounces:burst")
+            )
+            if self.metrics is not None:
+                self.metrics.bounce_bursts.inc()
+            log.warning("txn %s: hard-bounce burst: %s", txn.txn_id, reason)
+        return True
+
+    async def _bounced_enough(self, recipient: str) -> bool:
+        """Count this hard bounce of ``recipient``; True once it has bounced ``suppress_after``
+        times, the first at least ``suppress_span`` before this one."""
+        config = self.config
+        key = "bounces:address:" + hashlib.sha256(recipient.strip().lower().encode()).hexdigest()[:32]
+        total = await self.pauses.hit(key, config.suppress_window)
+        if total < config.suppress_after:
+            return False
+        if config.suppress_span <= 0 or config.suppress_after == 1:
+            return True  # one bounce spans nothing
+        recent = await self.pauses.count(key, config.suppress_span)
+        return total > recent  # some bounce in the window is older than the span
 
     async def _suppress(self, txn: Transaction, recipient: str, reply: Reply) -> None:
         assert self.consent is not None

@@ -18,13 +18,14 @@ from tests.fakes import FakeUpstream, Faults
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 UpstreamFactory = Callable[..., Awaitable[FakeUpstream]]
 DEAD = "550 5.1.1 <{}>: Recipient address rejected: User unknown in virtual mailbox table"
+ONE_BOUNCE_SUPPRESSES = {"bounces": {"suppress_after": 1}}
 
 
 async def test_a_dead_address_is_suppressed_with_the_upstreams_words(
     upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
     upstream = await upstream_factory(faults=Faults(rcpt_replies={"gone@example.org": DEAD.format("gone@example.org")}))
-    proxy = await proxy_factory(upstream.address)
+    proxy = await proxy_factory(upstream.address, ONE_BOUNCE_SUPPRESSES)
     errors, _ = await aiosmtplib.send(
         message(),
         sender="news@example.com",
@@ -114,7 +115,7 @@ async def test_a_suppressed_address_is_never_offered_to_the_upstream_again(
     """Issue 15 part 8: whatever the class (here transactional), a hard-bounced address is
     refused at RCPT by sendguard itself; the suppression is recorded once."""
     upstream = await upstream_factory(faults=Faults(rcpt_replies={"gone@example.org": DEAD.format("gone@example.org")}))
-    proxy = await proxy_factory(upstream.address)
+    proxy = await proxy_factory(upstream.address, ONE_BOUNCE_SUPPRESSES)
     for attempt in range(3):
         client = await RawClient.connect(proxy.port)
         await client.cmd("EHLO client.test")
@@ -143,7 +144,7 @@ async def test_a_repeated_hard_bounce_is_recorded_once(tmp_path: Path) -> None:
 
     store = await open_consent_store(ConsentStoreConfig(path=str(tmp_path / "consent.db")))
     try:
-        bounces = Bounces(BounceConfig(), store, MemoryPauseStore())
+        bounces = Bounces(BounceConfig(suppress_after=1), store, MemoryPauseStore())
         txn = Transaction(txn_id="t", listener="local", client_ip="127.0.0.1", mail_from="shop@example.com")
         dead = Reply(550, "5.1.1", "User unknown")
         for _ in range(3):  # e.g. copies of one message, each refused by the upstream
@@ -154,3 +155,59 @@ async def test_a_repeated_hard_bounce_is_recorded_once(tmp_path: Path) -> None:
         assert await bounces.refusal(txn, "alive@example.org") is None
     finally:
         await store.close()
+
+
+async def test_two_hard_bounces_a_day_apart_suppress_one_does_not(tmp_path: Path) -> None:
+    """Issue 15 part 5: the default is 2 hard bounces over at least a day (as Postal does)."""
+    from policies.base import Reply, Transaction
+    from proxy.reputation.bounces import BounceConfig, Bounces
+    from proxy.stores.pauses import MemoryPauseStore
+
+    clock = [1_000_000.0]
+    store = await open_consent_store(ConsentStoreConfig(path=str(tmp_path / "consent.db")))
+    try:
+        bounces = Bounces(BounceConfig(), store, MemoryPauseStore(clock=lambda: clock[0]))
+        txn = Transaction(txn_id="t", listener="local", client_ip="127.0.0.1", mail_from="shop@example.com")
+        dead = Reply(550, "5.1.1", "User unknown")
+        await bounces.recipient_tried(txn, "gone@example.org", dead)
+        clock[0] += 3600
+        await bounces.recipient_tried(txn, "gone@example.org", dead)  # twice within an hour: not yet
+        assert await store.history("gone@example.org") == []
+        assert await bounces.refusal(txn, "gone@example.org") is None
+        clock[0] += 86400
+        await bounces.recipient_tried(txn, "gone@example.org", dead)  # and again a day later
+        assert [e.kind for e in await store.history("gone@example.org")] == ["suppressed"]
+    finally:
+        await store.close()
+
+
+async def test_a_burst_of_bounces_is_an_upstream_fault_not_dead_addresses(
+    upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """Issue 15 part 5: an upstream refusing many addresses at once suppresses nothing; the
+    burst is counted and commercial mail paused."""
+    dead = {f"user{i}@example.org": DEAD.format(f"user{i}@example.org") for i in range(6)}
+    upstream = await upstream_factory(faults=Faults(rcpt_replies=dead))
+    proxy = await proxy_factory(
+        upstream.address, {"bounces": {"suppress_after": 1, "burst": "3/1m", "burst_pause": "10m"}}
+    )
+    errors, _ = await aiosmtplib.send(
+        message(),
+        sender="shop@example.com",
+        recipients=["bob@example.org", *dead],
+        hostname="127.0.0.1",
+        port=proxy.port,
+        start_tls=False,
+        timeout=10,
+    )
+    assert len(errors) == 6
+    store = await open_consent_store(ConsentStoreConfig(path=str(tmp_path / "consent.db")))
+    try:
+        suppressed = [a for a in dead if await store.history(a)]
+    finally:
+        await store.close()
+    assert len(suppressed) == 3  # the first three, before the rate passed the line
+    registry = proxy.app.services.metrics.registry
+    assert registry.get_sample_value("sendguard_bounce_bursts_total") == 1
+    pauses = await proxy.app.runtime.pauses.active()
+    assert [(p.scope, p.value, p.source) for p in pauses] == [("class", "commercial", "bounces:burst")]
