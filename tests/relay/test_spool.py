@@ -90,7 +90,9 @@ async def test_a_copy_refused_for_now_is_on_disk_before_the_250_and_delivered_la
     assert await eventually(lambda: copies_to(upstream, "ben@example.org") == 1)
     assert await eventually(lambda: rows(tmp_path) == [])
     assert dsns(upstream) == []  # delivered late is delivered: nobody is told of a failure
-    assert sample(proxy, "sendguard_spool_deliveries_total", kind="copy", result="delivered") == 1
+    assert await eventually(
+        lambda: sample(proxy, "sendguard_spool_deliveries_total", kind="copy", result="delivered") == 1
+    )
     assert await eventually(lambda: sample(proxy, "sendguard_spool_messages", kind="copy") == 0)
 
 
@@ -111,7 +113,9 @@ async def test_a_copy_refused_for_good_gets_a_queued_dsn_the_worker_delivers(
     assert audit["copies"]["ben@example.org"]["fate"] == "refused"
     assert audit["copies"]["ben@example.org"]["reported"] is True
     assert await eventually(lambda: rows(tmp_path) == [])
-    assert sample(proxy, "sendguard_spool_deliveries_total", kind="dsn", result="delivered") == 1
+    assert await eventually(
+        lambda: sample(proxy, "sendguard_spool_deliveries_total", kind="dsn", result="delivered") == 1
+    )
 
 
 async def test_a_dsn_refused_for_now_is_retried_and_not_reported_as_sent(
@@ -132,7 +136,9 @@ async def test_a_dsn_refused_for_now_is_retried_and_not_reported_as_sent(
     assert "452 4.2.2" in row["last_reply"]
     assert dsns(upstream) == []
     assert sample(proxy, "sendguard_spool_deliveries_total", kind="dsn", result="delivered") == 0
-    assert sample(proxy, "sendguard_spool_deliveries_total", kind="dsn", result="deferred") >= 2
+    assert await eventually(
+        lambda: sample(proxy, "sendguard_spool_deliveries_total", kind="dsn", result="deferred") >= 2
+    )
     upstream.faults.data_replies.pop(SENDER)
     assert await eventually(lambda: len(dsns(upstream)) == 1)
     assert await eventually(lambda: rows(tmp_path) == [])
@@ -187,7 +193,9 @@ async def test_a_copy_refused_for_longer_than_max_age_becomes_a_dsn(
     assert "Status: 5.2.0" in dsns(upstream)[0]  # a temporary refusal, final now
     assert copies_to(upstream, "ben@example.org") == 0
     assert await eventually(lambda: rows(tmp_path) == [])
-    assert sample(proxy, "sendguard_spool_deliveries_total", kind="copy", result="failed") == 1
+    assert await eventually(
+        lambda: sample(proxy, "sendguard_spool_deliveries_total", kind="copy", result="failed") == 1
+    )
 
 
 def queue_cli(config: Path, *args: str) -> tuple[int, str]:
