@@ -19,6 +19,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
+import pytest
+
+import policies
+from policies.ratelimit import RateLimitPolicy
 from proxy.relay.spool import Queued, Spool
 from tests.conftest import ROOT, Proxy, eventually, message, submit
 from tests.fakes import FakeUpstream, Faults
@@ -240,3 +245,29 @@ def test_queue_list_retry_and_drop_through_the_command(tmp_path: Path) -> None:
     code, out = queue_cli(config, "drop", "--all")
     assert code == 0 and spool.list_sync() == []
     assert "the queue is empty" in queue_cli(config, "list")[1]
+
+
+async def test_copies_refused_for_good_are_refunded_and_queued_ones_stay_charged(
+    monkeypatch: pytest.MonkeyPatch, upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """Part 9: after some copies were delivered, only the refused copies' units come back
+    (not the whole charge); a queued copy will still go out, so its unit stays taken."""
+    monkeypatch.setitem(policies.REGISTRY, "rate_limit", RateLimitPolicy)
+    upstream = await upstream_factory(
+        faults=Faults(data_replies={"ben@example.org": "550 5.1.1 no such user", "dan@example.org": "451 4.2.0 busy"})
+    )
+    config = split_config(tmp_path, retry_min="1h")
+    config["policies"].insert(0, {"name": "rate_limit", "limits": [{"key": "client_ip", "rates": ["5/h"]}]})
+    proxy = await proxy_factory(upstream.address, config)
+
+    async def send(recipients: list[str]) -> dict[str, aiosmtplib.SMTPResponse]:
+        errors, _ = await aiosmtplib.send(
+            CONTENT, sender=SENDER, recipients=recipients, hostname="127.0.0.1", port=proxy.port, timeout=10
+        )
+        return errors
+
+    assert await send(RECIPIENTS) == {}  # 3 units; ben's copy refused for good: 1 comes back
+    assert await send(["dan@example.org", "eve@example.org"]) == {}  # 2 more (5 of 5); dan's copy queued
+    refused = await send(["fay@example.org", "gus@example.org"])  # room for exactly ben's unit
+    assert set(refused) == {"gus@example.org"} and refused["gus@example.org"].code == 451
+    assert [r["recipient"] for r in rows(tmp_path)] == ["dan@example.org"]
