@@ -22,8 +22,10 @@ from proxy.observability.http import build_http_app
 from proxy.observability.logsetup import AuditLog
 from proxy.observability.metrics import Metrics
 from proxy.relay.classify import Classifier
+from proxy.relay.drain import Drainer
 from proxy.relay.pipeline import Pipeline
 from proxy.relay.runtime import Runtime
+from proxy.relay.spool import Spool
 from proxy.relay.upstream import build_upstream
 from proxy.replies import R421_SHUTTING_DOWN
 from proxy.reputation.backoff import Backoff
@@ -76,6 +78,8 @@ class App:
         self._generation = 0
         self._blocklist_task: asyncio.Task[None] | None = None
         self._blocklist_key: object = None
+        #: The retry queue's worker: one per process, whatever the listeners.
+        self._drainer_task: asyncio.Task[None] | None = None
         #: One-click unsubscribe (unsubscribe: enabled): lives across reloads, like the metrics.
         self.unsubscribe: UnsubscribeService | None = None
         self.unsubscribe_servers: UnsubscribeServers | None = None
@@ -217,6 +221,7 @@ class App:
             audit=AuditLog(settings.audit.path, settings.audit.max_size, settings.audit.keep),
             users=UserStore(settings.users_file),
             hostname=hostname,
+            spool=await asyncio.to_thread(Spool, settings.spool.path),
         )
         if settings.unsubscribe.enabled:
             self.unsubscribe = UnsubscribeService(
@@ -247,7 +252,14 @@ class App:
             self._watch_stamp = self._stamp()
             self._spawn(self._watch_config())
         self._start_blocklist_watch(settings)
+        self._start_drainer()
         self.services.metrics.config_last_reload_time.set_to_current_time()
+
+    def _start_drainer(self) -> None:
+        spool = self.services.spool
+        assert spool is not None
+        drainer = Drainer(spool, lambda: self.runtime, self.services.metrics, self.services.hostname)
+        self._drainer_task = asyncio.get_running_loop().create_task(drainer.run())
 
     async def _start_listener(self, loop: asyncio.AbstractEventLoop, config: ListenerConfig) -> None:
         state = ListenerState(config)
@@ -450,6 +462,8 @@ class App:
                 return False
             self._apply_listener_changes(settings)
             self._apply_unsubscribe_changes(settings)
+            if settings.spool.path != old.settings.spool.path:
+                log.warning("spool.path changed; the retry queue moves at the next restart")
             self._runtime = runtime
             self._runtimes.append(runtime)
             self.settings = settings
@@ -549,6 +563,11 @@ class App:
             task.cancel()
         if self._blocklist_task is not None:
             self._blocklist_task.cancel()
+        if self._drainer_task is not None:  # before the upstream it sends through is closed
+            self._drainer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer_task
+            self._drainer_task = None
         if self._http_runner is not None:
             await self._http_runner.cleanup()
             self._http_runner = None

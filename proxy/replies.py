@@ -121,6 +121,15 @@ def r451_not_attempted(txn_id: str) -> Reply:
     return Reply(451, "4.4.7", f"Not attempted: the time to deliver the copies ran out ({txn_id})")
 
 
+def r451_not_queued(txn_id: str) -> Reply:
+    return Reply(
+        451,
+        "4.3.0",
+        f"Some copies were delivered but the others could not be queued for retry; try again later "
+        f"(the delivered copies may arrive twice) ({txn_id})",
+    )
+
+
 def r451_internal(txn_id: str) -> Reply:
     return Reply(451, "4.3.0", f"Temporary local problem; try again later ({txn_id})")
 

@@ -119,6 +119,7 @@ def base_config(tmp_path: Path, upstream_address: str) -> dict[str, Any]:
         "policies": [{"name": "required_headers"}],
         "stores": {"consent": {"path": str(tmp_path / "consent.db")}},
         "audit": {"path": str(tmp_path / "audit.jsonl")},
+        "spool": {"path": str(tmp_path / "spool.db")},
         "http": {"address": "127.0.0.1:0"},
         "reload": {"watch": False},
         "logging": {"format": "json", "level": "info"},
@@ -194,6 +195,17 @@ async def proxy_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable
 @pytest.fixture
 async def proxy(proxy_factory: Callable[..., Awaitable[Proxy]], upstream: FakeUpstream) -> Proxy:
     return await proxy_factory(upstream.address)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll until ``condition()`` holds (True) or the time is up (False): for what the
+    process does in the background, such as the retry queue's worker sending a DSN."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 # ---- a raw SMTP client ------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 import policies
 from policies.base import MessageEdit, Policy, Transaction, Verdict
-from tests.conftest import Proxy, RawClient, TLSFiles, message, submit
+from tests.conftest import Proxy, RawClient, TLSFiles, eventually, message, submit
 from tests.fakes import FakeUpstream, Faults, ScriptedUpstream
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
@@ -127,6 +127,8 @@ async def test_a_dsn_for_a_message_with_an_utf8_subject_is_sent(
     )
     assert code == 250
     assert "1 refused, reported to the sender" in text
+    # The DSN is queued before the 250; the queue's worker sends it at once.
+    assert await eventually(lambda: any(m.mail_from == "<>" for m in upstream.messages))
     assert [m.rcpt_tos for m in upstream.messages if m.mail_from == "<>"] == [["news@example.com"]]
 
 

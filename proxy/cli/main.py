@@ -22,6 +22,7 @@ from proxy import __version__
 from proxy.cli import dns as dns_cli
 from proxy.cli.consent import add_consent_parser, run_consent_command
 from proxy.cli.limits import add_limits_parser, run_limits
+from proxy.cli.queue import add_queue_parser, run_queue
 from proxy.config.settings import ConfigError, Settings, load_config, parse_upstream_address
 from proxy.observability.logsetup import configure_logging, stop_logging
 from proxy.relay.classify import Classifier
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dns_cli.add_commands(commands)  # dkim keygen, domain check
     add_limits_parser(commands)
+    add_queue_parser(commands)  # queue list, retry, drop
     add_unsubscribe_parser(commands)  # unsubscribe keygen
     add_consent_parser(commands)  # consent import, export, show, add, customer, revoke, suppress ...
     return parser
@@ -113,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return dns_cli.run(args)
         if args.command == "limits":
             return run_limits(args, load_config(args.config))
+        if args.command == "queue":
+            return run_queue(args, load_config(args.config))
         if args.command == "consent":
             return run_consent_command(args)
         if args.command == "unsubscribe":

@@ -57,6 +57,7 @@ __all__ = (
     "ListenerConfig",
     "PolicyEntry",
     "Settings",
+    "SpoolConfig",
     "UpstreamConfig",
     "load_config",
     "parse_upstream_address",
@@ -307,6 +308,23 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class SpoolConfig:
+    """The retry queue of per-recipient copies and DSNs (proxy/relay/spool.py)."""
+
+    path: str = doc(
+        "SQLite file (mode 0600) of copies and DSNs waiting for a retry; written and fsync'd before the 250",
+        default="var/spool.db",
+    )
+    max_age: Duration = doc(
+        "give up on a queued message after this long (a DSN to the sender), like Postfix's maximal_queue_lifetime",
+        default=Duration(5 * 86400),
+    )
+    retry_min: Duration = doc("first retry after this long, then doubling each time", default=Duration(60))
+    retry_max: Duration = doc("longest wait between two retries", default=Duration(3600))
+    interval: Duration = doc("how often the queue is looked at for messages due", default=Duration(10))
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: Literal["json", "logfmt"] = doc("log line format on stdout", default="logfmt")
     level: Literal["debug", "info", "warning", "error"] = doc("lowest level logged", default="info")
@@ -354,6 +372,10 @@ class Settings:
     dkim: DKIMConfig = doc("DKIM signing, the last change before the upstream", default_factory=DKIMConfig)
     dns: DNSConfig = doc("resolver, sending IPs and domains, blocklist watch", default_factory=DNSConfig)
     audit: AuditConfig = doc("the audit log", default_factory=AuditConfig)
+    spool: SpoolConfig = doc(
+        "the retry queue for per-recipient copies the upstream refused for now, and DSNs",
+        default_factory=SpoolConfig,
+    )
     logging: LoggingConfig = doc("logs on stdout", default_factory=LoggingConfig)
     http: HTTPConfig = doc("metrics and health", default_factory=HTTPConfig)
     unsubscribe: UnsubscribeConfig = doc(
@@ -638,6 +660,12 @@ def _validate(settings: Settings, conv: Converter) -> None:
         err("reload.interval", "must be positive")
     if settings.audit.keep < 0:
         err("audit.keep", "must not be negative")
+    spool = settings.spool
+    for name in ("max_age", "retry_min", "retry_max", "interval"):
+        if getattr(spool, name) <= 0:
+            err(f"spool.{name}", "must be positive")
+    if spool.retry_max < spool.retry_min:
+        err("spool.retry_max", "must not be shorter than spool.retry_min")
     for path, message in dkim_config_problems(settings.dkim):
         err(f"dkim.{path}", message)
     _validate_unsubscribe(settings, conv)

@@ -45,6 +45,9 @@ DECIDED_BY = (
     "declared_but_commercial",
 )
 _PAUSE_SCOPES = ("class", "sender", "all")
+#: The retry queue (proxy/relay/spool.py): what a row is, and what became of an attempt.
+SPOOL_KINDS = ("copy", "dsn")
+SPOOL_RESULTS = ("delivered", "deferred", "failed")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -215,6 +218,22 @@ class Metrics:
         )
         for result in ("signed", "no_key", "no_from", "error"):
             self.dkim_signatures.labels(result)
+        self.spool_messages = Gauge(
+            "sendguard_spool_messages", "Messages in the retry queue, by kind (copy, dsn)", ["kind"], registry=r
+        )
+        self.spool_oldest_age = Gauge(
+            "sendguard_spool_oldest_age_seconds", "Age of the oldest message in the retry queue (0: empty)", registry=r
+        )
+        self.spool_deliveries = Counter(
+            "sendguard_spool_deliveries_total",
+            "Delivery attempts from the retry queue by kind and result (delivered, deferred, failed: given up)",
+            ["kind", "result"],
+            registry=r,
+        )
+        for kind in SPOOL_KINDS:
+            self.spool_messages.labels(kind)
+            for result in SPOOL_RESULTS:
+                self.spool_deliveries.labels(kind, result)
         for stage in UPSTREAM_STAGES:
             self.upstream_duration.labels(stage)
             for klass in UPSTREAM_CLASSES:
@@ -288,6 +307,11 @@ class Metrics:
 
     def ratelimit_store_error(self, operation: str) -> None:
         self.ratelimit_store_errors.labels(operation).inc()
+
+    def spool_state(self, counts: dict[str, int], oldest_age: float) -> None:
+        for kind in SPOOL_KINDS:
+            self.spool_messages.labels(kind).set(counts.get(kind, 0))
+        self.spool_oldest_age.set(oldest_age)
 
     def upstream_reply(self, stage: str, klass: str) -> None:
         self.upstream_replies.labels(stage, klass).inc()

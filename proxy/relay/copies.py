@@ -1,5 +1,5 @@
-"""One copy per recipient, each in its own upstream transaction, and the DSN to the sender
-for the copies that were refused.
+"""One copy per recipient, each in its own upstream transaction; the copies refused for now
+go to the retry queue, and the DSN to the sender for the copies refused for good.
 
 A policy asks for copies when each recipient must get a different message (a personal
 unsubscribe link, a To: naming only that recipient). The shared upstream transaction the
@@ -16,26 +16,20 @@ from collections.abc import Callable, Sequence
 from policies.base import Reply
 from proxy import replies as R
 from proxy.relay import rawmsg
-from proxy.relay.dsn import build_dsn
+from proxy.relay.drain import attempt_budget, dsn_for, send_one
 from proxy.relay.pipeline import StageDecision
-from proxy.relay.runtime import Runtime
 from proxy.relay.signing import sign
+from proxy.relay.spool import Queued
 from proxy.relay.transaction import RelayTransaction
-from proxy.relay.upstream import UpstreamUnavailable
 from proxy.unsubscribe.footer import NoReadablePart, append_footer
 
 __all__ = ("deliver_copies",)
 
 log = logging.getLogger("sendguard.smtp")
 
-# Copies for one message are delivered within this time; whatever is left is reported to
-# the sender: clients give up on a reply after 10 minutes (RFC 5321 4.5.3.2.6), many sooner.
+# Copies for one message are tried within this time; the rest go to the retry queue at once:
+# clients give up on a reply after 10 minutes (RFC 5321 4.5.3.2.6), many sooner.
 _FANOUT_BUDGET = 300.0
-
-
-def _copy_budget(runtime: Runtime) -> float:
-    timeouts = runtime.settings.upstream.timeouts
-    return float(timeouts.connect + 3 * timeouts.command + timeouts.data + 30)
 
 
 async def deliver_copies(
@@ -46,9 +40,10 @@ async def deliver_copies(
 ) -> tuple[Reply, Reply | None, str]:
     """One copy per recipient, each in its own upstream transaction.
 
-    All copies refused: the client gets the refusal (4xx when any was temporary), so it
-    keeps its message. Some delivered: the client gets 250 (a 451 would duplicate the
-    delivered copies) and the refused recipients are reported to the sender in a DSN.
+    The client gets 250 only when every copy was accepted by the upstream or is durably in
+    the retry queue (``proxy.relay.spool``: committed and fsync'd before the reply), and a
+    DSN for every copy refused for good is queued too. All copies refused: the client gets
+    the refusal (4xx when any was temporary) and nothing is queued, so it keeps its message.
     ``keepalive(seconds)``, when given, is called before each copy with the time that copy
     may take (the session resets its idle timer: each copy gets the whole upstream budget).
     """
@@ -63,58 +58,123 @@ async def deliver_copies(
             extra.setdefault(recipient, []).extend(fields)
         footers.update(edit.per_recipient_footer)
     t.copies = {}
+    retry: list[Queued] = []  # copies refused for now, with the exact bytes to send again
+    retry_at = time.time() + t.runtime.settings.spool.retry_min
     deadline = time.monotonic() + _FANOUT_BUDGET
-    for attempt in (1, 2):
-        # A copy refused for now (4xx) gets one more try after the others: once some copies
-        # are delivered, a refused one can only be reported to the sender.
-        pending = [
-            r
-            for r in txn.recipients
-            if r not in t.copies
-            or (attempt == 2 and t.copies[r].is_temporary and any(c.is_success for c in t.copies.values()))
-        ]
-        for recipient in pending:
-            if time.monotonic() > deadline:
-                t.copies[recipient] = R.r451_not_attempted(txn.txn_id)
-                continue
-            if keepalive is not None:  # each copy gets the whole upstream budget again
-                keepalive(_copy_budget(t.runtime))
-            try:
-                t.copies[recipient] = await _deliver_copy(
-                    t, outgoing, recipient, split, extra.get(recipient, ()), footers.get(recipient)
+    for recipient in txn.recipients:
+        if keepalive is not None:  # each copy gets the whole upstream budget again
+            keepalive(attempt_budget(t.runtime))
+        try:
+            prepared = await _prepare_copy(
+                t, outgoing, recipient, split, extra.get(recipient, ()), footers.get(recipient)
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("txn %s: copy for %s could not be prepared", txn.txn_id, recipient)
+            prepared = R.r451_internal(txn.txn_id)
+        if isinstance(prepared, Reply):  # no bytes to send: nothing to queue either
+            t.copies[recipient] = prepared
+            continue
+        tried = time.monotonic() <= deadline  # past it, straight to the queue
+        try:
+            reply = await _deliver_one(t, recipient, prepared) if tried else R.r451_not_attempted(txn.txn_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("txn %s: copy for %s failed", txn.txn_id, recipient)
+            reply = R.r451_internal(txn.txn_id)
+        t.copies[recipient] = reply
+        if reply.is_temporary:
+            retry.append(
+                Queued(
+                    kind="copy",
+                    txn_id=txn.txn_id,
+                    sender=txn.mail_from,
+                    recipient=recipient,
+                    content=prepared,
+                    next_attempt=retry_at,
+                    options=tuple(t.relayed_options),
+                    attempts=int(tried),
+                    last_reply=reply.line(),
                 )
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("txn %s: copy for %s failed", txn.txn_id, recipient)
-                t.copies[recipient] = R.r451_internal(txn.txn_id)
+            )
     delivered = [r for r, reply in t.copies.items() if reply.is_success]
     failed = [(r, reply) for r, reply in t.copies.items() if not reply.is_success]
     if not delivered:
+        # Nothing went out: the client keeps its message, and a 4xx when any copy was refused
+        # only for now, so that recipient is tried again (a 5xx would lose it).
         first = next((reply for _, reply in failed if reply.is_temporary), failed[0][1])
         outcome = "tempfailed" if first.is_temporary else "rejected"
         return Reply(first.code, first.status, f"{first.text} [{txn.txn_id}]"[:500]), first, outcome
+    refused = [(r, reply) for r, reply in failed if not reply.is_temporary]
     text = f"Delivered as {len(delivered)} separate copies, one per recipient"
-    if failed:
-        text += f"; {len(failed)} refused, reported to the sender"
-        if txn.mail_from:  # never bounce a bounce (RFC 5321 6.1)
-            try:
-                await _send_dsn(t, outgoing, failed)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the copies are delivered: a failed report must not undo that
-                log.exception("txn %s: the DSN for %d refused copies could not be built", txn.txn_id, len(failed))
+    if not failed:
+        return Reply(250, "2.0.0", f"{text} [{txn.txn_id}]"), None, "delivered"
+    queued = await _queue(t, outgoing, retry, refused, len(failed) - len(refused))
+    if queued is None:
+        # Some copies are delivered and the others could not be queued: a 451 makes the client
+        # send the whole message again, which duplicates the delivered copies. A duplicate is
+        # better than a recipient who never gets the message and a sender who is never told.
+        return R.r451_not_queued(txn.txn_id), None, "tempfailed"
+    if retry:
+        text += f"; {len(retry)} queued for retry"
+    if refused:
+        text += f"; {len(refused)} refused" + (", reported to the sender" if txn.mail_from else "")
     return Reply(250, "2.0.0", f"{text} [{txn.txn_id}]"), None, "delivered"
 
 
-async def _deliver_copy(
+async def _queue(
+    t: RelayTransaction, outgoing: bytes, retry: list[Queued], refused: list[tuple[str, Reply]], temporary: int
+) -> list[int] | None:
+    """Queue the copies to retry and the DSN for the refused ones, all in one commit; None when
+    that failed (or a copy refused for now has nothing that could be queued)."""
+    txn, spool = t.txn, t.services.spool
+    if len(retry) < temporary:
+        log.error("txn %s: a copy refused for now has no bytes to queue (it could not be prepared)", txn.txn_id)
+        return None
+    messages = list(retry)
+    try:
+        if refused and txn.mail_from:  # never bounce a bounce (RFC 5321 6.1)
+            messages.append(
+                await dsn_for(
+                    t.runtime,
+                    t.services.metrics,
+                    t.services.hostname,
+                    sender=txn.mail_from,
+                    original=outgoing,
+                    failures=refused,
+                    txn_id=txn.txn_id,
+                )
+            )
+        if not messages:
+            return []
+        if spool is None:
+            raise RuntimeError("no retry queue configured")
+        ids = await spool.add(messages)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("txn %s: cannot queue %d copies and DSNs", txn.txn_id, len(messages))
+        return None
+    t.queued = {m.recipient: entry_id for m, entry_id in zip(retry, ids, strict=False)}
+    t.reported = {r for r, _ in refused} if txn.mail_from else set()
+    for m, entry_id in zip(messages, ids, strict=True):
+        log.warning(
+            "txn %s: %s to <%s> queued as %d: %s", txn.txn_id, m.kind, m.recipient, entry_id, m.last_reply or "due now"
+        )
+    return ids
+
+
+async def _prepare_copy(
     t: RelayTransaction,
     outgoing: bytes,
     recipient: str,
     split: bool,
     fields: Sequence[tuple[str, str]],
     footer: tuple[str, str] | None,
-) -> Reply:
+) -> bytes | Reply:
+    """The signed bytes of one recipient's copy, or why there are none."""
     copy = outgoing
     if split:
         copy = rawmsg.prepend_headers(rawmsg.remove_headers(copy, ("To", "Cc")), [("To", recipient)])
@@ -124,56 +184,14 @@ async def _deliver_copy(
             copy = await asyncio.to_thread(append_footer, copy, *footer)
         except NoReadablePart:
             return R.R550_NO_PART_FOR_FOOTER
-    signed = await sign(t, copy)  # each copy differs, so each is signed
-    if isinstance(signed, Reply):
-        return signed
-    return await _deliver_one(t, t.txn.mail_from, recipient, signed)
+    return await sign(t, copy)  # each copy differs, so each is signed
 
 
-async def _deliver_one(t: RelayTransaction, sender: str, recipient: str, content: bytes) -> Reply:
-    runtime, txn_id = t.runtime, t.txn.txn_id
-    try:
-        session = await runtime.upstream.open(txn_id)
-    except UpstreamUnavailable as exc:
-        return exc.reply
-    try:
-        stage = "mail"
-        reply = await session.mail(sender, t.relayed_options)
-        if reply.is_success:
-            stage, reply = "rcpt", await session.rcpt(recipient, [])
-        if reply.is_success:
-            stage, reply = "data", await session.data(content)
-            await session.finish()
-        else:
-            await session.abort()
+async def _deliver_one(t: RelayTransaction, recipient: str, content: bytes) -> Reply:
+    sender = t.txn.mail_from
+    stage, reply = await send_one(t.runtime.upstream, t.txn.txn_id, sender, recipient, content, t.relayed_options)
+    if stage != "connect":
         await t.observe(stage, reply)
-        if sender and stage in ("rcpt", "data"):  # a copy's DATA reply is this recipient's; not for DSNs
-            await t.bounce(recipient, reply, tried=False)  # counted at its RCPT already
-    except BaseException:
-        await session.abort()
-        raise
+    if sender and stage in ("rcpt", "data"):  # a copy's DATA reply is this recipient's
+        await t.bounce(recipient, reply, tried=False)  # counted at its RCPT already
     return reply
-
-
-async def _send_dsn(t: RelayTransaction, original: bytes, failed: list[tuple[str, Reply]]) -> None:
-    txn = t.txn
-    report = build_dsn(
-        reporting_host=t.services.hostname,
-        sender=txn.mail_from,
-        original=original,
-        failures=failed,
-        txn_id=txn.txn_id,
-    )
-    signed = await sign(t, report)
-    if not isinstance(signed, Reply):
-        report = signed
-    reply = await _deliver_one(t, "", txn.mail_from, report)
-    if reply.is_success:
-        log.warning("txn %s: %d copies refused; DSN sent to the sender", txn.txn_id, len(failed))
-    else:
-        log.error(
-            "txn %s: %d copies refused and the DSN to the sender was refused too: %s",
-            txn.txn_id,
-            len(failed),
-            reply.line(),
-        )

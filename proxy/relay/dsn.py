@@ -1,11 +1,12 @@
 """Delivery status notifications (RFC 3464) for copies that could not be delivered.
 
-sendguard has no queue, so it normally never bounces: the client keeps its message until
-the upstream takes it. The one exception is a message delivered as one copy per recipient
+sendguard relays in lockstep, so it normally never bounces: the client keeps its message
+until the upstream takes it. The exception is a message delivered as one copy per recipient
 (``split_per_recipient``): when some copies were accepted and others refused, the client's
 single DATA reply cannot say so, and answering 451 would duplicate the delivered copies.
-Like any MTA after accepting a message, sendguard then answers 250 and reports the failed
-recipients to the envelope sender in a DSN, so nothing is lost silently.
+Like any MTA after accepting a message, sendguard then answers 250, retries the copies
+refused for now from its queue (``proxy.relay.spool``) and reports the copies refused for
+good, or for too long, to the envelope sender in a DSN, so nothing is lost silently.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def build_dsn(
         f"This is the mail system at {reporting_host} (sendguard, transaction {txn_id}).",
         "",
         "Your message was delivered as one copy per recipient. The copies for the",
-        "recipients below were refused by the mail server after the others had been",
-        "accepted, so they were not delivered:",
+        "recipients below were refused by the mail server (for good, or for longer",
+        "than this system retries), so they were not delivered:",
         "",
         *(f"  <{recipient}>: {reply.line()}" for recipient, reply in failures),
     ]

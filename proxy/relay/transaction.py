@@ -28,6 +28,7 @@ from proxy.observability.logsetup import AuditLog
 from proxy.observability.metrics import Metrics
 from proxy.relay.pipeline import PolicyResult, StageDecision
 from proxy.relay.runtime import Runtime
+from proxy.relay.spool import Spool
 from proxy.relay.upstream import UpstreamSession, UpstreamUnavailable
 from proxy.reputation.backoff import sender_domains
 
@@ -51,6 +52,9 @@ class Reporting(Protocol):
     @property
     def hostname(self) -> str: ...
 
+    @property
+    def spool(self) -> Spool | None: ...
+
 
 @dataclass(eq=False)
 class RelayTransaction:
@@ -72,6 +76,10 @@ class RelayTransaction:
     relayed_options: list[str] = field(default_factory=list)
     #: Set when the message went out as one copy per recipient: each copy's outcome.
     copies: dict[str, Reply] | None = None
+    #: Copies refused for now and put in the retry queue: recipient -> queue row id.
+    queued: dict[str, int] = field(default_factory=dict)
+    #: Copies refused for good whose recipients are in a DSN queued for the sender.
+    reported: set[str] = field(default_factory=set)
     #: After an internal error the transaction cannot go on: every later RCPT and DATA gets
     #: this 4xx (never a 503 that would bounce recipients) until the client starts anew.
     failed: Reply | None = None
@@ -291,8 +299,10 @@ class RelayTransaction:
             recipients: tuple[str, ...] = tuple(txn.recipients) if delivered else ()
             refused = dict(self.refused)
             if self.copies is not None:  # one copy per recipient: each has its own outcome
-                recipients = tuple(r for r, reply in self.copies.items() if reply.is_success)
-                refused.update({r: reply for r, reply in self.copies.items() if not reply.is_success})
+                # A queued copy counts as sent (limits charged, consent recorded): it is
+                # retried until it is delivered, or its sender is told.
+                recipients = tuple(r for r, reply in self.copies.items() if self._copy_fate(r, reply) != "refused")
+                refused.update({r: reply for r, reply in self.copies.items() if self._copy_fate(r, reply) == "refused"})
             try:
                 outcome_seen = Outcome(
                     delivered=delivered, delivered_recipients=recipients, refused_recipients=refused, reply=client_reply
@@ -302,6 +312,28 @@ class RelayTransaction:
                 runtime.leave()
                 # Even when the client vanished during commit: what happened is on record.
                 self._account(outcome, client_reply, upstream_reply, note)
+
+    def _copy_fate(self, recipient: str, reply: Reply) -> str:
+        """delivered, queued (in the retry queue) or refused."""
+        if reply.is_success:
+            return "delivered"
+        return "queued" if recipient in self.queued else "refused"
+
+    def _copies_record(self) -> dict[str, dict[str, Any]] | None:
+        """Each copy's fate for the audit line: its reply, and its queue row or whether the
+        sender gets a DSN."""
+        if self.copies is None:
+            return None
+        record: dict[str, dict[str, Any]] = {}
+        for recipient, reply in self.copies.items():
+            fate = self._copy_fate(recipient, reply)
+            entry: dict[str, Any] = {"fate": fate, "reply": reply.line()}
+            if fate == "queued":
+                entry["queue_id"] = self.queued[recipient]
+            elif fate == "refused":
+                entry["reported"] = recipient in self.reported
+            record[recipient] = entry
+        return record
 
     def _account(self, outcome: str, client_reply: Reply | None, upstream_reply: Reply | None, note: str) -> None:
         txn = self.txn
@@ -329,7 +361,7 @@ class RelayTransaction:
             "size": txn.size,
             "policies": [r.as_dict() for r in self.results],
             "upstream_reply": upstream_reply.line() if upstream_reply else None,
-            "copies": {r: reply.line() for r, reply in self.copies.items()} if self.copies is not None else None,
+            "copies": self._copies_record(),
             "reply": client_reply.line() if client_reply else None,
             "outcome": outcome,
             "duration_ms": round(duration * 1000, 1),

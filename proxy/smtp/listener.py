@@ -1,5 +1,6 @@
 """What the sessions share: per listener (``ListenerState``) and for the process's whole
-life (``Services``: metrics, the audit log, the users file, the machine's name)."""
+life (``Services``: metrics, the audit log, the users file, the machine's name, the retry
+queue)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from proxy.config.settings import ListenerConfig
 from proxy.observability.logsetup import AuditLog
 from proxy.observability.metrics import Metrics
+from proxy.relay.spool import Spool
 from proxy.schema import address_in
 from proxy.smtp.auth import AuthFailureTracker, UserStore
 
@@ -22,6 +24,9 @@ class Services:
     audit: AuditLog
     users: UserStore
     hostname: str
+    #: The retry queue for per-recipient copies and DSNs (None: nothing can be queued, so a
+    #: copy refused for now makes the whole message a 451).
+    spool: Spool | None = None
 
 
 def build_server_tls_context(config: ListenerConfig) -> ssl.SSLContext | None:

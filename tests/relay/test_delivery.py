@@ -21,8 +21,10 @@ from proxy.observability.logsetup import AuditLog
 from proxy.observability.metrics import Metrics
 from proxy.relay.classify import Classifier
 from proxy.relay.delivery import Delivered, deliver
+from proxy.relay.drain import Drainer
 from proxy.relay.pipeline import Pipeline
 from proxy.relay.runtime import Runtime
+from proxy.relay.spool import Spool
 from proxy.relay.transaction import RelayTransaction
 from proxy.relay.upstream import build_upstream
 from proxy.reputation.backoff import Backoff
@@ -91,7 +93,11 @@ async def relay_factory(tmp_path: Path) -> AsyncIterator[RelayFactory]:
         audit = AuditLog(str(audit_path), settings.audit.max_size, settings.audit.keep)
         audits.append(audit)
         services = Services(
-            metrics=Metrics("test"), audit=audit, users=UserStore(str(tmp_path / "users")), hostname="relay.test"
+            metrics=Metrics("test"),
+            audit=audit,
+            users=UserStore(str(tmp_path / "users")),
+            hostname="relay.test",
+            spool=Spool(settings.spool.path),
         )
         pauses, limits = MemoryPauseStore(), MemoryLimitStore()
         resolver = build_resolver(settings.dns.resolver)
@@ -170,6 +176,12 @@ async def test_copies_and_a_dsn_for_the_refused_one(
     assert [m.rcpt_tos for m in copies] == [["ann@example.org"]]
     shown = email.message_from_bytes(copies[0].content, policy=email.policy.default)
     assert shown.get_all("To") == ["ann@example.org"]
+    spool = relay.services.spool
+    assert spool is not None
+    (queued,) = spool.list_sync()  # the DSN waits in the queue, committed before the reply
+    assert (queued.kind, queued.sender, queued.recipient) == ("dsn", "", "news@example.com")
+    await Drainer(spool, lambda: relay.runtime, relay.services.metrics, "relay.test").drain()
+    assert spool.list_sync() == []
     (dsn,) = [m for m in upstream.messages if m.mail_from == "<>"]
     assert dsn.rcpt_tos == ["news@example.com"]
     assert "Final-Recipient: rfc822; ben@example.org" in dsn.content.decode()

@@ -11,7 +11,7 @@ import pytest
 
 import policies
 from policies.base import MessageEdit, Policy, Transaction, Verdict
-from tests.conftest import Proxy, message, submit
+from tests.conftest import Proxy, eventually, message, submit
 from tests.fakes import FakeUpstream, Faults
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
@@ -65,6 +65,8 @@ async def test_refused_copies_are_reported_to_the_sender(
     code, text = await send(proxy)
     assert code == 250
     assert "Delivered as 2 separate copies, one per recipient; 1 refused, reported to the sender" in text
+    # The DSN is queued before the 250; the queue's worker sends it at once.
+    assert await eventually(lambda: any(m.mail_from == "<>" for m in upstream.messages))
     delivered = [m for m in upstream.messages if m.mail_from != "<>"]
     assert [m.rcpt_tos for m in delivered] == [["ann@example.org"], ["cat@example.org"]]
     bounces = [m for m in upstream.messages if m.mail_from == "<>"]
