@@ -47,6 +47,17 @@ __all__ = ("App", "serve")
 
 log = logging.getLogger("sendguard")
 
+#: Readiness probes: a consent lookup for an address nobody has, each within this time.
+_PROBE_ADDRESS = "readiness-probe@sendguard.invalid"
+_PROBE_TIMEOUT = 2.0
+_UPSTREAM_FAILURES = {
+    "tls_failed": "TLS failed (certificate or handshake)",
+    "auth_failed": "our credentials were refused",
+    "timeout": "no answer (timeout)",
+    "error": "not reachable",
+    "disconnected": "connection lost",
+}
+
 
 class App:
     def __init__(
@@ -69,6 +80,8 @@ class App:
         self._services: Services | None = None
         self._http_runner: web.AppRunner | None = None
         self._accepting = False
+        #: What /readyz says of the upstream: (working, why not, when learnt).
+        self._upstream_health: tuple[bool, str, float] = (True, "", 0.0)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session_tasks: set[asyncio.Task[None]] = set()
         #: Every config generation still alive: the current one and those finishing transactions.
@@ -150,7 +163,7 @@ class App:
             upstream = build_upstream(
                 settings.upstream,
                 helo_name=self.services.hostname,
-                on_reply=metrics.upstream_reply,
+                on_reply=self._upstream_reply,
                 on_pool=metrics.upstream_pool,
             )
             opened.append(upstream)
@@ -325,14 +338,44 @@ class App:
         if self.http_bound:
             log.info("http on %s:%s (/metrics /healthz /readyz)", *self.http_bound)
 
-    def readiness(self) -> tuple[bool, dict[str, object]]:
+    def _upstream_reply(self, stage: str, outcome: str) -> None:
+        """Every upstream answer counts in the metrics; connection attempts also set what
+        /readyz says of the upstream (a reply at any stage proves it reachable)."""
+        self.services.metrics.upstream_reply(stage, outcome)
+        if stage == "connect" or outcome in ("2xx", "4xx", "5xx"):
+            ok = outcome in ("2xx", "4xx", "5xx")
+            self._upstream_health = (ok, "" if ok else _UPSTREAM_FAILURES.get(outcome, outcome), time.time())
+
+    async def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready: listening and accepting, the upstream's last connection attempt worked, the
+        consent store answers (commercial mail fails closed without it). The shared state
+        store (Redis) failing is ``degraded``, not unready: limits and pauses fail open."""
         listening = {name: f"{h}:{p}" for name, (h, p) in self.bound.items()}
         runtime = self._runtime
         detail: dict[str, object] = {"listeners": listening, "accepting": self._accepting}
+        problems: list[str] = []
+        degraded: list[str] = []
         if runtime is not None:
             detail["config"] = runtime.settings.digest
             detail["upstream"] = runtime.settings.upstream.address
-        return self._accepting and bool(listening), detail
+            ok, reason, when = self._upstream_health
+            if not ok:
+                problems.append(f"upstream: {reason} (last try {time.strftime('%H:%M:%S', time.gmtime(when))} UTC)")
+            if runtime.consent is not None:
+                try:
+                    await asyncio.wait_for(runtime.consent.history(_PROBE_ADDRESS), _PROBE_TIMEOUT)
+                except Exception as exc:
+                    problems.append(f"consent store: {type(exc).__name__}: {str(exc)[:200]}")
+            if runtime.settings.stores.state.backend != "memory":
+                try:
+                    await asyncio.wait_for(runtime.pauses.count("readiness-probe", 1), _PROBE_TIMEOUT)
+                except Exception as exc:
+                    degraded.append(f"state store: {type(exc).__name__}; rate limits and pauses fail open")
+        if problems:
+            detail["problems"] = problems
+        if degraded:
+            detail["degraded"] = degraded
+        return self._accepting and bool(listening) and not problems, detail
 
     # ---- blocklist watch ------------------------------------------------------------------
 

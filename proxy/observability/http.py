@@ -14,7 +14,7 @@ __all__ = ("HealthSource", "build_http_app")
 
 
 class HealthSource(Protocol):
-    def readiness(self) -> tuple[bool, dict[str, object]]: ...
+    async def readiness(self) -> tuple[bool, dict[str, object]]: ...
 
 
 _SECURITY_HEADERS = {
@@ -37,7 +37,7 @@ def build_http_app(metrics: Metrics, health: HealthSource) -> web.Application:
         return web.json_response({"status": "ok"}, headers=_SECURITY_HEADERS)
 
     async def readyz(request: web.Request) -> web.Response:
-        ready, detail = health.readiness()
+        ready, detail = await health.readiness()
         return web.Response(
             status=200 if ready else 503,
             text=json.dumps({"status": "ready" if ready else "not ready", **detail}),

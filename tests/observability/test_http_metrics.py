@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import socket
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import aiosmtplib
 
-from tests.conftest import Proxy, message
+from tests.conftest import Proxy, message, submit
 from tests.fakes import FakeUpstream
 
 
@@ -97,3 +100,46 @@ async def test_health_and_readiness(proxy: Proxy) -> None:
     assert content_type.startswith("application/json")
     assert '"status": "ready"' in text
     assert f'"local": "127.0.0.1:{proxy.port}"' in text
+
+
+async def test_readiness_means_the_upstream_and_the_stores_answer(
+    upstream_factory: Callable[..., Awaitable[FakeUpstream]], proxy_factory: Callable[..., Awaitable[Proxy]]
+) -> None:
+    """Issue 15 part 6: /readyz is 503 with the reason while the upstream cannot be reached or
+    the consent store does not answer; a state store (Redis) that is down is only degraded."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]  # nothing listens here once the socket is closed
+    proxy = await proxy_factory(
+        f"127.0.0.1:{dead_port}",
+        {
+            "policies": [{"name": "consent"}],
+            "stores": {"state": {"backend": "redis", "url": f"redis://127.0.0.1:{dead_port}/0", "timeout": "200ms"}},
+        },
+    )
+    status, _, text = await get(proxy.http_port, "/readyz")
+    assert status == 200  # nothing tried yet: nothing known to be wrong
+    assert "state store" in json.loads(text)["degraded"][0]
+    code, _ = await submit(proxy.port)
+    assert code == 451  # the upstream is not reachable
+    status, _, text = await get(proxy.http_port, "/readyz")
+    body = json.loads(text)
+    assert status == 503 and body["status"] == "not ready"
+    assert body["problems"][0].startswith("upstream: not reachable")
+    # The consent store breaking is a problem too (commercial mail fails closed without it).
+    consent = proxy.app.runtime.consent
+    assert consent is not None
+    await consent.close()
+    _, _, text = await get(proxy.http_port, "/readyz")
+    assert any(p.startswith("consent store: ") for p in json.loads(text)["problems"])
+
+
+async def test_readiness_recovers_when_the_upstream_answers_again(
+    upstream: FakeUpstream, proxy_factory: Callable[..., Awaitable[Proxy]]
+) -> None:
+    proxy = await proxy_factory(upstream.address)
+    proxy.app._upstream_reply("connect", "error")  # as the pool reports a failed attempt
+    assert (await get(proxy.http_port, "/readyz"))[0] == 503
+    assert (await submit(proxy.port))[0] == 250
+    status, _, text = await get(proxy.http_port, "/readyz")
+    assert status == 200, text
