@@ -29,6 +29,19 @@ CORPUS = ROOT / "tests" / "corpus"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Under CI no test may skip: a skip there means a missing tool, service or feature that
+    CI must have, and a silent skip would switch an end-to-end test off unnoticed. Every
+    helper that skips (need_program, the Redis and PostgreSQL fixtures) already fails under
+    CI; this turns any other skip into a failure too."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which must run every test: {report.longrepr}"
+
+
 def need_program(name: str) -> str:
     """Path of an outside program; skip when missing, but fail under CI, where .ci/run installs it."""
     path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)

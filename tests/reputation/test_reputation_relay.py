@@ -16,7 +16,7 @@ import pytest
 import policies
 from policies.base import MessageEdit, Policy, Transaction, Verdict
 from proxy.reputation.dkim import generate_private_key, write_private_key
-from tests.conftest import Proxy, message
+from tests.conftest import Proxy, message, submit
 from tests.dnsserver import DNSServer
 from tests.fakes import FakeUpstream
 
@@ -191,3 +191,37 @@ async def test_a_blocklist_listing_pauses_commercial_mail_only(
         timeout=10,
     )
     assert len(upstream.messages) == 1  # the transactional one
+
+
+@pytest.mark.parametrize(
+    ("on_error", "permanent", "expected"),
+    [("refuse", False, (451, "4.3.0")), ("refuse", True, (550, "5.6.0")), ("send_unsigned", False, (250, "2.0.0"))],
+)
+async def test_dkim_on_error_through_the_relay(
+    upstream: FakeUpstream,
+    proxy_factory: ProxyFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    on_error: str,
+    permanent: bool,
+    expected: tuple[int, str],
+) -> None:
+    """Issue 15 part 9: a signing failure (injected into sendguard's own signer) follows
+    dkim.on_error: refuse (451 when it may pass, 550 when the message cannot be signed) or
+    send the message unsigned."""
+    from proxy.reputation.dkim import DKIMSignError
+
+    proxy = await proxy_factory(upstream.address, {"dkim": {"keys": dkim_keys(tmp_path), "on_error": on_error}})
+
+    async def broken(message: bytes) -> Any:
+        raise DKIMSignError("injected", permanent=permanent)
+
+    monkeypatch.setattr(proxy.app.runtime.signer, "sign_async", broken)
+    code, text = await submit(proxy.port)
+    assert (code, text.split(" ")[0]) == expected
+    if code == 250:
+        assert b"DKIM-Signature" not in upstream.messages[-1].content
+    else:
+        assert upstream.messages == []
+    registry = proxy.app.services.metrics.registry
+    assert registry.get_sample_value("sendguard_dkim_signatures_total", {"result": "error"}) == 1

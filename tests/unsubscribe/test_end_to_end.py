@@ -142,20 +142,10 @@ async def test_the_whole_loop(relay: Relay, upstream: FakeUpstream) -> None:
 # ---- the footer remedy (policies/unsubscribe.py remedy: add_footer, proxy/smtp.py footers) ------------
 
 
-def _footers_wired() -> bool:
-    import proxy.replies
-    from policies.unsubscribe import UnsubscribePolicy
-
-    fields = {f.name for f in __import__("dataclasses").fields(UnsubscribePolicy.Options)}
-    return "remedy" in fields and hasattr(proxy.replies, "R550_NO_PART_FOR_FOOTER")
-
-
 @pytest.fixture
 async def remedy_relay(
     proxy_factory: ProxyFactory, upstream: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Relay]:
-    if not _footers_wired():
-        pytest.skip("remedy: add_footer and the proxy's footer edits are not wired yet (the lead's part)")
     from policies.unsubscribe import UnsubscribePolicy
 
     monkeypatch.setitem(policies_registry(), "unsubscribe", UnsubscribePolicy)
