@@ -50,6 +50,13 @@ log = logging.getLogger("sendguard")
 #: Readiness probes: a consent lookup for an address nobody has, each within this time.
 _PROBE_ADDRESS = "readiness-probe@sendguard.invalid"
 _PROBE_TIMEOUT = 2.0
+
+
+def _fully_qualified(name: str) -> bool:
+    labels = name.rstrip(".").split(".")
+    return len(labels) >= 2 and all(labels) and name.lower() not in ("localhost.localdomain",)
+
+
 _UPSTREAM_FAILURES = {
     "tls_failed": "TLS failed (certificate or handshake)",
     "auth_failed": "our credentials were refused",
@@ -247,6 +254,15 @@ class App:
         self._runtime = self._build_runtime(settings, consent=await self._open_consent(settings, None))
         self._runtimes.append(self._runtime)
         self._announce(settings)
+        for listener in settings.listeners:
+            name = listener.hostname or hostname
+            if not _fully_qualified(name):
+                log.warning(
+                    "listener %s greets as %r, not a fully qualified domain name (RFC 5321 2.3.5, 4.1.3); "
+                    "set hostname: for the listener (and upstream.helo_name) to this machine's name in the DNS",
+                    listener.name,
+                    name,
+                )
         loop = asyncio.get_running_loop()
         try:
             for config in settings.listeners:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from tests.conftest import Proxy, RawClient
 from tests.fakes import FakeUpstream
 
@@ -107,3 +109,25 @@ async def test_long_data_lines_within_the_limit_are_relayed(upstream: FakeUpstre
     assert text.startswith("5.5.2 Line too long: the limit is 10000 bytes")
     await client.close()
     assert len(upstream.messages) == 1
+
+
+@pytest.mark.parametrize(("hostname", "warned"), [("localhost", True), ("mail.example.com", False)])
+async def test_the_greeting_uses_the_configured_name_and_a_short_one_is_warned_about(
+    upstream: FakeUpstream, proxy_factory: ProxyFactory, caplog: pytest.LogCaptureFixture, hostname: str, warned: bool
+) -> None:
+    """Issue 15 part 7: the greeting names the configured host; a name that is not fully
+    qualified is warned about at start."""
+    caplog.set_level("WARNING")
+    listener = {
+        "name": "local",
+        "address": "127.0.0.1:0",
+        "trusted_networks": ["127.0.0.0/8"],
+        "auth": "none",
+        "hostname": hostname,
+    }
+    proxy = await proxy_factory(upstream.address, {"listeners": [listener]})
+    client = await RawClient.connect(proxy.port, greeting=False)
+    code, text = await client.reply()
+    assert (code, text.split(" ")[0]) == (220, hostname)
+    await client.close()
+    assert any("not a fully qualified domain name" in r.getMessage() for r in caplog.records) == warned
