@@ -254,6 +254,8 @@ class App:
         self._runtime = self._build_runtime(settings, consent=await self._open_consent(settings, None))
         self._runtimes.append(self._runtime)
         self._announce(settings)
+        for warning in settings.compliance_warnings():
+            log.warning("config: %s", warning)
         for listener in settings.listeners:
             name = listener.hostname or hostname
             if not _fully_qualified(name):

@@ -156,6 +156,8 @@ def _config_check(path: str) -> int:
         f"{path}: OK ({len(settings.listeners)} listener(s), {len(settings.policies)} polic(ies), "
         f"upstream {settings.upstream.address})"
     )
+    for warning in settings.compliance_warnings():  # valid, but the law's checks are off
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

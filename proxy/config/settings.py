@@ -386,6 +386,19 @@ class Settings:
     source: str = field(default="", metadata={"internal": True})
     digest: str = field(default="", metadata={"internal": True})
 
+    def compliance_warnings(self) -> list[str]:
+        """What this config leaves of the law unchecked (empty when every check is enforced)."""
+        enforced = {entry.name for entry in self.policies if entry.mode == "enforce"}
+        missing = [name for name in ("visible_recipients", "unsubscribe", "consent") if name not in enforced]
+        if not missing:
+            return []
+        what = {
+            "visible_recipients": "mass mail with every recipient in To/Cc (AVG)",
+            "unsubscribe": "commercial mail without a way to unsubscribe (Tw art. 11.7)",
+            "consent": "commercial mail to people who never consented (Tw art. 11.7)",
+        }
+        return [f"no enforcing {name} policy: {what[name]} passes unchecked" for name in missing]
+
     def needs(self, resource: str) -> bool:
         """True when a configured policy needs this shared resource (see Policy.needs)."""
         return any(resource in entry.policy_class.needs for entry in self.policies)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from proxy.config.settings import load_config
+from tests.conftest import Proxy, message, submit
+from tests.fakes import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(
@@ -41,3 +45,47 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
     assert "\nUSER sendguard\n" in text
     assert "HEALTHCHECK" in text and "/readyz" in text
     assert "COPY config/docker.yaml /etc/sendguard/sendguard.yaml" in text
+
+
+NEWSLETTER = (
+    "From: Shop <news@shop.example>\r\nTo: klant@example.org\r\nSubject: 25% korting op alles\r\n"
+    "Date: Thu, 03 Dec 2026 10:00:00 +0000\r\nMessage-ID: <n1@shop.example>\r\n\r\n"
+    "Alleen dit weekend 25% korting op alles. Bestel nu in onze webwinkel!\r\n{footer}"
+)
+CROWD = [f"person{i}@customer{i}.example" for i in range(12)]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+async def test_every_shipped_config_enforces_the_law(
+    path: Path,
+    upstream: FakeUpstream,
+    proxy_factory: Callable[..., Awaitable[Proxy]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 14: an admin who copies any shipped config gets the compliance checks: a
+    newsletter without a link is refused, one with a link but without consent is refused,
+    and mass mail with everyone in To is refused; config check warns about none of them."""
+    monkeypatch.setenv("SENDGUARD_UPSTREAM_PASSWORD", "x")
+    config = yaml.safe_load(path.read_text())
+    config["listeners"] = [{**listener, "address": "127.0.0.1:0"} for listener in config["listeners"][:1]]
+    config["upstream"] = {"address": upstream.address, "tls": "none"}
+    config["users_file"] = str(tmp_path / "users")
+    config["audit"] = {"path": str(tmp_path / "audit.jsonl")}
+    config["http"] = {"address": "127.0.0.1:0"}
+    config["stores"] = {**config.get("stores", {}), "consent": {"backend": "sqlite", "path": str(tmp_path / "c.db")}}
+    config["stores"]["state"] = {"backend": "memory"}
+    config["spool"] = {"path": str(tmp_path / "spool.db")}
+    config.pop("dns", None)
+    config.pop("unsubscribe", None)
+    proxy = await proxy_factory(upstream.address, raw=config)
+    assert proxy.app.settings.compliance_warnings() == []
+    sender, rcpt = "news@shop.example", ["klant@example.org"]
+    code, text = await submit(proxy.port, NEWSLETTER.format(footer="").encode(), sender=sender, recipients=rcpt)
+    assert code == 550 and "unsubscribe" in text.lower(), text
+    with_link = NEWSLETTER.format(footer="Afmelden: https://shop.example/afmelden?u=1\r\n").encode()
+    code, text = await submit(proxy.port, with_link, sender=sender, recipients=rcpt)
+    assert code == 550 and "consent" in text, text
+    code, text = await submit(proxy.port, message(to=", ".join(CROWD)), recipients=CROWD)
+    assert code == 550 and "Bcc" in text, text
+    assert upstream.messages == []
