@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Proxy, submit
+from proxy.stores.consent import new_event
+from tests.conftest import Proxy, eventually, submit
 from tests.fakes import FakeUpstream
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
@@ -134,3 +135,22 @@ async def test_monitor_mode_logs_what_it_would_decide_and_lets_the_rules_decide(
     assert (reason["source"], reason["verdict"], reason["mode"]) == ("default", "commercial", "monitor")
     assert sample(proxy, "sendguard_detector_verdicts_total", verdict="commercial", mode="monitor") == 1
     assert sample(proxy, "sendguard_classifications_total", **{"class": "transactional", "decided_by": "default"}) == 1
+
+
+async def test_a_promotion_reaches_who_consented_and_the_others_are_reported(
+    upstream: FakeUpstream, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """Issue 14: the class is known only after DATA, so consent is judged then; the recipient
+    with consent gets the message, the one without is refused and reported to the sender."""
+    proxy = await proxy_factory(upstream.address, compliance(tmp_path))
+    store = proxy.app.runtime.consent
+    assert store is not None
+    await store.add(new_event("opted_in", "klant@example.org", method="web_form", source="https://dehoek.example/"))
+    recipients = ["klant@example.org", "buurman@example.org"]
+    code, text = await submit(proxy.port, promotion(), sender="info@dehoek.example", recipients=recipients)
+    assert code == 250, text
+    assert "1 refused, reported to the sender" in text
+    assert [m.rcpt_tos for m in upstream.messages if m.rcpt_tos != ["info@dehoek.example"]] == [["klant@example.org"]]
+    assert await eventually(lambda: any(m.rcpt_tos == ["info@dehoek.example"] for m in upstream.messages))
+    audit = (await proxy.wait_audit(1))[-1]
+    assert audit["copies"]["buurman@example.org"]["fate"] == "refused"

@@ -301,10 +301,13 @@ async def run_check(
         decision = await pipeline.check_message(txn)
         results.extend(decision.results)
         decided(decision)
-        txn.recipients[:] = [r for r in txn.recipients if r not in refused]
+        txn.recipients[:] = [r for r in txn.recipients if r not in refused and r not in decision.held]
+        ok = "250 2.0.0 Ok"
+        if decision.held and deciding is None:  # as the proxy does: the others get the message
+            ok = f"250 2.0.0 Ok for {len(txn.recipients)}; {len(decision.held)} refused, reported to the sender"
         out: dict[str, Any] = {
             "action": str(deciding_action),
-            "reply": deciding.line() if deciding else "250 2.0.0 Ok",
+            "reply": deciding.line() if deciding else ok,
             "class": txn.message_class,
             "class_reason": final.as_dict() if forced_class is None else {"class": forced_class, "source": "--class"},
             "sender": txn.mail_from,
@@ -323,8 +326,9 @@ async def run_check(
         }
         if final.refusal is not None and forced_class is None:
             out["problems"].insert(0, {"policy": "classes", "stage": "message", "reply": final.refusal.line()})
-        if refused:
+        if refused or decision.held:
             out["refused_recipients"] = {rcpt: d.reply.line() if d.reply else None for rcpt, d in refused.items()}
+            out["refused_recipients"].update({rcpt: reply.line() for rcpt, reply in decision.held.items()})
         additions = [f"{name}: {value}" for edit in decision.edits for name, value in edit.add]
         if additions and deciding is None:
             out["added_headers"] = additions

@@ -57,11 +57,14 @@ async def deliver_copies(
         for recipient, fields in edit.per_recipient.items():
             extra.setdefault(recipient, []).extend(fields)
         footers.update(edit.per_recipient_footer)
-    t.copies = {}
+    # Recipients a policy refused after DATA (no consent, say): no copy, reported to the sender.
+    t.copies = dict(decision.held)
     retry: list[Queued] = []  # copies refused for now, with the exact bytes to send again
     retry_at = time.time() + t.runtime.settings.spool.retry_min
     deadline = time.monotonic() + _FANOUT_BUDGET
     for recipient in txn.recipients:
+        if recipient in decision.held:
+            continue
         if keepalive is not None:  # each copy gets the whole upstream budget again
             keepalive(attempt_budget(t.runtime))
         try:
@@ -109,6 +112,8 @@ async def deliver_copies(
         return Reply(first.code, first.status, f"{first.text} [{txn.txn_id}]"[:500]), first, outcome
     refused = [(r, reply) for r, reply in failed if not reply.is_temporary]
     text = f"Delivered as {len(delivered)} separate copies, one per recipient"
+    if decision.held:  # copies only because some recipients were refused after DATA
+        text = f"Delivered to {len(delivered)} recipient{'' if len(delivered) == 1 else 's'}, one copy each"
     if not failed:
         return Reply(250, "2.0.0", f"{text} [{txn.txn_id}]"), None, "delivered"
     queued = await _queue(t, outgoing, retry, refused, len(failed) - len(refused))

@@ -123,7 +123,7 @@ async def _relay_message(
         except NoReadablePart:
             await t.upstream.abort()
             return R.R550_NO_PART_FOR_FOOTER, None, "rejected"
-    if any(edit.fans_out for edit in decision.edits):
+    if decision.held or any(edit.fans_out for edit in decision.edits):
         return await deliver_copies(t, outgoing, decision, keepalive)
     signed = await sign(t, outgoing)
     if isinstance(signed, Reply):

@@ -78,6 +78,10 @@ class StageDecision:
     reply: Reply | None = None
     results: list[PolicyResult] = field(default_factory=list)
     edits: list[MessageEdit] = field(default_factory=list)
+    #: Recipients refused for good after DATA while others may have the message: the relay
+    #: delivers one copy to each of the others and reports these to the sender (never a 250
+    #: that hides them, never a refusal that sinks the recipients who consented).
+    held: dict[str, Reply] = field(default_factory=dict)
 
     @property
     def accepted(self) -> bool:
@@ -170,6 +174,7 @@ class Pipeline:
                 pending = [
                     r for r in txn.recipients
                     if txn.rcpt_checks.get((slot.entry.id, r)) not in ("*", txn.message_class)
+                    and r not in decision.held
                 ]  # fmt: skip
                 if pending and await self._deferred_recipients(decision, slot, txn, pending):
                     return decision
@@ -200,8 +205,9 @@ class Pipeline:
     async def _deferred_recipients(
         self, decision: StageDecision, slot: _Slot, txn: Transaction, recipients: list[str]
     ) -> bool:
-        """Per-recipient checks that could not run at RCPT time, after DATA. The refusals
-        become one reply that names the recipients (one DATA reply covers all of them)."""
+        """Per-recipient checks that could not run at RCPT time, after DATA. When some
+        recipients remain, those refused for good are ``held`` (the others get the message);
+        otherwise the refusals become one reply that names the recipients."""
         refused: list[tuple[str, PolicyResult]] = []
         for recipient in recipients:
             before = len(decision.results)
@@ -218,6 +224,14 @@ class Pipeline:
                 if result.action is not Action.ACCEPT and result.mode == "enforce":
                     refused.append((recipient, result))
         if not refused or not decision.accepted:
+            return False
+        still = [r for r in txn.recipients if r not in decision.held and r not in {n for n, _ in refused}]
+        if still and all(result.action is Action.REJECT for _, result in refused):
+            # Some recipients may have the message: they get it (one copy each), the others
+            # are refused and reported to the sender.
+            for recipient, result in refused:
+                assert result.reply is not None
+                decision.held[recipient] = result.reply
             return False
         temporary = all(r.action is Action.TEMPFAIL for _, r in refused)
         first = refused[0][1].reply

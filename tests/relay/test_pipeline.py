@@ -13,7 +13,7 @@ import pytest
 
 import policies
 from policies.base import Policy, Transaction, Verdict
-from tests.conftest import Proxy, RawClient, message, submit
+from tests.conftest import Proxy, RawClient, eventually, message, submit
 from tests.fakes import FakeUpstream
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
@@ -168,12 +168,24 @@ async def test_class_known_only_from_headers_gives_one_reply_naming_the_recipien
         },
     )
     newsletter = message(extra="List-Unsubscribe: <https://example.com/u/1>\r\n")
-    code, text = await send(proxy.port, ["bob@example.org", "vip1@example.org", "vip2@example.org"], newsletter)
+    # All refused: one reply names them; the client keeps its message.
+    code, text = await send(proxy.port, ["vip1@example.org", "vip2@example.org"], newsletter)
     assert code == 550
     assert text == (
         "5.7.1 <vip1@example.org>: no consent for commercial mail (recipients: vip1@example.org, vip2@example.org)"
     )
     assert upstream.messages == []
+    # Some may have it (issue 14): bob gets it, the others are refused and reported to the
+    # sender, not sunk together with him.
+    code, text = await send(proxy.port, ["bob@example.org", "vip1@example.org", "vip2@example.org"], newsletter)
+    assert code == 250
+    assert text.startswith("2.0.0 Delivered to 1 recipient, one copy each; 2 refused, reported to the sender")
+    assert [m.rcpt_tos for m in upstream.messages if m.rcpt_tos != ["a@example.com"]] == [["bob@example.org"]]
+    # ... and the sender hears which recipients were refused, and why, in a DSN.
+    assert await eventually(lambda: any(m.rcpt_tos == ["a@example.com"] for m in upstream.messages))
+    dsn = next(m for m in upstream.messages if m.rcpt_tos == ["a@example.com"]).content
+    assert b"vip1@example.org" in dsn and b"vip2@example.org" in dsn and b"no consent" in dsn
+    upstream.handler.messages.clear()
     # the same message without the marker is transactional: the policy does not apply
     assert (await send(proxy.port, ["vip1@example.org"]))[0] == 250
 
