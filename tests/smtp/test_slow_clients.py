@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from proxy.config.settings import ConfigError, load_config_text
 from tests.conftest import Proxy, RawClient, eventually, submit
 from tests.fakes import FakeUpstream
 
@@ -159,3 +160,27 @@ async def test_a_normal_client_is_served_beside_held_slots(upstream: FakeUpstrea
     assert (await writer.cmd("."))[0] == 250
     await writer.close()
     assert await eventually(lambda: stress_gauge(proxy) == 0)
+
+
+def test_slow_client_settings_have_postfix_like_defaults_and_are_checked() -> None:
+    base = "listeners:\n  - name: local\n    address: 127.0.0.1:2525\n{extra}upstream:\n  address: maildir:var/m\n"
+    settings = load_config_text(base.format(extra=""), environ={})
+    listener = settings.listeners[0]
+    assert (listener.max_sessions, listener.max_sessions_per_ip, listener.stress_at) == (500, 50, 0.8)
+    assert (settings.timeouts.command, settings.timeouts.stress_idle) == (60, 10)
+    for extra, expected in (
+        ("    stres_at: 0.5\n", ["t.yaml:4: listeners[0].stres_at: unknown key; did you mean 'stress_at'?"]),
+        (
+            "    stress_at: 1.5\n",
+            [
+                "t.yaml:4: listeners[0].stress_at: must be a share of max_sessions, above 0 and at most 1",
+                "t.yaml:7: timeouts.command: must be at least 1s",
+                "t.yaml:7: timeouts.stress_idle: must be at least 1s",
+            ],
+        ),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            load_config_text(
+                base.format(extra=extra) + "timeouts: {command: 0s, stress_idle: 0s}\n", "t.yaml", environ={}
+            )
+        assert [str(issue) for issue in caught.value.issues] == expected
