@@ -299,12 +299,27 @@ class App:
         def factory() -> SendguardSMTP:
             handler = RelayHandler(self, state)
             timeouts = self.runtime.settings.timeouts
-            return SendguardSMTP(handler, state, self.services, timeouts.idle, timeouts.session)
+            return SendguardSMTP(
+                handler,
+                state,
+                self.services,
+                timeouts.idle,
+                timeouts.session,
+                command_timeout=timeouts.command,
+                stress_idle=timeouts.stress_idle,
+            )
 
         ssl_context = state.tls_context if config.tls.mode == "implicit" else None
         try:
             server = await loop.create_server(
-                factory, host=config.address.host, port=config.address.port, ssl=ssl_context, reuse_address=True
+                factory,
+                host=config.address.host,
+                port=config.address.port,
+                ssl=ssl_context,
+                reuse_address=True,
+                # asyncio's default backlog (100) leaves a burst of connections accepted by
+                # the kernel but never by the process: no greeting and no 421 for seconds.
+                backlog=max(512, config.max_sessions),
             )
         except OSError as exc:
             raise OSError(

@@ -16,6 +16,7 @@ R421_TOO_MANY_SESSIONS = Reply(421, "4.7.0", "Too many connections from your add
 R421_SERVER_BUSY = Reply(421, "4.3.2", "Server busy; try again later")
 R421_SHUTTING_DOWN = Reply(421, "4.3.2", "Server shutting down; try again later")
 R421_SESSION_TIMEOUT = Reply(421, "4.4.2", "Session time limit reached; closing connection")
+R421_COMMAND_TIMEOUT = Reply(421, "4.4.2", "Command not received in time; closing connection")
 R550_RELAY_DENIED = Reply(
     550,
     "5.7.1",

@@ -93,6 +93,11 @@ class ListenerConfig:
     max_line_length: Size = doc("longest line in a message or command, CRLF included", default=Size(10_000))
     max_sessions: int = doc("concurrent sessions on this listener", default=500)
     max_sessions_per_ip: int = doc("concurrent sessions from one client IP", default=50)
+    stress_at: float = doc(
+        "share of max_sessions from which the listener is under stress: idle and command limits drop to "
+        "timeouts.stress_idle (Postfix's ${stress?10}{300})",
+        default=0.8,
+    )
     max_auth_failures: int = doc("failed AUTH attempts per client IP per 10 minutes before AUTH is refused", default=10)
     plaintext_auth_networks: tuple[IPNetwork, ...] = doc(
         "clients that may AUTH without TLS (nothing crosses a network from loopback)", default=LOOPBACK
@@ -159,6 +164,12 @@ class MessageLimits:
 class Timeouts:
     idle: Duration = doc("between two client commands (RFC 5321 4.5.3.2: 5 minutes)", default=Duration(300))
     session: Duration = doc("whole client session", default=Duration(1800))
+    command: Duration = doc(
+        "a whole command line, from its first byte to its end (a trickle is cut with 421 4.4.2)", default=Duration(60)
+    )
+    stress_idle: Duration = doc(
+        "idle and command limits while a listener is under stress (listeners: stress_at)", default=Duration(10)
+    )
     shutdown: Duration = doc("on stop, wait this long for transactions in flight", default=Duration(30))
 
 
@@ -611,6 +622,8 @@ def _validate(settings: Settings, conv: Converter) -> None:
             err(f"{base}.max_line_length", "must be at least 1000 (RFC 5321 4.5.3.1.6)")
         if listener.max_sessions < 1 or listener.max_sessions_per_ip < 1:
             err(f"{base}.max_sessions", "session limits must be at least 1")
+        if not 0 < listener.stress_at <= 1:
+            err(f"{base}.stress_at", "must be a share of max_sessions, above 0 and at most 1")
 
     upstream = settings.upstream
     if not upstream.is_maildir:
@@ -669,6 +682,10 @@ def _validate(settings: Settings, conv: Converter) -> None:
         )
     if settings.timeouts.idle < 1:
         err("timeouts.idle", "must be at least 1s")
+    if settings.timeouts.command < 1:
+        err("timeouts.command", "must be at least 1s")
+    if settings.timeouts.stress_idle < 1:
+        err("timeouts.stress_idle", "must be at least 1s")
     if settings.reload.interval <= 0:
         err("reload.interval", "must be positive")
     if settings.audit.keep < 0:

@@ -77,6 +77,12 @@ class Metrics:
             "sendguard_sessions_total", "Client sessions by listener and outcome", ["listener", "outcome"], registry=r
         )
         self.sessions_active = Gauge("sendguard_sessions_active", "Open client sessions", ["listener"], registry=r)
+        self.listener_stress = Gauge(
+            "sendguard_listener_stress",
+            "1 while the listener's sessions are past stress_at of max_sessions (short idle and command limits)",
+            ["listener"],
+            registry=r,
+        )
         self.auth = Counter("sendguard_auth_total", "AUTH attempts by result", ["listener", "result"], registry=r)
         self.messages = Counter(
             "sendguard_messages_total",
@@ -246,7 +252,8 @@ class Metrics:
     def declare_listeners(self, names: Iterable[str]) -> None:
         for listener in names:
             self.sessions_active.labels(listener)
-            for outcome in ("accepted", "refused_limit"):
+            self.listener_stress.labels(listener)
+            for outcome in ("accepted", "refused_limit", "command_timeout"):
                 self.sessions.labels(listener, outcome)
             for result in ("success", "failure", "blocked"):
                 self.auth.labels(listener, result)

@@ -16,7 +16,7 @@ import re
 import secrets
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, syntax
 
 from policies.base import Reply
 from proxy import replies as R
@@ -73,6 +73,9 @@ class SendguardSMTP(SMTP):
         services: Services,
         idle_timeout: float,
         session_timeout: float,
+        *,
+        command_timeout: float = 60.0,
+        stress_idle: float = 10.0,
     ) -> None:
         config = listener.config
         self.line_length_limit = int(config.max_line_length)  # read by SMTP.__init__ for the stream limit
@@ -81,6 +84,10 @@ class SendguardSMTP(SMTP):
         self.relay = handler
         self._session_timeout = session_timeout
         self._session_timer: asyncio.TimerHandle | None = None
+        self._command_timeout = command_timeout
+        self._stress_idle = stress_idle
+        self._command_timer: asyncio.TimerHandle | None = None
+        self._reading_body = False
         self._counted_ip: str | None = None
         self.errors = 0
         self.client_ip = ""
@@ -141,6 +148,7 @@ class SendguardSMTP(SMTP):
         metrics.sessions.labels(listener.name, "accepted").inc()
         metrics.sessions_active.labels(listener.name).inc()
         self._session_timer = self.loop.call_later(self._session_timeout, self._session_expired)
+        listener.update_stress(metrics)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted_ip is not None:
@@ -152,8 +160,10 @@ class SendguardSMTP(SMTP):
             listener.sessions.discard(self)
             self.services.metrics.sessions_active.labels(listener.name).dec()
             self._counted_ip = None
+            listener.update_stress(self.services.metrics)
         if self._session_timer is not None:
             self._session_timer.cancel()
+        self._stop_command_timer()
         super().connection_lost(error)
         self.relay.connection_lost()
 
@@ -163,6 +173,70 @@ class SendguardSMTP(SMTP):
             return
         log.info("session from %s reached the session time limit", self.client_ip)
         self.close_with(R.R421_SESSION_TIMEOUT)
+
+    # ---- idle and command limits, shorter under stress -------------------------------------
+
+    def _limit(self, normal: float) -> float:
+        return min(normal, self._stress_idle) if self.listener.stress else normal
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer (restarted by each complete command; partial bytes do not
+        count), at ``timeouts.stress_idle`` while the listener is under stress. An explicit
+        duration (the relay's budget) is kept as given."""
+        super()._reset_timeout(duration if duration is not None else self._limit(self._timeout_duration))
+
+    def data_received(self, data: bytes) -> None:
+        """The command deadline: a command line must be whole within ``timeouts.command``
+        (under stress ``stress_idle``) of its first byte, so that a client trickling a byte
+        at a time holds a slot that long per command, not the idle limit. Lines of a message
+        body are bounded the same way, one by one."""
+        if not self.in_data:
+            if b"\n" in data:
+                self._stop_command_timer()
+                if not data.endswith(b"\n"):
+                    self._start_command_timer()
+            elif self._command_timer is None:
+                self._start_command_timer()
+        super().data_received(data)
+
+    def _start_command_timer(self) -> None:
+        self._command_timer = self.loop.call_later(self._limit(self._command_timeout), self._command_expired)
+
+    def _stop_command_timer(self) -> None:
+        if self._command_timer is not None:
+            self._command_timer.cancel()
+            self._command_timer = None
+
+    def _command_expired(self) -> None:
+        self._command_timer = None
+        if self.in_data:
+            return  # never cut a relay in flight
+        log.info("closing session from %s: a command line not complete in time", self.client_ip)
+        self.services.metrics.sessions.labels(self.listener.name, "command_timeout").inc()
+        self.close_with(R.R421_COMMAND_TIMEOUT)
+
+    def stress_began(self) -> None:
+        """The listener came under stress: from now on this session has at most
+        ``stress_idle`` to send its next command and to finish the line it is sending. A
+        message body being uploaded or relayed keeps its own bound."""
+        now = self.loop.time()
+        handle = self._timeout_handle
+        if handle is not None and not (self.in_data or self._reading_body) and handle.when() - now > self._stress_idle:
+            super()._reset_timeout(self._stress_idle)
+        timer = self._command_timer
+        if timer is not None and timer.when() - now > self._stress_idle:
+            self._stop_command_timer()
+            self._start_command_timer()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        # The body is bounded by the normal idle limit from the DATA command, even under
+        # stress (a client that got this far is allowed to relay; a big upload takes time).
+        # (The timer is restarted at the 354, in push.)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._reading_body = False
 
     def close_with(self, reply: Reply) -> None:
         transport = self.transport
@@ -179,6 +253,9 @@ class SendguardSMTP(SMTP):
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
         text = self._rewrite(text)
         code = text[:3]
+        if code == "354" and not self._reading_body:
+            self._reading_body = True
+            super()._reset_timeout(self._timeout_duration)
         if _PROTOCOL_ERROR.match(text):
             self.errors += 1
         await super().push(text)
