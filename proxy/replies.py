@@ -14,6 +14,10 @@ from policies.base import Reply
 # ---- session and relay authorization
 R421_TOO_MANY_SESSIONS = Reply(421, "4.7.0", "Too many connections from your address; try again later")
 R421_SERVER_BUSY = Reply(421, "4.3.2", "Server busy; try again later")
+R421_BUSY_FOR_YOUR_ADDRESS = Reply(
+    421, "4.7.0", "Server busy: too many connections from your address for now; try again later"
+)
+R421_IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle for too long; closing connection")
 R421_SHUTTING_DOWN = Reply(421, "4.3.2", "Server shutting down; try again later")
 R421_SESSION_TIMEOUT = Reply(421, "4.4.2", "Session time limit reached; closing connection")
 R421_COMMAND_TIMEOUT = Reply(421, "4.4.2", "Command not received in time; closing connection")

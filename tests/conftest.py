@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import gc
 import os
 import shutil
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,17 @@ from tests.services import postgres_target, redis_target  # noqa: F401 - fixture
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "corpus"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(autouse=True)
+def _collect_what_the_test_left() -> Iterator[None]:
+    """Finalize, at the end of each test, the sockets and streams it left unclosed: otherwise
+    the garbage collector finalizes them during some later test, whose ResourceWarning then
+    fails that unrelated test at random (the suite turns warnings into errors)."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 @pytest.hookimpl(hookwrapper=True)

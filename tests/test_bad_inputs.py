@@ -53,7 +53,8 @@ async def test_b03_lf_only_message_never_ends_and_the_idle_timeout_closes_it(
     await client.cmd("RCPT TO:<b@example.org>")
     await client.cmd("DATA")
     await client.send(b"Subject: x\n\nbody\n.\n")
-    assert (await client.reply(timeout=20))[0] == 0  # closed by the timeout, no reply
+    assert (await client.reply(timeout=20))[0] == 421  # the idle timeout, said (421 4.4.2) ...
+    assert (await client.reply(timeout=5))[0] == 0  # ... then closed
     await client.close()
     assert upstream.messages == []
 

@@ -98,6 +98,11 @@ class ListenerConfig:
         "timeouts.stress_idle (Postfix's ${stress?10}{300})",
         default=0.8,
     )
+    stress_sessions_per_ip: int = doc(
+        "concurrent sessions from one client IP while under stress: a few addresses cannot hold every slot "
+        "(Postfix's anvil keeps the same fairness)",
+        default=5,
+    )
     max_auth_failures: int = doc("failed AUTH attempts per client IP per 10 minutes before AUTH is refused", default=10)
     plaintext_auth_networks: tuple[IPNetwork, ...] = doc(
         "clients that may AUTH without TLS (nothing crosses a network from loopback)", default=LOOPBACK
@@ -620,7 +625,7 @@ def _validate(settings: Settings, conv: Converter) -> None:
             err(f"{base}.max_recipients", "must be at least 1")
         if listener.max_line_length < 1000:
             err(f"{base}.max_line_length", "must be at least 1000 (RFC 5321 4.5.3.1.6)")
-        if listener.max_sessions < 1 or listener.max_sessions_per_ip < 1:
+        if listener.max_sessions < 1 or listener.max_sessions_per_ip < 1 or listener.stress_sessions_per_ip < 1:
             err(f"{base}.max_sessions", "session limits must be at least 1")
         if not 0 < listener.stress_at <= 1:
             err(f"{base}.stress_at", "must be a share of max_sessions, above 0 and at most 1")

@@ -131,6 +131,10 @@ class SendguardSMTP(SMTP):
             refused = R.R421_SERVER_BUSY
         elif listener.per_ip[self.client_ip] >= config.max_sessions_per_ip:
             refused = R.R421_TOO_MANY_SESSIONS
+        elif listener.stress and listener.per_ip[self.client_ip] >= config.stress_sessions_per_ip:
+            # Under stress an address gets its fair share of what is left: otherwise a few
+            # addresses that reconnect as fast as they are shed keep every slot.
+            refused = R.R421_BUSY_FOR_YOUR_ADDRESS
         if refused is not None:
             # Refuse before the greeting (RFC 5321 3.1: a 421 greeting) and close.
             log.warning("refusing session from %s on %s: %s", self.client_ip, listener.name, refused.text)
@@ -178,6 +182,16 @@ class SendguardSMTP(SMTP):
 
     def _limit(self, normal: float) -> float:
         return min(normal, self._stress_idle) if self.listener.stress else normal
+
+    def _timeout_cb(self) -> None:
+        """Idle for too long: say so before closing (as Postfix does), unless a relay is in
+        flight (its reply is what the client waits for)."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and not self.in_data:
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(R.R421_IDLE_TIMEOUT.line().encode("ascii") + b"\r\n")
+            self.services.metrics.sessions.labels(self.listener.name, "idle_timeout").inc()
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """aiosmtpd's idle timer (restarted by each complete command; partial bytes do not

@@ -78,6 +78,7 @@ async def test_stress_sheds_tricklers_and_a_normal_client_relays(
                     "trusted_networks": ["127.0.0.0/8"],
                     "max_sessions": 50,
                     "stress_at": 0.8,
+                    "stress_sessions_per_ip": 5,
                 }
             ],
             "timeouts": {"idle": "60s", "command": "60s", "stress_idle": "2s"},
@@ -89,15 +90,22 @@ async def test_stress_sheds_tricklers_and_a_normal_client_relays(
     # Every accepted connection gets a greeting or a 421 at once: none is left silent.
     firsts = await asyncio.gather(*(client.reply(timeout=5) for client in clients))
     codes = sorted(code for code, _ in firsts)
-    assert codes.count(220) == 50
-    assert codes.count(421) == 10
-    assert {text for code, text in firsts if code == 421} == {"4.3.2 Server busy; try again later"}
+    # Stress begins at 40 sessions (5 from each address); from then on an address gets no
+    # more than its fair share (stress_sessions_per_ip), so the rest are refused at once.
+    assert codes.count(220) == 40
+    assert codes.count(421) == 20
+    busy = "4.7.0 Server busy: too many connections from your address for now; try again later"
+    assert {text for code, text in firsts if code == 421} == {busy}
     assert stress_gauge(proxy) == 1
 
-    # A normal client while every slot is held: a prompt 421, not silence.
-    full = await RawClient.connect(proxy.port, greeting=False)
-    assert await full.reply(timeout=5) == (421, "4.3.2 Server busy; try again later")
-    await full.close()
+    # A normal client from another address is greeted at once and relays, while the
+    # tricklers hold their slots (issue 15 part 4's target).
+    started = asyncio.get_running_loop().time()
+    normal = await RawClient.connect(proxy.port, greeting=False)
+    assert (await normal.reply(timeout=5))[0] == 220
+    assert asyncio.get_running_loop().time() - started < 1
+    await normal.close()
+    assert (await submit(proxy.port))[0] == 250
 
     greeted = [client for client, (code, _) in zip(clients, firsts, strict=True) if code == 220]
 
@@ -112,9 +120,12 @@ async def test_stress_sheds_tricklers_and_a_normal_client_relays(
     started = asyncio.get_running_loop().time()
     ends = await asyncio.gather(*(trickle(client) for client in greeted))
     assert asyncio.get_running_loop().time() - started < 10
-    # Cut at the line's deadline (421 4.4.2) or, quiet since stress began, at the idle limit
-    # (closed, as the idle limit always does): none still holds its slot.
-    assert set(ends) <= {(421, "4.4.2 Command not received in time; closing connection"), (0, "<EOF>")}
+    # Cut at the line's deadline or, quiet since stress began, at the idle limit (both a
+    # 421 4.4.2 that says which): none still holds its slot.
+    assert set(ends) <= {
+        (421, "4.4.2 Command not received in time; closing connection"),
+        (421, "4.4.2 Idle for too long; closing connection"),
+    }
     for client in clients:
         await client.close()
 
@@ -135,7 +146,15 @@ async def test_a_normal_client_is_served_beside_held_slots(upstream: FakeUpstrea
     proxy = await proxy_factory(
         upstream.address,
         {
-            "listeners": [{"name": "local", "address": "127.0.0.1:0", "max_sessions": 10, "stress_at": 0.5}],
+            "listeners": [
+                {
+                    "name": "local",
+                    "address": "127.0.0.1:0",
+                    "max_sessions": 10,
+                    "stress_at": 0.5,
+                    "stress_sessions_per_ip": 10,
+                }
+            ],
             "timeouts": {"idle": "60s", "stress_idle": "1s"},
         },
     )
@@ -154,8 +173,8 @@ async def test_a_normal_client_is_served_beside_held_slots(upstream: FakeUpstrea
     for i in range(5):  # 2.5 s of body under a 1 s stress limit, each line whole at once
         await asyncio.sleep(0.5)
         await writer.send(b"line %d\r\n" % i)
-    for client in quiet:  # the quiet ones were shed at stress_idle, without a word
-        assert (await client.reply(timeout=5))[0] == 0
+    for client in quiet:  # the quiet ones were shed at stress_idle, told why
+        assert await client.reply(timeout=5) == (421, "4.4.2 Idle for too long; closing connection")
         await client.close()
     assert (await writer.cmd("."))[0] == 250
     await writer.close()
