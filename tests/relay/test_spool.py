@@ -270,4 +270,5 @@ async def test_copies_refused_for_good_are_refunded_and_queued_ones_stay_charged
     assert await send(["dan@example.org", "eve@example.org"]) == {}  # 2 more (5 of 5); dan's copy queued
     refused = await send(["fay@example.org", "gus@example.org"])  # room for exactly ben's unit
     assert set(refused) == {"gus@example.org"} and refused["gus@example.org"].code == 451
-    assert [r["recipient"] for r in rows(tmp_path)] == ["dan@example.org"]
+    # dan's copy waits (retry_min 1h); the DSN for ben may or may not have gone out yet
+    assert [r["recipient"] for r in rows(tmp_path) if r["kind"] == "copy"] == ["dan@example.org"]
