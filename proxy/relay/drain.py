@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from policies.base import Reply
+from policies.base import Reply, Transaction
 from proxy import replies as R
 from proxy.observability.metrics import Metrics
 from proxy.relay.dsn import build_dsn
@@ -138,6 +138,22 @@ class Drainer:
                     self.spool.release_sync(entry.id)
                 raise
 
+    async def _account(self, runtime: Runtime, entry: SpoolEntry, stage: str, reply: Reply) -> None:
+        """A copy's answer counts like one given while the client waited: toward the backoff
+        rules (an upstream that pushes back) and the bounce bookkeeping (a dead address)."""
+        txn = Transaction(txn_id=entry.txn_id, listener="spool", client_ip="", mail_from=entry.sender)
+        try:
+            await runtime.backoff.observe(stage, reply, txn)
+        except Exception as exc:
+            self.metrics.state_errors.labels("backoff").inc()
+            log.error("spool: backoff bookkeeping for txn %s failed: %s", entry.txn_id, exc)
+        if stage in ("rcpt", "data"):
+            try:
+                await runtime.bounces.recipient_tried(txn, entry.recipient, reply, count_tried=False)
+            except Exception as exc:
+                self.metrics.state_errors.labels("bounces").inc()
+                log.error("spool: bounce bookkeeping for txn %s failed: %s", entry.txn_id, exc)
+
     async def attempt(self, runtime: Runtime, entry: SpoolEntry) -> None:
         runtime.enter()  # a reload retires this generation's upstream only after we are done
         try:
@@ -152,6 +168,8 @@ class Drainer:
                 stage, reply = "internal", R.r451_internal(entry.txn_id)
         finally:
             runtime.leave()
+        if entry.kind == "copy" and stage != "internal":
+            await self._account(runtime, entry, stage, reply)
         config = runtime.settings.spool
         attempts = entry.attempts + 1
         age = entry.age()

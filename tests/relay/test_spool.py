@@ -272,3 +272,26 @@ async def test_copies_refused_for_good_are_refunded_and_queued_ones_stay_charged
     assert set(refused) == {"gus@example.org"} and refused["gus@example.org"].code == 451
     # dan's copy waits (retry_min 1h); the DSN for ben may or may not have gone out yet
     assert [r["recipient"] for r in rows(tmp_path) if r["kind"] == "copy"] == ["dan@example.org"]
+
+
+async def test_what_the_queue_worker_hears_counts_for_bounces_and_backoff(
+    upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """A queued copy refused later as a dead address is a hard bounce (suppressed, here after
+    one) and counts toward the backoff rules, as if the client had still been waiting."""
+    upstream = await upstream_factory(faults=Faults(data_replies={"ben@example.org": "451 4.2.0 mailbox busy"}))
+    config = split_config(tmp_path)
+    config["bounces"] = {"suppress_after": 1}
+    config["backoff"] = {
+        "rules": [
+            {"name": "dead", "match": {"status": "5.1.1"}, "threshold": "1/h", "scope": "sender", "duration": "1h"}
+        ]
+    }
+    proxy = await proxy_factory(upstream.address, config)
+    assert (await submit(proxy.port, CONTENT, sender=SENDER, recipients=RECIPIENTS))[0] == 250
+    upstream.faults.data_replies["ben@example.org"] = "550 5.1.1 no such user"  # now it is gone
+    assert await eventually(lambda: sample(proxy, "sendguard_hard_bounces_total") == 1)
+    store = proxy.app.runtime.consent
+    assert store is not None
+    assert await eventually(lambda: sample(proxy, "sendguard_backoff_matches_total", rule="dead") == 1)
+    assert [e.kind for e in await store.history("ben@example.org")] == ["suppressed"]
