@@ -10,6 +10,8 @@ import gc
 import os
 import shutil
 import ssl
+import subprocess
+import sys
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -320,3 +322,21 @@ def message(
         f"{extra}\r\n{body}\r\n"
     )
     return text.encode("utf-8")
+
+
+def run_quick_bench(script: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run ``bench/SCRIPT --quick --out FILE`` as the README says; its output and its JSON."""
+    import json
+
+    output = tmp_path / (Path(script).stem + ".json")
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--quick", "--out", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    report: dict[str, Any] = json.loads(output.read_text())
+    return completed, report

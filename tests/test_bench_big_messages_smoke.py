@@ -6,30 +6,17 @@ JSON's shape); memory targets are the benchmark's business, never a test's.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_quick_bench
 
 
 @pytest.mark.timeout(90)
 def test_big_message_benchmark_delivers_every_message(tmp_path: Path) -> None:
-    output = tmp_path / "big_messages.json"
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "big_messages.py"), "--quick", "--out", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=80,
-        check=False,
-        cwd=tmp_path,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
+    _, report = run_quick_bench("big_messages.py", tmp_path)
 
-    report = json.loads(output.read_text())
     assert report["benchmark"] == "big_messages"
     assert report["quick"] is True
     runs = report["runs"]

@@ -6,14 +6,11 @@ targets, are the benchmark's business, never a test's.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_quick_bench
 
 KINDS = ["plain_4k", "promo_4k", "newsletter_200k", "html_1m", "corpus_mean"]
 FIGURES = ["parse_us", "detect_us", "detect_again_us", "render_us", "parse_detect_us"]
@@ -21,19 +18,9 @@ FIGURES = ["parse_us", "detect_us", "detect_again_us", "render_us", "parse_detec
 
 @pytest.mark.timeout(90)
 def test_classifier_benchmark_reports_every_message_kind(tmp_path: Path) -> None:
-    output = tmp_path / "classifier.json"
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "classifier.py"), "--quick", "--out", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=80,
-        check=False,
-        cwd=tmp_path,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
+    completed, report = run_quick_bench("classifier.py", tmp_path)
     assert "targets:" in completed.stdout
 
-    report = json.loads(output.read_text())
     assert report["bench"] == "classifier"
     assert report["quick"] is True
     assert {"when", "python", "machine", "cpus", "detector_memory", "results", "targets"} <= set(report)

@@ -90,7 +90,8 @@ class Body:
 
     #: The text in lower case (accents kept: the word look-up folds them itself).
     lowered: str
-    text_sample: str
+    #: The text as written (case kept), for the patterns that need it (a promo code).
+    text: str
     link_targets: list[str]
     images: int
     pixels: int

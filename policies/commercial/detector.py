@@ -289,7 +289,7 @@ class CommercialDetector:
         discount = _find_discount(text)
         if discount:
             self._add(signals, "discount", discount)
-        elif found.get("promotion") and _CODE_WORDS.search(text) and _CODE.search(body.text_sample):
+        elif found.get("promotion") and _CODE_WORDS.search(text) and _CODE.search(body.text):
             self._add(signals, "discount", "promo code")
         if reference:
             self._add(signals, "reference_number", reference)

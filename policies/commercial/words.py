@@ -38,8 +38,6 @@ WORD_LISTS = (
     "account",
 )
 
-MAX_NGRAM = 6
-
 #: Words a reference number follows ("order 100-4471", "Bestellnummer: 20458", "n° de commande").
 REFERENCE_WORDS = frozenset(
     """order orderid ordernummer bestel bestelling bestelnummer factuur factuurnummer invoice rechnung
@@ -105,15 +103,11 @@ class WordLists:
     """Entries per word list, language by language, ready for look-up.
 
     ``phrases`` maps a tuple of folded tokens to the (list, language) pairs it belongs to;
-    ``prefixes`` and ``suffixes`` hold the single-word entries with a "*".
+    ``stems`` holds the single-word entries with a "*".
     """
 
     entries: Mapping[str, Mapping[str, frozenset[str]]]  # language -> list -> entries
     phrases: Mapping[tuple[str, ...], tuple[tuple[str, str], ...]] = field(init=False, repr=False, compare=False)
-    prefixes: Mapping[int, Mapping[str, tuple[tuple[str, str], ...]]] = field(init=False, repr=False, compare=False)
-    suffixes: Mapping[int, Mapping[str, tuple[tuple[str, str], ...]]] = field(init=False, repr=False, compare=False)
-    #: First token of each phrase -> the longest phrase it starts (in tokens).
-    starts: Mapping[str, int] = field(init=False, repr=False, compare=False)
     #: Every beginning of every entry (token tuples): a longer n-gram is built only after one.
     beginnings: frozenset[tuple[str, ...]] = field(init=False, repr=False, compare=False)
     #: Every token worth a look: the first tokens of entries and the reference words.
@@ -123,35 +117,20 @@ class WordLists:
 
     def __post_init__(self) -> None:
         phrases: dict[tuple[str, ...], list[tuple[str, str]]] = {}
-        prefixes: dict[int, dict[str, list[tuple[str, str]]]] = {}
-        suffixes: dict[int, dict[str, list[tuple[str, str]]]] = {}
+        stems: dict[tuple[str, bool], list[tuple[str, str]]] = {}
         for language, lists in self.entries.items():
             for name, entries in lists.items():
                 for entry in entries:
                     key = (name, language)
                     folded = fold(entry.strip())
-                    if folded.endswith("*") and not folded.startswith("*"):
-                        stem = folded.rstrip("*")
-                        prefixes.setdefault(len(stem), {}).setdefault(stem, []).append(key)
-                    elif folded.startswith("*") and not folded.endswith("*"):
-                        stem = folded.lstrip("*")
-                        suffixes.setdefault(len(stem), {}).setdefault(stem, []).append(key)
-                    else:
-                        phrase = tuple(tokens(folded))
-                        if phrase:
-                            phrases.setdefault(phrase[:MAX_NGRAM], []).append(key)
+                    if folded.endswith("*") != folded.startswith("*"):  # one "*", at one end
+                        stems.setdefault((folded.strip("*"), folded.endswith("*")), []).append(key)
+                    elif phrase := tuple(tokens(folded)):
+                        phrases.setdefault(phrase, []).append(key)
         object.__setattr__(self, "phrases", {k: tuple(v) for k, v in phrases.items()})
-        starts: dict[str, int] = {}
-        for phrase in phrases:
-            starts[phrase[0]] = max(starts.get(phrase[0], 0), len(phrase))
-        object.__setattr__(self, "starts", starts)
         object.__setattr__(self, "beginnings", frozenset(p[:n] for p in phrases for n in range(1, len(p) + 1)))
-        object.__setattr__(self, "start_set", frozenset(starts) | REFERENCE_WORDS)
-        stems = [(stem, True, tuple(keys)) for d in prefixes.values() for stem, keys in d.items()]
-        stems += [(stem, False, tuple(keys)) for d in suffixes.values() for stem, keys in d.items()]
-        object.__setattr__(self, "stems", tuple(stems))
-        object.__setattr__(self, "prefixes", {n: {s: tuple(v) for s, v in d.items()} for n, d in prefixes.items()})
-        object.__setattr__(self, "suffixes", {n: {s: tuple(v) for s, v in d.items()} for n, d in suffixes.items()})
+        object.__setattr__(self, "start_set", frozenset(p[0] for p in phrases) | REFERENCE_WORDS)
+        object.__setattr__(self, "stems", tuple((stem, prefix, tuple(keys)) for (stem, prefix), keys in stems.items()))
 
     def merged(self, other: WordLists) -> WordLists:
         languages = set(self.entries) | set(other.entries)

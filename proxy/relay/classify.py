@@ -33,6 +33,7 @@ from policies.base import Reply, Transaction
 from policies.commercial import CommercialDetector, Detection, DetectorTuning, load_word_lists
 from policies.message import ParsedMessage
 from proxy.config.settings import ClassesConfig, ClassRule
+from proxy.observability.metrics import Metrics
 
 __all__ = ("Classification", "Classifier")
 
@@ -66,10 +67,6 @@ class Classification:
             return self.detection.decided_by
         return "default"
 
-    @property
-    def detector_says_commercial(self) -> bool:
-        return self.detection is not None and self.detection.verdict == "commercial"
-
     def note(self) -> str:
         """Why the detector judged the message commercial, for the text of a refusal ("" when a
         rule or header decided: the sender's admin or program said so)."""
@@ -79,7 +76,7 @@ class Classification:
             return f"judged commercial: score {self.detection.score:g}, {self.detection.explain(3)}"
         return ""  # a rule or header: the sender's own admin or program said so
 
-    def observe(self, metrics: Any, detector_mode: str) -> None:
+    def observe(self, metrics: Metrics, detector_mode: str) -> None:
         """Count this decision in ``sendguard_classifications_total`` and the detector's verdict."""
         metrics.classifications.labels(self.message_class, self.decided_by).inc()
         if self.detection is not None:
