@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage, Message
 from functools import cached_property
 
+from policies.mimewalk import lean_copy
 from policies.readable import Link, ReadableText, find_text_links, readable_text, render_html
 
 __all__ = (
@@ -125,14 +126,32 @@ def _decode_bytes(payload: bytes, charset: str | None) -> tuple[str, str]:
     return payload.decode("latin-1", errors="replace"), "latin-1"
 
 
-class ParsedMessage:
-    """A message parsed once with ``email.policy.default``."""
+#: Messages above this size are parsed lean: attachments, forwarded messages, preambles and
+#: epilogues left out, long text parts shortened (``policies.mimewalk.lean_copy``).
+LEAN_PARSE_ABOVE = 1024 * 1024
+#: What a lean parse keeps of a long text part: its beginning and its end (a newsletter's
+#: way out is in its footer). Text in between is not read by any policy.
+TEXT_HEAD_BYTES = 2 * 1024 * 1024
+TEXT_TAIL_BYTES = 512 * 1024
 
-    def __init__(self, raw: bytes, *, max_mime_depth: int = 50) -> None:
+
+class ParsedMessage:
+    """A message parsed once with ``email.policy.default``; a big one without the parts no
+    policy reads (see ``LEAN_PARSE_ABOVE``). ``raw`` is always the whole message."""
+
+    def __init__(self, raw: bytes, *, max_mime_depth: int = 50, lean_above: int = LEAN_PARSE_ABOVE) -> None:
         self.raw = raw
         self._addresses: dict[str, list[Address]] = {}
+        #: Bytes of the message the parse left out (0 for a message of ordinary size).
+        self.left_out = 0
+        parse_from = raw
+        if len(raw) > lean_above:
+            # A big message: parse only what a policy reads (policies/mimewalk.py). The
+            # ``email`` package holds about eight times what it parses; a 25 MB attachment
+            # would cost 200 MB for nothing.
+            parse_from, self.left_out = lean_copy(raw, head_bytes=TEXT_HEAD_BYTES, tail_bytes=TEXT_TAIL_BYTES)
         try:
-            parsed = email.message_from_bytes(raw, policy=email.policy.default)
+            parsed = email.message_from_bytes(parse_from, policy=email.policy.default)
             assert isinstance(parsed, EmailMessage)
             self.msg: EmailMessage = parsed
         except RecursionError as error:
