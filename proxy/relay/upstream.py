@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
+from aiosmtplib import SMTPResponse, SMTPStatus
 
 from policies.base import Reply
 from proxy.config.settings import UpstreamConfig
+from proxy.relay.rawmsg import Outgoing, stuffed_blocks
 from proxy.replies import (
     r451_internal,
     r451_upstream_auth_refused,
@@ -116,7 +118,7 @@ class UpstreamSession(Protocol):
 
     async def mail(self, sender: str, options: list[str]) -> Reply: ...
     async def rcpt(self, recipient: str, options: list[str]) -> Reply: ...
-    async def data(self, content: bytes) -> Reply: ...
+    async def data(self, content: bytes | Outgoing) -> Reply: ...
     async def finish(self) -> None: ...
     async def abort(self) -> None: ...
 
@@ -161,24 +163,35 @@ class MaildirUpstream:
         now = time.time()
         return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{next(self._counter)}.{self._hostname}"
 
-    def deliver(self, content: bytes, sender: str, recipients: list[str]) -> str:
+    def deliver(self, content: bytes | Outgoing, sender: str, recipients: list[str]) -> str:
         """Blocking write; run in a thread. Returns the file name."""
+        message = content if isinstance(content, Outgoing) else Outgoing(b"", content)
         envelope = [f"Return-Path: <{sender}>"] + [f"Delivered-To: {r}" for r in recipients]
-        # Maildir files use LF line endings, like every local delivery agent writes them.
-        body = "\n".join(envelope).encode("utf-8", "surrogateescape") + b"\n" + content.replace(b"\r\n", b"\n")
+        head = "\n".join(envelope).encode("utf-8", "surrogateescape") + b"\n"
         name = self._unique_name()
         tmp_path = self.path / "tmp" / name
-        final_name = f"{name},S={len(body)}"
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        size = 0
         try:
             try:
-                view = memoryview(body)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                # Block by block, so a big message is never copied whole. Maildir files use LF
+                # line endings, like every local delivery agent writes them; a CR at the end
+                # of a block waits to see whether the next block starts with its LF.
+                pending_cr = False
+                for block in itertools.chain((head,), message.blocks()):
+                    data = bytes(block)
+                    if pending_cr and not data.startswith(b"\n"):
+                        data = b"\r" + data  # a bare CR: kept as it was
+                    pending_cr = data.endswith(b"\r")
+                    if pending_cr:
+                        data = data[:-1]
+                    size += _write_all(fd, data.replace(b"\r\n", b"\n"))
+                if pending_cr:
+                    size += _write_all(fd, b"\r")
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            final_name = f"{name},S={size}"
             os.rename(tmp_path, self.path / "new" / final_name)
         except BaseException:
             tmp_path.unlink(missing_ok=True)  # never leave a half-delivered file in tmp/
@@ -208,7 +221,7 @@ class MaildirSession:
         self.recipients.append(recipient)
         return Reply(250, "2.1.5", "Recipient OK")
 
-    async def data(self, content: bytes) -> Reply:
+    async def data(self, content: bytes | Outgoing) -> Reply:
         try:
             name = await asyncio.to_thread(self.upstream.deliver, content, self.sender, self.recipients)
         except OSError:
@@ -240,6 +253,53 @@ def _tls_failure(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)
+
+
+async def _send_data(client: aiosmtplib.SMTP, message: Outgoing, step_limit: float) -> SMTPResponse:
+    """aiosmtplib's ``SMTP.data`` with the message streamed: DATA, the 354, the message in
+    blocks, each written once the transport has room for it (its flow control), then the
+    reply to the final dot. aiosmtplib's own ``data`` normalises and dot-stuffs the whole
+    message with two regular expressions and hands the transport all of it at once (which
+    keeps a copy of what the socket did not take): three extra copies of a 25 MB message.
+
+    It uses aiosmtplib's protocol as ``data`` does (its command lock, its reply reader, the
+    flag that lets a reply in); the tests of the relay and of the smuggling cases cover it
+    for every aiosmtplib release the project allows. Raises what ``data`` raises, and closes
+    the connection like it when the upstream goes away or is too slow. ``step_limit``:
+    seconds for each reply and for the room to write each block."""
+    protocol = client.protocol
+    lock = getattr(protocol, "_command_lock", None)
+    if protocol is None or lock is None:
+        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    try:
+        async with lock:
+            protocol._response_pending = True
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=step_limit)
+            if start.code != SMTPStatus.start_input:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            protocol._response_pending = True
+            for block in stuffed_blocks(message):
+                protocol.write(block)
+                try:
+                    # Waits only while the transport holds more than its high-water mark.
+                    await asyncio.wait_for(protocol._drain_helper(), step_limit)
+                except TimeoutError:
+                    raise aiosmtplib.SMTPTimeoutError("Timed out writing the message") from None
+            response = await protocol.read_response(timeout=step_limit)
+            if response.code != SMTPStatus.completed:
+                raise aiosmtplib.SMTPDataError(response.code, response.message)
+            return response
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
+        client.close()
+        raise
 
 
 def _unasked_bytes(client: aiosmtplib.SMTP) -> int:
@@ -514,12 +574,14 @@ class SmtpSession:
             self._release(healthy=False)
             return r451_upstream_lost(self.txn_id)
 
-    async def data(self, content: bytes) -> Reply:
-        """DATA and the message. aiosmtplib turns bare CR/LF into CRLF and dot-stuffs every
-        line that starts with '.', so the upstream sees exactly one message (T10)."""
+    async def data(self, content: bytes | Outgoing) -> Reply:
+        """DATA and the message, written block by block (``rawmsg.stuffed_blocks``: bare CR/LF
+        made CRLF, every line that starts with '.' dot-stuffed), so the upstream sees exactly
+        one message (T10) and a big one is never copied whole."""
         self._pending = True
+        message = content if isinstance(content, Outgoing) else Outgoing(b"", content)
         try:
-            response = await self.client.data(content, timeout=self.upstream.config.timeouts.data)
+            response = await _send_data(self.client, message, self.upstream.config.timeouts.data)
         except aiosmtplib.SMTPDataError as exc:
             self._pending = False
             if exc.code < 400:
