@@ -20,6 +20,7 @@ from proxy import __version__
 from proxy.config.settings import ConfigError, ListenerConfig, Settings, load_config
 from proxy.observability.http import build_http_app
 from proxy.observability.logsetup import AuditLog
+from proxy.observability.memory import tune_allocator
 from proxy.observability.metrics import Metrics
 from proxy.relay.classify import Classifier
 from proxy.relay.drain import Drainer
@@ -670,6 +671,7 @@ def _soft_opt_in_rules(settings: Settings) -> SoftOptInRules:
 
 async def serve(config_path: str, overrides: Mapping[str, str]) -> int:
     """``sendguard serve``: run until SIGTERM or SIGINT; SIGHUP reloads."""
+    tune_allocator()  # big messages' memory goes back to the system (observability/memory.py)
     settings = load_config(config_path, overrides=overrides)
     app = App(settings, config_path=config_path, overrides=overrides)
     await app.start()

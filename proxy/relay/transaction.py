@@ -312,6 +312,10 @@ class RelayTransaction:
                 runtime.leave()
                 # Even when the client vanished during commit: what happened is on record.
                 self._account(outcome, client_reply, upstream_reply, note)
+                # Nothing reads the message after this. Let go of it (it may be 25 MB) now:
+                # the session's objects form reference cycles, which only the garbage
+                # collector frees, at a time of its choosing.
+                txn.message = None
 
     def _copy_fate(self, recipient: str, reply: Reply) -> str:
         """delivered, queued (in the retry queue) or refused."""

@@ -249,6 +249,10 @@ class RelayHandler:
         finally:
             server.in_data = False
         await state.end(delivered.outcome, client_reply=delivered.reply, upstream_reply=delivered.upstream_reply)
+        # The transaction is over and on record: let go of it (and its message, which may be
+        # 25 MB) now, not when the client next says MAIL, RSET or QUIT.
+        if self.state is state:
+            self.state = None
         if delivered.outcome == "delivered":
             server.errors = 0  # Postfix counts errors "without delivering mail"
         return delivered.reply.line()
