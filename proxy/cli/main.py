@@ -21,6 +21,7 @@ from policies.message import ParsedMessage
 from proxy import __version__
 from proxy.cli import dns as dns_cli
 from proxy.cli.consent import add_consent_parser, run_consent_command
+from proxy.cli.health import add_health_parser, run_health
 from proxy.cli.limits import add_limits_parser, run_limits
 from proxy.cli.queue import add_queue_parser, run_queue
 from proxy.config.settings import ConfigError, Settings, load_config, parse_upstream_address
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_parser(commands)  # queue list, retry, drop
     add_unsubscribe_parser(commands)  # unsubscribe keygen
     add_consent_parser(commands)  # consent import, export, show, add, customer, revoke, suppress ...
+    add_health_parser(commands)  # health: the running process's /readyz (container healthchecks)
     return parser
 
 
@@ -121,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_consent_command(args)
         if args.command == "unsubscribe":
             return run_unsubscribe_command(args)
+        if args.command == "health":
+            return run_health(args)
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_BAD_INPUT
