@@ -24,6 +24,7 @@ from proxy.cli.consent import add_consent_parser, run_consent_command
 from proxy.cli.health import add_health_parser, run_health
 from proxy.cli.limits import add_limits_parser, run_limits
 from proxy.cli.queue import add_queue_parser, run_queue
+from proxy.cli.upstream import add_upstream_parser, run_upstream
 from proxy.config.settings import ConfigError, Settings, load_config, parse_upstream_address
 from proxy.observability.logsetup import configure_logging, stop_logging
 from proxy.relay.classify import Classifier
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_unsubscribe_parser(commands)  # unsubscribe keygen
     add_consent_parser(commands)  # consent import, export, show, add, customer, revoke, suppress ...
     add_health_parser(commands)  # health: the running process's /readyz (container healthchecks)
+    add_upstream_parser(commands)  # upstream check: connect, TLS, certificate, AUTH, EHLO, SIZE
     return parser
 
 
@@ -125,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_unsubscribe_command(args)
         if args.command == "health":
             return run_health(args)
+        if args.command == "upstream":
+            return run_upstream(args)
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_BAD_INPUT
