@@ -263,6 +263,8 @@ class App:
         self._announce(settings)
         for warning in settings.compliance_warnings():
             log.warning("config: %s", warning)
+        for warning in settings.load_warnings:
+            log.warning("config: %s", warning)
         for listener in settings.listeners:
             name = listener.hostname or hostname
             if not _fully_qualified(name):
@@ -553,6 +555,8 @@ class App:
             self.settings = settings
             self._announce(settings)
             self._spawn(self._retire(old))
+            for warning in settings.load_warnings:
+                log.warning("config: %s", warning)
             metrics.config_reloads.labels("success").inc()
             metrics.config_last_reload_success.set(1)
             metrics.config_last_reload_time.set_to_current_time()

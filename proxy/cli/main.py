@@ -177,6 +177,8 @@ def _config_check(path: str) -> int:
     )
     for warning in settings.compliance_warnings():  # valid, but the law's checks are off
         print(f"{path}: warning: {warning}", file=sys.stderr)
+    for warning in settings.load_warnings:  # valid, but probably not what was meant
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
