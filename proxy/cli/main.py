@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     config_check = config_commands.add_parser("check", help="validate a config file")
     config_check.add_argument("file")
+    config_commands.add_parser("schema", help="print the config's JSON Schema (for editors)")
+    config_commands.add_parser("reference", help="print the config reference (Markdown), from the schema")
 
     user = commands.add_parser("user", help="AUTH users")
     user_commands = user.add_subparsers(dest="user_command", required=True, metavar="SUBCOMMAND")
@@ -121,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return _check(args)
         if args.command == "config":
-            return _config_check(args.file)
+            return _config_command(args)
         if args.command == "user":
             return _user_command(args)
         if args.command in ("dkim", "domain"):
@@ -180,6 +182,20 @@ def _config_check(path: str) -> int:
     for warning in settings.load_warnings:  # valid, but probably not what was meant
         print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    if args.config_command == "schema":
+        from proxy.config.reference import config_schema
+
+        print(json.dumps(config_schema(), indent=2))
+        return EXIT_OK
+    if args.config_command == "reference":
+        from proxy.config.reference import config_reference
+
+        sys.stdout.write(config_reference())
+        return EXIT_OK
+    return _config_check(args.file)
 
 
 def _user_command(args: argparse.Namespace) -> int:
