@@ -170,6 +170,9 @@ async def test_every_dashboard_query_returns_data_from_a_live_sendguard(
                     if not await query(session, base, expr):
                         empty.append(f"{title}: {expr}")
                 assert empty == [], "dashboard queries with no data:\n" + "\n".join(empty)
+                # The load was signed: DKIM signatures count under the key's domain.
+                signed = await query(session, base, 'sendguard_dkim_domain_signatures_total{domain="example.com"} > 0')
+                assert signed, "no DKIM signature counted for example.com"
                 async with session.get(f"{base}/api/v1/rules") as response:
                     groups = (await response.json())["data"]["groups"]
                 rules = [rule for group in groups for rule in group["rules"]]

@@ -184,3 +184,53 @@ async def test_the_readme_metric_table_is_what_metrics_shows(
         "sendguard_backoff_matches_total",
         "sendguard_backoff_pauses_total",
     }, unseen
+
+
+async def test_consent_lookups_are_timed_and_their_errors_counted(
+    upstream: FakeUpstream, proxy_factory: Callable[..., Awaitable[Proxy]], tmp_path: Path
+) -> None:
+    from tests.test_classification_relay import compliance, promotion
+
+    proxy = await proxy_factory(upstream.address, compliance(tmp_path))
+    code, _ = await submit(proxy.port, promotion(), sender="info@dehoek.example", recipients=["klant@example.org"])
+    assert code == 550  # commercial, no consent: the store was asked
+    _, _, text = await get(proxy.http_port, "/metrics")
+    asked = sum(
+        sample(text, "sendguard_consent_lookups_total", operation=op, result="ok") or 0 for op in ("basis", "history")
+    )
+    assert asked >= 1
+    timed = sum(
+        sample(text, "sendguard_consent_lookup_duration_seconds_count", operation=op) or 0
+        for op in ("basis", "history")
+    )
+    assert timed == asked
+    # The store closed under the policy: the look-up fails, is counted as an error, 451.
+    consent = proxy.app.runtime.consent
+    assert consent is not None
+    await consent.close()
+    code, _ = await submit(proxy.port, promotion(), sender="info@dehoek.example", recipients=["klant@example.org"])
+    assert code == 451
+    _, _, text = await get(proxy.http_port, "/metrics")
+    errors = sum(
+        sample(text, "sendguard_consent_lookups_total", operation=op, result="error") or 0
+        for op in ("basis", "history")
+    )
+    assert errors >= 1
+
+
+def test_the_pause_gauge_shows_when_each_pause_ends_and_forgets_ended_ones() -> None:
+    from proxy.observability.metrics import Metrics
+    from proxy.stores.pauses import Pause
+
+    metrics = Metrics("test")
+    throttle = Pause("class", "commercial", 2_000_000_000.0, "421 try later", "throttling")
+    listed = Pause("all", "*", 2_000_000_500.0, "listed on bl.test", "blocklist")
+    metrics.set_pause_counts([throttle, listed])
+    get_value = metrics.registry.get_sample_value
+    assert get_value("sendguard_pause_until_timestamp_seconds", {"scope": "class", "reason": "throttling"}) == 2e9
+    assert get_value("sendguard_pauses_active", {"scope": "all"}) == 1
+    metrics.set_pause_counts([listed])
+    assert get_value("sendguard_pause_until_timestamp_seconds", {"scope": "class", "reason": "throttling"}) is None
+    assert (
+        get_value("sendguard_pause_until_timestamp_seconds", {"scope": "all", "reason": "blocklist"}) == 2_000_000_500
+    )
