@@ -4,6 +4,7 @@ validates against the JSON Schema (issue 12)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -13,6 +14,9 @@ import yaml
 
 from proxy.cli.main import main
 from proxy.config.reference import config_reference, config_schema
+
+# Made once for the module: every parametrized case validates against the same schema.
+validator = functools.cache(lambda: jsonschema.Draft202012Validator(config_schema()))
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "config" / "sendguard.schema.json"
@@ -38,7 +42,7 @@ def test_the_committed_schema_and_reference_are_what_the_code_makes(capsys: pyte
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_validates_against_the_schema(path: Path) -> None:
-    jsonschema.Draft202012Validator(config_schema()).validate(yaml.safe_load(path.read_text()))
+    validator().validate(yaml.safe_load(path.read_text()))
 
 
 @pytest.mark.parametrize(
@@ -51,7 +55,7 @@ def test_every_shipped_config_validates_against_the_schema(path: Path) -> None:
     ],
 )
 def test_the_schema_refuses_what_the_loader_refuses(change: dict[str, object], complaint: str) -> None:
-    errors = list(jsonschema.Draft202012Validator(config_schema()).iter_errors(change))
+    errors = list(validator().iter_errors(change))
     assert errors and any(complaint in str(error) for error in errors), errors
 
 
