@@ -174,6 +174,16 @@ async def test_the_readme_metric_table_is_what_metrics_shows(
         if labels and labels != documented[name]  # a family with no sample yet shows no labels
     }
     assert wrong == {}
+    # Every metric named anywhere in the README's prose exists, and so do the labels it gives
+    # in braces (`sendguard_recipients_total{outcome}`, `{stage="connect"}`).
+    text_of_readme = README.read_text()
+    for name, braces in re.findall(r"\b(sendguard_[a-z_]*[a-z])(\{[^}]*\})?", text_of_readme):
+        family = re.sub(r"_(bucket|count|sum)$", "", name)
+        if family in ("sendguard_unsubscribe",):  # "the sendguard_unsubscribe* families"
+            continue
+        assert family in scraped, f"the README names {name}, which /metrics does not have"
+        for label in re.findall(r"(\w+)(?:=|,|\})", braces or ""):
+            assert label in documented[family], f"the README gives {name} a label {label} it does not have"
     # Families whose labels could not be seen must be few and known to start empty.
     unseen = {name for name, labels in scraped.items() if not labels and documented[name]}
     assert unseen <= {
