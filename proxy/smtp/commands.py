@@ -205,11 +205,9 @@ class RelayHandler:
             return R.R503_NEED_MAIL.line()
         if state.failed is not None:
             return state.failed.line()
-        txn, metrics = state.txn, self.services.metrics
         reply = self._check_recipient_syntax(state, address)
         if reply is not None:
-            klass = txn.message_class or "unknown"
-            metrics.recipients.labels(txn.listener, klass, "rejected" if reply.code >= 500 else "tempfailed").inc()
+            state.refused_recipient(reply, by="policy")
             return reply.line()
         if address.lower() in state.seen:
             return R.R250_DUPLICATE_RECIPIENT.line()  # relayed once (Postfix dedups in cleanup too)
