@@ -218,6 +218,8 @@ VISIBLE_ANYWAY = [
     ),
     ("hover-rule-does-not-apply", f"<style>a:hover {{ display:none }}</style>{_page(LINK)}"),
     ("url-written-in-text", _page(f"<p>To stop these mails: {URL}</p>")),
+    # opt-out wording a reader understands, on an unsubscribe URL (tests/fixtures holdout de-04)
+    ("opt-out-words-on-an-unsubscribe-url", _page(f'<p><a href="{URL}">Keine Einladungen mehr erhalten</a></p>')),
     ("link-that-shows-its-url", _page(f'<p><a href="{URL}">{URL}</a></p>')),
 ]
 
