@@ -14,6 +14,7 @@ invalid declaration, and the element keeps what it inherits.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -71,6 +72,9 @@ class Rule:
     specificity: tuple[int, int, int]
     order: int
     declarations: tuple[Declaration, ...]
+    #: Classes (".x") and ids ("#x") the selector's subject must have, lower case: a rule
+    #: whose subject needs one that the document never mentions cannot match.
+    requires: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +87,10 @@ def _significant(tokens: Iterable[Any]) -> Tokens:
     return tuple(t for t in tokens if t.type not in ("whitespace", "comment"))
 
 
-def parse_declarations(text: str) -> dict[str, Declaration]:
-    """The relevant declarations of a style attribute or rule body, as the cascade leaves
-    them: a later one wins over an earlier one unless the earlier is ``!important``."""
+def parse_declarations(text: str | Sequence[Any]) -> dict[str, Declaration]:
+    """The relevant declarations of a style attribute or rule body (text, or a rule's tokens),
+    as the cascade leaves them: a later one wins over an earlier one unless the earlier is
+    ``!important``."""
     out: dict[str, Declaration] = {}
     for item in tinycss2.parse_blocks_contents(text, skip_comments=True, skip_whitespace=True):
         if item.type != "declaration":
@@ -140,8 +145,28 @@ def _media_applies(prelude: Sequence[Any]) -> bool:
     return all(part.strip().removeprefix("only ").strip() in ("all", "screen") for part in text.split(","))
 
 
-def parse_sheet(texts: Sequence[str]) -> Sheet:
-    """The rules of the document's <style> elements that can hide something, in order."""
+_SUBJECT = re.compile(r"[^\s>+~]+$")
+_REQUIRED = re.compile(r"([.#])(-?[A-Za-z_][\w\-]*)")
+
+
+def _requires(selector: str) -> frozenset[str]:
+    """The classes and ids of a selector's subject (its last compound selector), outside
+    :not() and other functional pseudo-classes."""
+    if "(" in selector or "\\" in selector:
+        return frozenset()  # :not(.x), :is(...), escapes: claim nothing
+    subject = _SUBJECT.search(selector.strip())
+    if subject is None:
+        return frozenset()
+    return frozenset(kind + name.lower() for kind, name in _REQUIRED.findall(subject.group()))
+
+
+@functools.lru_cache(maxsize=32)
+def parse_sheet(texts: tuple[str, ...]) -> Sheet:
+    """The rules of the document's <style> elements that can hide something, in order.
+
+    Cached by the style text: the copies of one campaign carry the same style sheet, and
+    tinycss2's tokenizer (pure Python) is the dearest part of reading a styled newsletter.
+    The result is immutable, so threads may share it."""
     rules: list[Rule] = []
     complete = True
     budget = MAX_SHEET_CHARS
@@ -161,7 +186,7 @@ def parse_sheet(texts: Sequence[str]) -> Sheet:
                 continue
             if item.type != "qualified-rule":
                 continue
-            declarations = parse_declarations(tinycss2.serialize(item.content))
+            declarations = parse_declarations(item.content)
             if not declarations:
                 continue
             for selector in _split_selectors(tinycss2.serialize(item.prelude)):
@@ -170,7 +195,9 @@ def parse_sheet(texts: Sequence[str]) -> Sheet:
                 if len(selector) > MAX_SELECTOR_CHARS or len(rules) >= MAX_RULES:
                     complete = False
                     continue
-                rules.append(Rule(selector, _specificity(selector), order, tuple(declarations.values())))
+                rules.append(
+                    Rule(selector, _specificity(selector), order, tuple(declarations.values()), _requires(selector))
+                )
                 order += 1
         if budget <= 0:
             break

@@ -26,6 +26,7 @@ was cut is not in the text, and a policy that needs proof of visibility does not
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -200,6 +201,17 @@ _PARAGRAPH = frozenset(
 )  # fmt: skip
 #: Elements that only start a new line (a table cell is part of its row's sentence).
 _LINE = frozenset({"br", "td", "th", "caption"})
+#: Elements whose width and height attributes size them.
+_SIZED = frozenset({"img", "table", "td", "th", "div", "iframe"})
+#: Properties that place, clip or scale a box: only an element with one of them is checked.
+_GEOMETRY = frozenset(
+    {
+        "position", "margin", "margin-left", "margin-top", "text-indent", "transform", "clip", "clip-path",
+        "overflow", "overflow-x", "overflow-y",
+    }
+)  # fmt: skip
+#: Properties that change the colour behind the text.
+_BACKGROUND = frozenset({"background", "background-color", "background-image"})
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u00ad\u034f\u180e\u200b\u200c\u200d\u2060\ufeff"), None)
 _SPACES = re.compile(r"\s+")
 _HAS_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
@@ -224,33 +236,59 @@ def _cap_nesting(source: str) -> tuple[str, bool]:
     seen: lexbor looks new names up in a list (measured: 100 000 distinct attribute names
     take 4 s, distinct tag names 3.6 s); a template uses a few dozen."""
     cut = len(source)
-    names: set[str] = set()
-    for match in _ATTR_NAME.finditer(source):
-        names.add(match.group(1).lower())
-        if len(names) > MAX_NAMES:
-            cut = match.start()
-            break
-    names.clear()
-    stack: list[str] = []
-    for match in _TAG.finditer(source, 0, cut):
-        name = match.group(2).lower()
-        names.add(name)
-        if len(names) > MAX_NAMES:
-            cut = match.start()
-            break
-        if match.group(1):
-            for index in range(len(stack) - 1, max(-1, len(stack) - 1 - _SEARCH_DEPTH), -1):
-                if stack[index] == name:
-                    del stack[index:]
-                    break
-        elif name not in _VOID and name not in _SIBLING_CLOSED:
-            stack.append(name)
-            if len(stack) > MAX_DEPTH:
+    attributes = _ATTR_NAME.findall(source)  # in C; walked one by one only when too many
+    if len({name.lower() for name in attributes}) > MAX_NAMES:
+        seen: set[str] = set()
+        for match in _ATTR_NAME.finditer(source):
+            seen.add(match.group(1).lower())
+            if len(seen) > MAX_NAMES:
                 cut = match.start()
                 break
+    tags = _TAG.findall(source, 0, cut)
+    stop = len(tags)  # the index of the tag where the source is cut
+    if len({name.lower() for _, name in tags}) > MAX_NAMES:
+        seen = set()
+        for index, (_, name) in enumerate(tags):
+            seen.add(name.lower())
+            if len(seen) > MAX_NAMES:
+                stop = index
+                break
+    stack: list[str] = []
+    uncounted = _VOID | _SIBLING_CLOSED
+    for index in range(stop):
+        closing, name = tags[index]
+        name = name.lower()
+        if closing:
+            if stack and stack[-1] == name:
+                stack.pop()  # the usual case: it closes the innermost
+                continue
+            for open_index in range(len(stack) - 2, max(-1, len(stack) - 1 - _SEARCH_DEPTH), -1):
+                if stack[open_index] == name:
+                    del stack[open_index:]
+                    break
+        elif name not in uncounted:
+            stack.append(name)
+            if len(stack) > MAX_DEPTH:
+                stop = index
+                break
+    if stop < len(tags):
+        cut = next(m.start() for i, m in enumerate(_TAG.finditer(source, 0, cut)) if i == stop)
     if cut < len(source):
         return source[:cut], True
     return source, False
+
+
+_CLASS_OR_ID = re.compile(r"""[\s"'/](class|id)[\t\n\f\r ]*=[\t\n\f\r ]*(?:"([^"]*)"|'([^']*)'|([^\s>]+))""", re.I)
+
+
+def _names_in(source: str) -> frozenset[str]:
+    """Every class (".name") and id ("#name") written in the document, lower case: a superset
+    of what its elements carry (it also finds them in text), so no rule is skipped wrongly."""
+    names: set[str] = set()
+    for kind, double, single, bare in _CLASS_OR_ID.findall(source):
+        prefix = "." if kind.lower() == "class" else "#"
+        names.update(prefix + word for word in (double or single or bare).lower().split())
+    return frozenset(names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,8 +332,9 @@ def _attr_px(attrs: dict[str, str | None], name: str) -> float | None:
 class _Renderer:
     """Walks lexbor's tree in document order, judging each element's style."""
 
-    def __init__(self, tree: LexborHTMLParser, complete: bool) -> None:
+    def __init__(self, tree: LexborHTMLParser, source: str, complete: bool) -> None:
         self.tree = tree
+        self.source = source
         self.complete = complete
         self.chunks: list[str] = []
         self.length = 0
@@ -304,6 +343,7 @@ class _Renderer:
         self.base = ""
         self.inline_cache: dict[str, dict[str, Declaration]] = {}
         self.matched: dict[int, list[htmlstyle.Rule]] = {}
+        self.colors: dict[tuple[int, RGBA], tuple[tuple[object, ...], RGBA | None]] = {}
 
     # -- style sheets
 
@@ -311,10 +351,13 @@ class _Renderer:
         texts = [node.text(deep=True) for node in self.tree.css("style")]
         if not any(t.strip() for t in texts):
             return
-        sheet = htmlstyle.parse_sheet(texts)
+        sheet = htmlstyle.parse_sheet(tuple(texts))
         self.complete = self.complete and sheet.complete
+        present = _names_in(self.source)
         spent = 0
         for rule in sheet.rules:
+            if not rule.requires <= present:
+                continue  # its subject needs a class or id that no element has: it matches nothing
             spent += max(1, elements)
             if spent > MATCH_BUDGET:
                 self.complete = False
@@ -357,6 +400,15 @@ class _Renderer:
 
     # -- the cascade
 
+    def _color(self, value: tuple[object, ...], current: RGBA) -> RGBA | None:
+        """htmlstyle.color, remembered per declaration value (a template repeats a few)."""
+        key = (id(value), current)
+        found = self.colors.get(key)
+        if found is None or found[0] is not value:
+            found = (value, htmlstyle.color(value, current))
+            self.colors[key] = found
+        return found[1]
+
     def _cascade(self, node: LexborNode, tag: str, attrs: dict[str, str | None]) -> Cascade:
         """Each relevant property's winning declaration: presentational attributes, then the
         style sheet by specificity and order, then the style attribute; !important first."""
@@ -368,7 +420,8 @@ class _Renderer:
                 out[declaration.name] = (key, declaration)
 
         for declaration in _presentational(tag, attrs):  # lowest: any author style overrides them
-            put((0, 0, (0, 0, 0), 0), declaration)
+            if declaration is not None:
+                put((0, 0, (0, 0, 0), 0), declaration)
         for rule in self.matched.get(node.mem_id, ()):
             for declaration in rule.declarations:
                 put((int(declaration.important), 1, rule.specificity, rule.order), declaration)
@@ -388,6 +441,10 @@ class _Renderer:
     def style(self, node: LexborNode, tag: str, attrs: dict[str, str | None], parent: _Style) -> _Style | None:
         """The element's style, or None when it hides itself and all it holds."""
         cascade = self._cascade(node, tag, attrs) if (attrs or node.mem_id in self.matched) else {}
+        link = tag == "a" and "href" in attrs
+        if not cascade and not link:
+            return parent  # nothing of its own: it shows its content as its parent does
+        props = cascade.keys()
 
         def value(name: str) -> tuple[object, ...] | None:
             found = cascade.get(name)
@@ -416,19 +473,23 @@ class _Renderer:
                 opacity *= min(1.0, max(0.0, float(token.value)))  # type: ignore[attr-defined]
             elif kind == "percentage":
                 opacity *= min(1.0, max(0.0, float(token.value) / 100))  # type: ignore[attr-defined]
-        if opacity < MIN_OPACITY or _moved_away(value, ident, font_px) or _clipped(value, ident, font_px):
+        if opacity < MIN_OPACITY:
+            return None
+        if props & _GEOMETRY and (_moved_away(value, ident, font_px) or _clipped(value, ident, font_px)):
             return None
         visibility = ident("visibility")
         invisible = parent.invisible if not visibility else visibility in ("hidden", "collapse")
 
-        color = _LINK_BLUE if tag == "a" and "href" in attrs else parent.color
+        color = _LINK_BLUE if link else parent.color
         color_value = value("color")
         if color_value is not None:
-            color = htmlstyle.color(color_value, parent.color) or color
+            color = self._color(color_value, parent.color) or color
         backdrop = parent.backdrop
         image = value("background-image")
         background = value("background")
-        if (image and htmlstyle.has_image(image)) or (background and htmlstyle.has_image(background)):
+        if not props & _BACKGROUND:
+            pass
+        elif (image and htmlstyle.has_image(image)) or (background and htmlstyle.has_image(background)):
             backdrop = None
         else:
             paint: RGBA | None = None
@@ -440,13 +501,16 @@ class _Renderer:
                 or background is None
                 or (cascade["background-color"][0] >= cascade["background"][0])
             ):
-                paint = htmlstyle.color(background_color, color) or paint
+                paint = self._color(background_color, color) or paint
             if paint is not None and paint[3] > 0:
                 if backdrop is not None:
                     backdrop = htmlstyle.over(paint, backdrop)
                 elif paint[3] >= 1:
                     backdrop = paint
-        legible = not invisible and font_px >= MIN_FONT_PX and _readable_on(color, backdrop)
+        if (color, backdrop, font_px, invisible) == (parent.color, parent.backdrop, parent.font_px, parent.invisible):
+            legible = parent.legible
+        else:
+            legible = not invisible and font_px >= MIN_FONT_PX and _readable_on(color, backdrop)
         return _Style(color, backdrop, font_px, opacity, invisible, legible)
 
     # -- the walk
@@ -544,46 +608,41 @@ class _OpenAnchor:
     has_image: bool = False
 
 
-def _presentational(tag: str, attrs: dict[str, str | None]) -> Iterator[Declaration]:
+def _presentational(tag: str, attrs: dict[str, str | None]) -> Iterator[Declaration | None]:
     """HTML attributes that act as author style of the lowest precedence (HTML, Rendering)."""
     if "hidden" in attrs:
-        yield _ident_declaration("display", "none")
+        yield _declaration("display:none")
     bgcolor = attrs.get("bgcolor")
     if bgcolor:
-        paint = htmlstyle.attribute_color(bgcolor)
-        if paint is not None:
-            yield _color_declaration("background-color", paint)
+        yield _attribute_color("background-color", bgcolor)
     if attrs.get("background"):  # <td background="...">: an image behind the text
-        yield _url_declaration()
+        yield _declaration("background-image:url(x)")
     if tag == "font" and attrs.get("color"):
-        paint = htmlstyle.attribute_color(attrs.get("color") or "")
-        if paint is not None:
-            yield _color_declaration("color", paint)
-    for name in ("width", "height"):
-        if tag in ("img", "table", "td", "th", "div", "iframe") and attrs.get(name):
+        yield _attribute_color("color", attrs.get("color") or "")
+    if tag in _SIZED:
+        for name in ("width", "height"):
             size = _attr_px(attrs, name)
             if size is not None and not (attrs.get(name) or "").strip().endswith("%"):
-                yield _px_declaration(name, size)
+                yield _declaration(f"{name}:{size}px")
 
 
-def _ident_declaration(name: str, ident: str) -> Declaration:
-    return next(iter(htmlstyle.parse_declarations(f"{name}:{ident}").values()))
+@functools.lru_cache(maxsize=256)
+def _declaration(text: str) -> Declaration | None:
+    """One declaration from its text; the same few attribute values repeat through a template."""
+    found = htmlstyle.parse_declarations(text)
+    return next(iter(found.values())) if found else None
 
 
-def _color_declaration(name: str, paint: RGBA) -> Declaration:
+@functools.lru_cache(maxsize=256)
+def _attribute_color(name: str, text: str) -> Declaration | None:
+    paint = htmlstyle.attribute_color(text)
+    if paint is None:
+        return None
     r, g, b, _ = paint  # an attribute colour is a name or #rrggbb: opaque
-    text = f"{name}:#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
-    return next(iter(htmlstyle.parse_declarations(text).values()))
+    return _declaration(f"{name}:#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}")
 
 
-def _px_declaration(name: str, size: float) -> Declaration:
-    return next(iter(htmlstyle.parse_declarations(f"{name}:{size}px").values()))
-
-
-def _url_declaration() -> Declaration:
-    return next(iter(htmlstyle.parse_declarations("background-image:url(x)").values()))
-
-
+@functools.lru_cache(maxsize=1024)
 def _readable_on(color: RGBA, backdrop: RGBA | None) -> bool:
     if color[3] < MIN_OPACITY:
         return False  # transparent text
@@ -676,7 +735,7 @@ def render(source: str) -> Rendered:
     try:
         capped, cut = _cap_nesting(source)
         tree = LexborHTMLParser(capped)
-        renderer = _Renderer(tree, not cut)
+        renderer = _Renderer(tree, capped, not cut)
         renderer.match_rules(capped.count("<"))
         renderer.walk()
         return renderer.finish()

@@ -116,6 +116,17 @@ def _word_pattern(entry: str) -> str:
     return (r"(?<!\w)" if prefix else "") + body + (r"(?!\w)" if suffix else "")
 
 
+def _factored(alternatives: list[str]) -> str:
+    """The alternatives as one pattern, the word-start look-behind they share tested once per
+    position instead of once per alternative: the same matches, a fraction of the work on a
+    long text (the engine tries alternatives one by one at every position)."""
+    lead = r"(?<!\w)"
+    anchored = [a[len(lead) :] for a in alternatives if a.startswith(lead)]
+    free = [a for a in alternatives if not a.startswith(lead)]
+    parts = ([f"{lead}(?:{'|'.join(anchored)})"] if anchored else []) + free
+    return "|".join(parts)
+
+
 def _split_pattern(entry: str) -> str:
     """A phrase whose parts may stand apart: "meld* … af" finds "meld je hier af", and, for
     two parts, the other order too ("af te melden"), at most SPLIT_GAP words between them.
@@ -156,7 +167,7 @@ class Vocabulary:
         for category in _WORD_CATEGORIES:
             entries = sorted(self.words.get(category, frozenset()), key=len, reverse=True)
             alternatives = [_word_pattern(e) for e in entries if e.strip("* ") and not _is_split(e)]
-            patterns[category] = re.compile("|".join(alternatives)) if alternatives else None
+            patterns[category] = re.compile(_factored(alternatives)) if alternatives else None
             split = [_split_pattern(e) for e in entries if _is_split(e)]
             split_patterns[category] = re.compile("|".join(split)) if split else None
         here = [_word_pattern(e) for e in self.words.get("here", frozenset()) if e.strip("* ")]
@@ -267,7 +278,7 @@ class _Occurrences:
         for category, pattern in vocabulary.patterns.items():
             starts: list[int] = []
             ends: list[int] = []
-            if pattern is not None:
+            if pattern is not None and category != "here":  # "here" is only ever a whole link text
                 for match in pattern.finditer(folded):
                     starts.append(match.start())
                     ends.append(match.end())

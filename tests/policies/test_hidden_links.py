@@ -137,7 +137,7 @@ def test_nesting_beyond_the_bound_is_cut_and_not_trusted() -> None:
 
 def test_style_rules_beyond_the_budget_make_the_part_untrusted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(readable, "MATCH_BUDGET", 10)
-    html = "<style>.a{display:block}.b{display:block}.c{display:block}</style>" + TAIL
+    html = "<style>p{display:block} a{display:inline} p a{display:inline}</style>" + TAIL
     assert not render(html).complete
     assert body_link(build(html=html)) is None
 
