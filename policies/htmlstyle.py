@@ -49,9 +49,9 @@ RELEVANT = frozenset(
 )  # fmt: skip
 
 #: Characters of <style> text parsed per document; a newsletter's style sheet is 5-30 KB.
-MAX_SHEET_CHARS = 200_000
+MAX_SHEET_CHARS = 100_000
 #: Selectors (after dropping rules without a relevant declaration) kept per document.
-MAX_RULES = 2_000
+MAX_RULES = 1_000
 #: A selector longer than this is not matched (lexbor's matching of a compound selector is
 #: linear in its length times the elements; mail templates never come near it).
 MAX_SELECTOR_CHARS = 300
@@ -72,9 +72,12 @@ class Rule:
     specificity: tuple[int, int, int]
     order: int
     declarations: tuple[Declaration, ...]
-    #: Classes (".x") and ids ("#x") the selector's subject must have, lower case: a rule
-    #: whose subject needs one that the document never mentions cannot match.
+    #: Classes (".x") and ids ("#x") the selector names, lower case: each compound of a
+    #: selector must match some element, so a rule that names one the document never
+    #: mentions cannot match.
     requires: frozenset[str] = frozenset()
+    #: Combinators (descendant, >, +, ~): matching costs up to the tree's depth for each.
+    combinators: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,19 +148,16 @@ def _media_applies(prelude: Sequence[Any]) -> bool:
     return all(part.strip().removeprefix("only ").strip() in ("all", "screen") for part in text.split(","))
 
 
-_SUBJECT = re.compile(r"[^\s>+~]+$")
 _REQUIRED = re.compile(r"([.#])(-?[A-Za-z_][\w\-]*)")
+_COMBINATOR = re.compile(r"\s*[>+~]\s*|\s+")
 
 
 def _requires(selector: str) -> frozenset[str]:
-    """The classes and ids of a selector's subject (its last compound selector), outside
-    :not() and other functional pseudo-classes."""
-    if "(" in selector or "\\" in selector:
-        return frozenset()  # :not(.x), :is(...), escapes: claim nothing
-    subject = _SUBJECT.search(selector.strip())
-    if subject is None:
+    """The classes and ids a selector names (see Rule.requires); none for one with :not(),
+    other functional pseudo-classes, attribute selectors or escapes, which it may not need."""
+    if "(" in selector or "[" in selector or "\\" in selector:
         return frozenset()
-    return frozenset(kind + name.lower() for kind, name in _REQUIRED.findall(subject.group()))
+    return frozenset(kind + name.lower() for kind, name in _REQUIRED.findall(selector))
 
 
 @functools.lru_cache(maxsize=32)
@@ -196,7 +196,14 @@ def parse_sheet(texts: tuple[str, ...]) -> Sheet:
                     complete = False
                     continue
                 rules.append(
-                    Rule(selector, _specificity(selector), order, tuple(declarations.values()), _requires(selector))
+                    Rule(
+                        selector,
+                        _specificity(selector),
+                        order,
+                        tuple(declarations.values()),
+                        _requires(selector),
+                        len(_COMBINATOR.findall(selector.strip())),
+                    )
                 )
                 order += 1
         if budget <= 0:

@@ -157,8 +157,11 @@ _SEARCH_DEPTH = 64
 MAX_NAMES = 1_000
 #: Nodes (elements, text) rendered per part; a 4 MB newsletter has about 100 000.
 MAX_NODES = 400_000
-#: Style rules times elements matched per part (lexbor walks the document per selector).
-MATCH_BUDGET = 4_000_000
+#: Steps of selector matching per part: a rule costs the elements, times the depth for each
+#: combinator (lexbor walks the document per selector, and up the ancestors per combinator),
+#: plus a fixed RULE_COST. About 0.1 s on the machine of bench/results/readable.json.
+MATCH_BUDGET = 40_000_000
+RULE_COST = 1_000
 
 # ---- what counts as seen ----
 
@@ -225,7 +228,17 @@ _WHITE: RGBA = (1.0, 1.0, 1.0, 1.0)
 _LINK_BLUE: RGBA = (0.0, 0.0, 0xEE / 255, 1.0)  # the browsers' default for a:link
 
 
-def _cap_nesting(source: str) -> tuple[str, bool]:
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """The source as it will be parsed, and what the pre-parse count found in it."""
+
+    source: str
+    cut: bool  # cut short at a bound
+    elements: int  # start tags
+    depth: int  # the deepest nesting seen (an overestimate)
+
+
+def _cap_nesting(source: str) -> _Shape:
     """The source cut where lexbor's work would stop being linear, and whether it was cut.
 
     Where more than MAX_DEPTH elements would be open, by a linear estimate of the tree
@@ -254,6 +267,7 @@ def _cap_nesting(source: str) -> tuple[str, bool]:
                 stop = index
                 break
     stack: list[str] = []
+    deepest = 0
     uncounted = _VOID | _SIBLING_CLOSED
     for index in range(stop):
         closing, name = tags[index]
@@ -268,14 +282,16 @@ def _cap_nesting(source: str) -> tuple[str, bool]:
                     break
         elif name not in uncounted:
             stack.append(name)
+            deepest = max(deepest, len(stack))
             if len(stack) > MAX_DEPTH:
                 stop = index
                 break
+    elements = sum(1 for closing, _ in tags[:stop] if not closing)
     if stop < len(tags):
         cut = next(m.start() for i, m in enumerate(_TAG.finditer(source, 0, cut)) if i == stop)
     if cut < len(source):
-        return source[:cut], True
-    return source, False
+        return _Shape(source[:cut], True, elements, deepest)
+    return _Shape(source, False, elements, deepest)
 
 
 _CLASS_OR_ID = re.compile(r"""[\s"'/](class|id)[\t\n\f\r ]*=[\t\n\f\r ]*(?:"([^"]*)"|'([^']*)'|([^\s>]+))""", re.I)
@@ -347,7 +363,7 @@ class _Renderer:
 
     # -- style sheets
 
-    def match_rules(self, elements: int) -> None:
+    def match_rules(self, elements: int, depth: int) -> None:
         texts = [node.text(deep=True) for node in self.tree.css("style")]
         if not any(t.strip() for t in texts):
             return
@@ -358,7 +374,7 @@ class _Renderer:
         for rule in sheet.rules:
             if not rule.requires <= present:
                 continue  # its subject needs a class or id that no element has: it matches nothing
-            spent += max(1, elements)
+            spent += elements * (1 + rule.combinators * depth) + RULE_COST
             if spent > MATCH_BUDGET:
                 self.complete = False
                 return
@@ -733,10 +749,10 @@ def render(source: str) -> Rendered:
     whole document was read. Never raises: a document that cannot be read renders as
     nothing, marked incomplete."""
     try:
-        capped, cut = _cap_nesting(source)
-        tree = LexborHTMLParser(capped)
-        renderer = _Renderer(tree, capped, not cut)
-        renderer.match_rules(capped.count("<"))
+        shape = _cap_nesting(source)
+        tree = LexborHTMLParser(shape.source)
+        renderer = _Renderer(tree, shape.source, not shape.cut)
+        renderer.match_rules(shape.elements, shape.depth)
         renderer.walk()
         return renderer.finish()
     except Exception:  # a policy must get an answer; an unread document proves nothing visible

@@ -109,6 +109,8 @@ HOSTILE = [
     ("unclosed-formatting-100k", "<b><i><font>" * 35_000 + TAIL),
     ("unclosed-tables", "<table><tr><td>" * 30_000 + TAIL),
     ("huge-style-block", "<style>" + ".c{color:red;display:block}" * 40_000 + "</style>" + TAIL),
+    ("hiding-rules-on-named-classes-deep", "<style>" + "".join(f".c{i} div{{display:none}}" for i in range(1_000))
+     + "</style>" + "".join(f"<div class=c{i}>" for i in range(400)) + TAIL),
     ("many-hiding-rules", "<style>" + "".join(f".c{i} div{{display:none}}" for i in range(5_000)) + "</style>" + TAIL),
     ("pathological-selectors", "<style>" + "div " * 70 + "a{display:none} :has(:has(:has(a))){opacity:0}</style>"
      + "<div>" * 400 + TAIL),
