@@ -1,4 +1,8 @@
-"""What a reader sees of a text part: the visible text of HTML, and the links in it.
+"""The hand-written HTML tokenizer and renderer that policies/readable.py used before issue 14,
+kept verbatim (below this paragraph) only so that bench/readable.py can time it side by side
+with its lexbor + tinycss2 successor. Nothing in proxy/ or policies/ imports it.
+
+What a reader sees of a text part: the visible text of HTML, and the links in it.
 
 ``ParsedMessage.readable_texts`` (policies/message.py) hands every decoded text part to
 ``readable_text``; the policies read the result (``ReadableText``, ``Link``) and never the

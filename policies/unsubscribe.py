@@ -6,10 +6,14 @@ and a visible link in the body. Three things are checked, and the options say wh
 required:
 
 * ``body``: a visible unsubscribe link in the text a reader sees (text/plain or text/html,
-  not in attached messages, not in hidden HTML): an anchor, a URL or mailto written in
-  text, or an e-mail address explicitly given for unsubscribing, that the link text, the
-  URL or the surrounding sentence marks as an opt-out. The words come from
-  ``unsubscribe_words.yaml`` (English, Dutch, German, French, Spanish), extendable.
+  not in attached messages, not in HTML a client does not show: hidden by CSS, or the
+  text/plain alternative of a displayed HTML part; see policies/readable.py): an anchor, a
+  URL or mailto written in text, or an e-mail address explicitly given for unsubscribing,
+  that what the reader sees marks as an opt-out: the link text, the sentence around it
+  (split verbs too: "meld je hier af"), or the URL when it is written out. An unsubscribe
+  URL behind other words ("Shop now") does not count: the reader cannot tell it is the way
+  out. The words come from ``unsubscribe_words.yaml`` (English, Dutch, German, French,
+  Spanish), extendable.
 * ``header``: ``List-Unsubscribe`` (RFC 2369) with at least one ``https:`` or ``mailto:``
   URI in angle brackets. An ``http:`` URI is a URI but does not count: the unsubscribe
   token would travel in clear text, and RFC 8058 and the Gmail/Yahoo rules ask for https.
