@@ -1,6 +1,7 @@
 """The hand-written HTML tokenizer and renderer that policies/readable.py used before issue 14,
-kept verbatim (below this paragraph) only so that bench/readable.py can time it side by side
-with its lexbor + tinycss2 successor. Nothing in proxy/ or policies/ imports it.
+kept verbatim (its tokenizer and renderer; ``Link`` is still policies.readable's) only so that
+bench/readable.py can time it side by side with its lexbor + tinycss2 successor. Nothing in
+proxy/ or policies/ imports it.
 
 What a reader sees of a text part: the visible text of HTML, and the links in it.
 
@@ -19,50 +20,9 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-__all__ = (
-    "MAX_READABLE_CHARS",
-    "Link",
-    "ReadableText",
-    "find_text_links",
-    "readable_text",
-    "render_html",
-)
+from policies.readable import Link
 
-
-@dataclass(frozen=True, slots=True)
-class Link:
-    """Something a reader can follow: an HTML anchor with visible content, or a URL or a bare
-    e-mail address written in the text.
-
-    ``target`` is the href, URL or address as written (entities resolved, white space
-    removed); ``label`` is what the reader sees of an anchor (its text, the alt text of an
-    image in it, its title) and empty for a link written as text; ``start`` and ``end``
-    locate the link in the text of its ``ReadableText``.
-    """
-
-    kind: str  # "anchor", "url" or "address"
-    target: str
-    label: str
-    start: int
-    end: int
-
-
-@dataclass(frozen=True, slots=True)
-class ReadableText:
-    """One text part as a reader sees it, with the links in it.
-
-    For text/html, ``text`` is the rendered visible text: no markup, comments, head, script
-    or style, and nothing inside hidden elements; block elements become line breaks (a
-    blank line ends a paragraph). For text/plain it is the decoded text itself.
-    ``repaired`` marks a second reading of a part that declared one transfer encoding but
-    was sent quoted-printable (``=3D"http...`` left in the markup).
-    """
-
-    content_type: str
-    text: str
-    links: tuple[Link, ...] = field(default=())
-    repaired: bool = False
-
+__all__ = ("render_html",)
 
 # HTML is rendered by a small tokenizer written for this purpose instead of html.parser: on
 # the CPython 3.11 this project runs on, html.parser re-scans an unfinished construct to the
@@ -72,59 +32,6 @@ class ReadableText:
 # elements, quoted attribute values; an unfinished tag or comment at the end swallows the
 # rest, as in a browser) and looks at every character a bounded number of times: 1 MB of
 # any of those inputs renders in under a second.
-
-#: Text parts longer than this are read at their head and tail only (the unsubscribe
-#: footer is at the end); bounds the work on a 25 MB single-part message.
-MAX_READABLE_CHARS = 4_000_000
-
-
-def readable_text(content_type: str, text: str, *, repaired: bool = False) -> ReadableText:
-    """One decoded text part as a reader sees it: rendered when it is HTML, with its links."""
-    if len(text) > MAX_READABLE_CHARS:
-        half = MAX_READABLE_CHARS // 2
-        text = text[:half] + "\n\n" + text[-half:]
-    if content_type == "text/html":
-        visible, anchors = render_html(text)
-        covered = [(link.start, link.end) for link in anchors]
-        written = [
-            link for link in find_text_links(visible) if not any(s <= link.start < e for s, e in covered)
-        ]  # a URL that is itself an anchor's text is that anchor
-        links = sorted([*anchors, *written], key=lambda link: link.start)
-        return ReadableText(content_type, visible, tuple(links), repaired)
-    return ReadableText(content_type, text, tuple(find_text_links(text)), repaired)
-
-
-# URLs as mail readers auto-link them; the look-behind keeps "xhttp://" and "a.www." out.
-_TEXT_URL = re.compile(r"(?<![\w@.\-])(?:https?://|mailto:|www\.)[^\s<>\"'`{}|\\^\[\]]+", re.I)
-# ASCII only: a CJK character glued to an address must not become part of its local part.
-# The look-behind lets a match start only where a run of address characters starts, which
-# keeps the scan linear on long runs without "@".
-_TEXT_ADDRESS = re.compile(r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
-_URL_TRAILING = ".,;:!?)'=*"
-
-
-def find_text_links(text: str) -> list[Link]:
-    """URLs (http, https, mailto, www.) and bare e-mail addresses written in ``text``."""
-    links: list[Link] = []
-    for match in _TEXT_URL.finditer(text):
-        url = match.group().rstrip(_URL_TRAILING)
-        lowered = url.lower()
-        if lowered in ("mailto:", "www.") or lowered.endswith("://"):
-            continue
-        links.append(Link("url", url, "", match.start(), match.start() + len(url)))
-    url_spans = [(link.start, link.end) for link in links]
-    span_index = 0
-    for match in _TEXT_ADDRESS.finditer(text):
-        start = match.start()
-        while span_index < len(url_spans) and url_spans[span_index][1] <= start:
-            span_index += 1
-        if span_index < len(url_spans) and url_spans[span_index][0] <= start:
-            continue  # part of a URL (mailto:a@b, http://user@host)
-        address = match.group().strip(".")
-        links.append(Link("address", address, "", start, start + len(address)))
-    links.sort(key=lambda link: link.start)
-    return links
-
 
 # ---- the HTML tokenizer ----
 
