@@ -56,6 +56,9 @@ class TextPart:
     charset: str
     #: The declared Content-Transfer-Encoding, lower case ("" when absent).
     transfer_encoding: str = ""
+    #: False for an alternative a mail client does not show: in multipart/alternative it
+    #: shows the last alternative it can display, the HTML one when there is one.
+    displayed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,10 +264,10 @@ class ParsedMessage:
         """
         out: list[ReadableText] = []
         for part in self.text_parts:
-            out.append(readable_text(part.content_type, part.text))
+            out.append(readable_text(part.content_type, part.text, displayed=part.displayed))
             repaired = _undo_misdeclared_qp(part)
             if repaired is not None:
-                out.append(readable_text(part.content_type, repaired, repaired=True))
+                out.append(readable_text(part.content_type, repaired, repaired=True, displayed=part.displayed))
         return out
 
     @cached_property
@@ -273,7 +276,7 @@ class ParsedMessage:
         a message/* part (forwarded mail, bounces)."""
         return list(self._walk_text(self.msg, top=True))
 
-    def _walk_text(self, part: Message, *, top: bool) -> Iterator[TextPart]:
+    def _walk_text(self, part: Message, *, top: bool, displayed: bool = True) -> Iterator[TextPart]:
         mime = _mime_fields(part)
         try:
             ctype = mime.get_content_type()
@@ -284,9 +287,12 @@ class ParsedMessage:
         if part.is_multipart():
             payload = part.get_payload()
             if isinstance(payload, list):
-                for sub in payload:
-                    if isinstance(sub, Message):
-                        yield from self._walk_text(sub, top=False)
+                subs = [sub for sub in payload if isinstance(sub, Message)]
+                shown = None
+                if ctype == "multipart/alternative":
+                    shown = next((i for i in range(len(subs) - 1, -1, -1) if _holds_html(subs[i])), None)
+                for index, sub in enumerate(subs):
+                    yield from self._walk_text(sub, top=False, displayed=displayed and shown in (None, index))
             return
         if not top and (mime.get_content_disposition() or "").lower() == "attachment":
             return
@@ -309,7 +315,23 @@ class ParsedMessage:
             declared = None
         text, used = _decode_bytes(payload_bytes, declared)
         transfer_encoding = str(mime.get("Content-Transfer-Encoding", "")).strip().lower()
-        yield TextPart(ctype, text, used, transfer_encoding)
+        yield TextPart(ctype, text, used, transfer_encoding, displayed)
+
+
+def _holds_html(part: Message) -> bool:
+    """A text/html part that is not an attachment, here or in a multipart below (not in an
+    attached message; the MIME depth is bounded when the message is parsed)."""
+    mime = _mime_fields(part)
+    try:
+        ctype = mime.get_content_type()
+    except Exception:
+        return False
+    if ctype.startswith("message/"):
+        return False
+    if part.is_multipart():
+        payload = part.get_payload()
+        return isinstance(payload, list) and any(isinstance(sub, Message) and _holds_html(sub) for sub in payload)
+    return ctype == "text/html" and (mime.get_content_disposition() or "").lower() != "attachment"
 
 
 #: The MIME fields a part's type, disposition, charset and encoding come from.
