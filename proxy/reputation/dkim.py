@@ -563,9 +563,8 @@ class Signer:
             ("d", config.domain),
             ("s", config.selector),
             ("t", timestamp),
-            ("bh", body_hash),
         ]
-        unsigned = dkim_canon.signature_field(tags, names)
+        unsigned = dkim_canon.signature_field(tags, names, after=[("bh", body_hash)])
         data = dkim_canon.header_hash_input(fields, names, unsigned, self._header_canon)
         try:
             private = key.private_key

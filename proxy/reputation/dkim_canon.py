@@ -253,10 +253,13 @@ def body_hash(body: bytes | memoryview, canon: BodyCanon, block_size: int = BLOC
 _MAX_LINE = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
 
 
-def signature_field(tags: Sequence[tuple[str, str]], header_names: Sequence[bytes]) -> bytes:
-    """``DKIM-Signature: tag=value; ...; h=...; b=`` folded at 78 columns, the value of b= left out.
+def signature_field(
+    tags: Sequence[tuple[str, str]], header_names: Sequence[bytes], after: Sequence[tuple[str, str]] = ()
+) -> bytes:
+    """``DKIM-Signature: tags; h=...; after; b=`` folded at 78 columns, the value of b= left out.
 
-    ``h=`` follows ``tags`` and may be folded before each colon (RFC 6376 3.5, sig-h-tag).
+    ``h=`` may be folded before each colon (RFC 6376 3.5, sig-h-tag). The order of the tags
+    does not matter to verifiers; h= before bh= is the order dkimpy and OpenDKIM write.
     ``b=`` comes last on a line of its own, so the bytes up to it do not depend on how the
     signature value is folded (3.7: that value and the whitespace around it are left out of
     the hash)."""
@@ -265,6 +268,7 @@ def signature_field(tags: Sequence[tuple[str, str]], header_names: Sequence[byte
     atoms.extend(("" if index else " ", (":" if index else "h=") + name) for index, name in enumerate(names))
     if names:
         atoms[-1] = (atoms[-1][0], atoms[-1][1] + ";")
+    atoms.extend((" ", f"{tag}={value};") for tag, value in after)
     lines: list[str] = []
     line = "DKIM-Signature:"
     for joiner, text in atoms:
