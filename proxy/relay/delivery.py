@@ -27,7 +27,7 @@ from proxy.relay.intake import MessageRefused, prepare_message
 from proxy.relay.pipeline import StageDecision
 from proxy.relay.rawmsg import Outgoing
 from proxy.relay.runtime import Runtime
-from proxy.relay.signing import sign
+from proxy.relay.signing import sign_outgoing
 from proxy.relay.transaction import RelayTransaction
 from proxy.unsubscribe.footer import NoReadablePart, append_footer
 
@@ -128,11 +128,12 @@ async def _relay_message(
     if decision.held or any(edit.fans_out for edit in decision.edits):
         return await deliver_copies(t, outgoing.to_bytes(), decision, keepalive)
     if runtime.signer.enabled:
-        signed = await sign(t, outgoing.to_bytes())
+        # The signature fields go in front of the header block; the body stays where it is.
+        signed = await sign_outgoing(t, outgoing)
         if isinstance(signed, Reply):
             await t.upstream.abort()
             return signed, None, "tempfailed" if signed.is_temporary else "rejected"
-        outgoing = Outgoing(b"", signed)
+        outgoing = signed
     started = time.perf_counter()
     upstream_reply = await t.upstream.data(outgoing)
     metrics.upstream_duration.labels("data").observe(time.perf_counter() - started)

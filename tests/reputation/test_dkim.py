@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.policy
+import email.utils
 import hashlib
 import os
 import re
@@ -25,8 +27,11 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.cli import dns as dns_cli
+from proxy.reputation import dkim_canon
 from proxy.reputation.dkim import (
     DKIMConfig,
     DKIMKeyConfig,
@@ -35,6 +40,7 @@ from proxy.reputation.dkim import (
     Signer,
     dkim_config_problems,
     dns_txt_strings,
+    from_domains,
     generate_private_key,
     load_keys,
     write_private_key,
@@ -590,3 +596,180 @@ def test_read_section_reports_config_errors_with_lines(tmp_path: Path) -> None:
     assert "key_file: required key is missing" in str(caught.value)
     assert dns_cli.read_section(str(path), "dns", DKIMConfig) == DKIMConfig()
     assert os.path.exists(path)
+
+
+# ---- every shape of message, both algorithms, every canonicalisation, three verifiers ----------------
+#
+# The signer canonicalises by itself (proxy/reputation/dkim_canon.py), so each signature is
+# checked by dkimpy, by Mail::DKIM (RSA only: Debian's 1.20230212 has no Ed25519) and by
+# OpenDKIM's test mode (`opendkim -t`, RSA and Ed25519, the keys from its TestPublicKeys file),
+# on the bytes the upstream receives.
+
+
+def need_opendkim() -> str:
+    """The opendkim program (Debian's opendkim package); skip without it, fail under CI."""
+    for candidate in ("/usr/sbin/opendkim", "/usr/bin/opendkim"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    reason = "opendkim is not installed (apt-get install opendkim); the test needs it"
+    if IN_CI:
+        pytest.fail(reason + ", and CI must run this test (scripts/install-test-tools installs it)")
+    pytest.skip(reason)
+
+
+async def opendkim_verify(message: bytes, signer: Signer, directory: Path) -> list[tuple[str, str, str]]:
+    """(s=, a=, result) of each signature as OpenDKIM's test mode reports it (its
+    Authentication-Results field), the public keys read from a file instead of the DNS."""
+    program = need_opendkim()
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = directory / "keys"
+    keys.write_text("".join(f"{key.config.record_name} {key.dns_record()}\n" for key in signer.keys))
+    config = directory / "opendkim.conf"
+    config.write_text(f"Mode v\nTestPublicKeys {keys}\nSyslog no\n")
+    path = directory / "message.eml"
+    path.write_bytes(message)
+    process = await asyncio.create_subprocess_exec(
+        program, "-x", str(config), "-t", str(path), "-vv",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    text = out.decode(errors="replace")
+    assert process.returncode == 0, text
+    found = re.findall(r"dkim=(\w+)[^;]*?header\.a=(\S+) header\.s=(\S+) ", text)
+    return [(selector, algorithm, result) for result, algorithm, selector in found]
+
+
+def on_the_wire(message: bytes) -> bytes:
+    """What the upstream receives: CRLF line endings, and a final CRLF (RFC 5321 4.1.1.4)."""
+    wire = re.sub(rb"\r(?!\n)|(?<!\r)\n", b"\r\n", message)
+    return wire if wire.endswith(b"\r\n") else wire + b"\r\n"
+
+
+def _shape(head: str, body: bytes) -> bytes:
+    return head.replace("\n", "\r\n").encode() + body
+
+
+SHAPES: dict[str, bytes] = {
+    "plain": newsletter(),
+    "folded headers": _shape(
+        "From: News\n\t<news@example.com>\nTo: bob@example.org,\n  carol@example.org\n"
+        "Subject: a subject\n  folded once\n\t\tand twice with tabs\n"
+        f"List-Unsubscribe: {LONG_UNSUBSCRIBE}\n\n",
+        b"Hello.\r\n",
+    ),
+    "trailing whitespace": _shape(
+        "From: news@example.com  \nTo:bob@example.org\nSubject:\t spaced \t out  \t\nX-Empty:\nCc: \n\n",
+        b"line with trailing spaces   \r\ntabs\t\tinside\t \r\n \t \r\nlast  \r\n  \r\n\t\r\n",
+    ),
+    "empty body": _shape("From: news@example.com\nTo: bob@example.org\nSubject: nothing\n\n", b""),
+    "no body, no blank line": _shape("From: news@example.com\nTo: bob@example.org\nSubject: header only\n", b""),
+    "long lines": _shape(
+        "From: news@example.com\nTo: bob@example.org\nSubject: " + "s" * 900 + "\n\n",
+        (b"x" * 990 + b"\r\n") * 3 + b"y " * 490 + b"\r\n",
+    ),
+    "8-bit": _shape(
+        "From: Zoë <zoe@example.com>\nTo: bob@example.org\nSubject: Größe café\n\n", "Ça va? €\r\n".encode()
+    ),
+    "only empty lines": _shape("From: news@example.com\nSubject: x\n\n", b"\r\n\r\n\r\n"),
+    "empty lines inside and at the end": _shape(
+        "From: news@example.com\nSubject: x\n\n", b"\r\n\r\nfirst\r\n\r\n\r\nsecond\r\n\r\n\r\n\r\n"
+    ),
+    "last line without CRLF": _shape("From: news@example.com\nSubject: x\n\n", b"first\r\nlast line  "),
+    "dots and a lone dot": _shape("From: news@example.com\nSubject: x\n\n", b".starts\r\n..two\r\n.\r\nend\r\n"),
+    "bare line feeds": b"From: news@example.com\r\nSubject: x\r\n\r\nunix\nline\n\nends\n",
+    "upper-case names, several To": _shape(
+        "FROM: news@example.com\nTO: a@example.org\nSubject: x\nTo: b@example.org\nmessage-id: <m@example.com>\n\n",
+        b"hi\r\n",
+    ),
+}
+
+
+#: OpenDKIM's test mode hands each field over as a milter does, "Name" and value with the
+#: whitespace after the colon dropped, and rebuilds it as "Name: value": a field written
+#: "To:bob" or "Subject:<TAB>x" then no longer matches a simple-canonicalised signature
+#: (dkimpy and Mail::DKIM, which read the bytes, still check those).
+MILTER_REWRITES = frozenset({"trailing whitespace"})
+
+
+@pytest.mark.parametrize("canonicalization", ["relaxed/relaxed", "simple/simple", "relaxed/simple", "simple/relaxed"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+async def test_every_shape_verifies_with_dkimpy_mail_dkim_and_opendkim(
+    key_files: KeyFiles, dns_server: DNSServer, tmp_path: Path, shape: str, canonicalization: str
+) -> None:
+    signer = Signer.from_config(both_keys(key_files, canonicalization=canonicalization))
+    publish(dns_server, signer)
+    original = SHAPES[shape]
+    result = await signer.sign_async(original)
+    assert [a for _, _, a in result.signatures] == ["rsa-sha256", "ed25519-sha256"]
+    assert result.message.endswith(original)  # only prepended
+    received = on_the_wire(result.message)
+    assert await dkimpy_verify_all(received, dns_server) == [True, True], shape
+    independent = await asyncio.to_thread(independent_verify, received, sync_txt(dns_server))
+    assert [valid for _, _, valid in independent] == [True, True], shape
+    if not (canonicalization.startswith("simple/") and shape in MILTER_REWRITES):
+        assert await opendkim_verify(received, signer, tmp_path / "opendkim") == [
+            ("s2026", "rsa-sha256", "pass"),
+            ("ed2026", "ed25519-sha256", "pass"),
+        ], shape
+    mail_dkim = await mail_dkim_verify(received, dns_server)
+    assert mail_dkim[0] == "example.com rsa-sha256 pass", (shape, mail_dkim)
+
+
+# ---- the body in blocks, the From fast path ----------------------------------------------------------
+
+_BODY_BYTES = st.lists(
+    st.sampled_from([b"a", b"b", b" ", b"\t", b"\r\n", b"\r\n\r\n", b".", b"\xc3\xa9", b"\n", b"\r"]), max_size=60
+).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=_BODY_BYTES, block_size=st.integers(min_value=1, max_value=9), canon=st.sampled_from(["relaxed", "simple"]))
+def test_the_body_hash_does_not_depend_on_the_blocks(body: bytes, block_size: int, canon: str) -> None:
+    # Whatever the block boundaries cut (a CRLF, a WSP run, a run of empty lines), the hash is
+    # the one of the whole body on the wire, canonicalised by the independent reference above.
+    wire = on_the_wire(body) if body else b""
+    expected = hashlib.sha256(_body(wire, canon)).digest()
+    assert dkim_canon.body_hash(memoryview(body), canon, block_size=block_size) == expected  # type: ignore[arg-type]
+    assert dkim_canon.body_hash(body, canon) == expected  # type: ignore[arg-type]
+
+
+def test_the_from_fast_path_agrees_with_the_email_package() -> None:
+    # The common forms are read with two expressions; the email package decides every other.
+    values = [
+        "news@example.com", "News <news@Example.COM>", '"Doe, John" <john@example.com>', "J. R. Doe <j@mail.example.com>",
+        "=?utf-8?q?Zo=C3=AB?= <zoe@example.com>", "<bare@example.com>", "a@example.com, b@example.net",
+        "Group: a@example.com;", "john@example.com (John)", '"quoted\\"name" <q@example.com>',
+        "x@[192.0.2.1]", "Zoë <zoe@exämple.com>", "undisclosed", "a@b@example.com",
+    ]  # fmt: skip
+    for path in sorted(Path(__file__).resolve().parent.parent.joinpath("corpus", "messages").glob("*.eml")):
+        head = path.read_bytes().split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
+        found = re.search(rb"(?im)^from:(.*(?:\r?\n[ \t].*)*)", head)
+        if found:
+            values.append(found.group(1).decode("utf-8", "surrogateescape").strip())
+    for value in values:
+        raw = f"From: {value}\r\n".encode("utf-8", "surrogateescape")
+        fields = [(b"From", raw)]
+        fast = from_domains(fields)
+        reference = _from_domains_by_the_email_package(value)
+        assert fast == reference, value
+
+
+def _from_domains_by_the_email_package(value: str) -> list[str]:
+    unfolded = re.sub(r"\r?\n(?=[ \t])", "", value).strip()
+    try:
+        specs = [str(a.addr_spec) for a in email.policy.default.header_factory("from", unfolded).addresses]
+    except Exception:
+        specs = []
+    if not any("@" in spec for spec in specs):
+        specs = [spec for _, spec in email.utils.getaddresses([unfolded])]
+    out: list[str] = []
+    for spec in specs:
+        if "@" in spec:
+            domain = spec.rsplit("@", 1)[1].strip().rstrip(".").lower()
+            try:
+                domain = domain if domain.isascii() else domain.encode("idna").decode("ascii")
+            except UnicodeError:
+                continue
+            if domain and domain not in out:
+                out.append(domain)
+    return out

@@ -106,6 +106,77 @@ async def test_relayed_mail_is_dkim_signed(
     assert registry.get_sample_value("sendguard_dkim_signatures_total", {"result": "signed"}) == 1
 
 
+def _relayed_shape(head: str, body: bytes) -> bytes:
+    return head.replace("\n", "\r\n").encode() + body
+
+
+#: Messages as clients send them; each must arrive at the upstream with signatures that verify.
+RELAYED_SHAPES: dict[str, bytes] = {
+    "folded headers": _relayed_shape(
+        "From: News\n\t<news@example.com>\nTo: bob@example.org\nSubject: folded\n  over\n\tthree lines\n"
+        "List-Unsubscribe: <https://example.com/u/abc>,\n <mailto:unsub@example.com>\n"
+        "List-Unsubscribe-Post: List-Unsubscribe=One-Click\n\n",
+        b"Hello.\r\n",
+    ),
+    "trailing whitespace": _relayed_shape(
+        "From: news@example.com\nTo: bob@example.org\nSubject: spaced   \n\n",
+        b"trailing   \r\n\t \r\nwsp\t\tinside\r\n\r\n\r\n",
+    ),
+    "empty body": _relayed_shape("From: news@example.com\nTo: bob@example.org\nSubject: nothing\n\n", b""),
+    "long lines": _relayed_shape(
+        "From: news@example.com\nTo: bob@example.org\nSubject: long\n\n", (b"x" * 990 + b"\r\n") * 4
+    ),
+    "8-bit": _relayed_shape(
+        "From: Zoë <news@example.com>\nTo: bob@example.org\nSubject: café\nContent-Type: text/plain; "
+        "charset=utf-8\nContent-Transfer-Encoding: 8bit\nMIME-Version: 1.0\n\n",
+        "Größe: 1 €\r\n".encode(),
+    ),
+    "last line without CRLF, dots": _relayed_shape(
+        "From: news@example.com\nTo: bob@example.org\nSubject: dots\n\n", b".dot\r\n..two\r\n.\r\nlast  "
+    ),
+    "3 MB, many blocks": _relayed_shape(
+        "From: news@example.com\nTo: bob@example.org\nSubject: big\n\n",
+        b"".join(b"line %d with  two spaces \t\r\n" % i for i in range(100_000)),
+    ),
+}
+
+
+@pytest.mark.parametrize("canonicalization", ["relaxed/relaxed", "simple/simple"])
+@pytest.mark.parametrize("shape", list(RELAYED_SHAPES))
+async def test_relayed_shapes_verify_with_dkimpy_opendkim_and_mail_dkim(
+    upstream: FakeUpstream,
+    proxy_factory: ProxyFactory,
+    dns_server: DNSServer,
+    tmp_path: Path,
+    shape: str,
+    canonicalization: str,
+) -> None:
+    """The path without copies: the signature fields are put before the header block and the
+    body is hashed where it lies; what the upstream receives verifies with three verifiers."""
+    from tests.reputation.test_dkim import mail_dkim_verify, opendkim_verify
+
+    settings = {"dkim": {"keys": dkim_keys(tmp_path), "canonicalization": canonicalization}}
+    proxy = await proxy_factory(upstream.address, settings)
+    publish_keys(proxy, dns_server)
+    await aiosmtplib.send(
+        RELAYED_SHAPES[shape],
+        sender="news@example.com",
+        recipients=["bob@example.org"],
+        hostname="127.0.0.1",
+        port=proxy.port,
+        start_tls=False,
+        timeout=60,
+    )
+    relayed = upstream.messages[0].content
+    assert await verify_all(relayed, dns_server) == [True, True], shape
+    signer = proxy.app.runtime.signer
+    assert await opendkim_verify(relayed, signer, tmp_path / "opendkim") == [
+        ("r2026", "rsa-sha256", "pass"),
+        ("e2026", "ed25519-sha256", "pass"),
+    ], shape
+    assert (await mail_dkim_verify(relayed, dns_server))[0] == "example.com rsa-sha256 pass", shape
+
+
 class Personalize(Policy):
     name = "test_personalize"
 
@@ -213,10 +284,12 @@ async def test_dkim_on_error_through_the_relay(
 
     proxy = await proxy_factory(upstream.address, {"dkim": {"keys": dkim_keys(tmp_path), "on_error": on_error}})
 
-    async def broken(message: bytes) -> Any:
+    async def broken(*message: object) -> Any:
         raise DKIMSignError("injected", permanent=permanent)
 
+    # The whole-message path (copies, DSNs) and the one that signs a header block and body view.
     monkeypatch.setattr(proxy.app.runtime.signer, "sign_async", broken)
+    monkeypatch.setattr(proxy.app.runtime.signer, "sign_fields_async", broken)
     code, text = await submit(proxy.port)
     assert (code, text.split(" ")[0]) == expected
     if code == 250:
