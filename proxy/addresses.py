@@ -26,13 +26,14 @@ from email.errors import HeaderParseError
 
 import idna
 
-__all__ = ("address_key", "domain_key", "domain_spellings", "envelope_address")
+__all__ = ("address_key", "domain_key", "domain_spellings", "envelope_address", "relayable_recipient")
 
 #: RFC 5322 3.2.3: a dot-atom local part needs no quotes.
 _DOT_ATOM = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+)*"
 )
 _QUOTED_PAIR = re.compile(r"\\(.)", re.S)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def envelope_address(text: str) -> str:
@@ -58,6 +59,20 @@ def envelope_address(text: str) -> str:
     if address in ("", "<>"):
         raise ValueError(f"{text!r} is not an address")
     return address
+
+
+def relayable_recipient(address: str) -> bool:
+    """Whether an envelope recipient can be relayed: an address with a domain part, no control
+    characters, at most 320 octets (RFC 5321 4.5.3.1: 64 + "@" + 255), and valid UTF-8
+    (aiosmtpd keeps other bytes as lone surrogates, which no upstream can be sent, RFC 6531).
+    The session answers 501 otherwise; ``sendguard check`` refuses the same ``--to``."""
+    if _CONTROL.search(address) or len(address) > 320 or "@" not in address:
+        return False
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _utf8(text: str) -> str:
