@@ -50,9 +50,7 @@ async def test_each_disguise_is_refused_with_what_to_fix(upstream: FakeUpstream,
 
 
 @pytest.mark.parametrize("value", ONE_RECIPIENT)
-async def test_a_real_name_stays_one_recipient(
-    value: str, upstream: FakeUpstream, proxy_factory: ProxyFactory
-) -> None:
+async def test_a_real_name_stays_one_recipient(value: str, upstream: FakeUpstream, proxy_factory: ProxyFactory) -> None:
     proxy = await start(proxy_factory, upstream)  # the name and Cc: two, the limit; a third would refuse
     code, text = await submit(proxy.port, mail(f"To: {value}\r\nCc: k@y.example"), recipients=["j@x.example"])
     assert (code, len(upstream.messages)) == (250, 1), text
@@ -67,7 +65,9 @@ async def test_obsolete_space_before_the_colon_is_the_to_field(
     crowd = ", ".join(f"p{i}@c{i}.example" for i in range(3))
     code, text = await submit(proxy.port, mail(f"X-A: 1\r\nTO : {crowd}"), recipients=["p0@c0.example"])
     assert code == 550 and "Message shows 3 external recipients in To/Cc" in text
-    code, text = await submit(proxy.port, mail("TO : one@c.example\r\nCc\t: two@d.example"), recipients=["one@c.example"])
+    code, text = await submit(
+        proxy.port, mail("TO : one@c.example\r\nCc\t: two@d.example"), recipients=["one@c.example"]
+    )
     assert code == 250, text
     (received,) = upstream.messages
     assert b"\r\nTO: one@c.example\r\nCc: two@d.example\r\n" in received.content
