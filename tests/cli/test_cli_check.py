@@ -147,6 +147,22 @@ def test_no_recipients_anywhere_exits_2(tmp_path: Path) -> None:
     assert decision["action"] == "error"
 
 
+def consent_setup(tmp_path: Path, database: Path) -> tuple[Path, Path]:
+    """A config with the unsubscribe and consent policies on this consent store (consent
+    decided at RCPT), and a newsletter with a link."""
+    config = tmp_path / "sendguard.yaml"
+    config.write_text(
+        "listeners:\n  - {name: local, address: 127.0.0.1:2525}\n"
+        f"stores:\n  consent: {{backend: sqlite, path: {database}}}\n"
+        "policies:\n  - {name: unsubscribe}\n  - {name: consent, topic_header: null}\n"
+    )
+    newsletter = tmp_path / "news.eml"
+    newsletter.write_bytes(
+        message(body="Deals! Unsubscribe: https://example.com/unsubscribe?u=1", sender="news@example.com")
+    )
+    return config, newsletter
+
+
 async def test_check_judges_consent_from_the_configured_store(tmp_path: Path) -> None:
     from proxy.stores.consent import OPTED_IN, ConsentStoreConfig, new_event, open_consent_store
 
@@ -163,16 +179,7 @@ async def test_check_judges_consent_from_the_configured_store(tmp_path: Path) ->
         )
     )
     await store.close()
-    config = tmp_path / "sendguard.yaml"
-    config.write_text(
-        "listeners:\n  - {name: local, address: 127.0.0.1:2525}\n"
-        f"stores:\n  consent: {{backend: sqlite, path: {database}}}\n"
-        "policies:\n  - {name: unsubscribe}\n  - {name: consent, topic_header: null}\n"
-    )
-    newsletter = tmp_path / "news.eml"
-    newsletter.write_bytes(
-        message(body="Deals! Unsubscribe: https://example.com/unsubscribe?u=1", sender="news@example.com")
-    )
+    config, newsletter = consent_setup(tmp_path, database)
     code, decision, _ = check(
         "--config", str(config), "--class", "commercial", "--to", "fan@example.org", str(newsletter)
     )
@@ -213,16 +220,7 @@ async def test_check_reads_the_envelope_as_the_session_does(tmp_path: Path) -> N
         new_event(SUPPRESSED, "dead@example.net", method="hard_bounce", reason="550 5.1.1 no such user"),
     )
     await store.close()
-    config = tmp_path / "sendguard.yaml"
-    config.write_text(
-        "listeners:\n  - {name: local, address: 127.0.0.1:2525}\n"
-        f"stores:\n  consent: {{backend: sqlite, path: {database}}}\n"
-        "policies:\n  - {name: unsubscribe}\n  - {name: consent, topic_header: null}\n"
-    )
-    newsletter = tmp_path / "news.eml"
-    newsletter.write_bytes(
-        message(body="Deals! Unsubscribe: https://example.com/unsubscribe?u=1", sender="news@example.com")
-    )
+    config, newsletter = consent_setup(tmp_path, database)
     args = ("--config", str(config), "--class", "commercial", "--from", "<news@example.com>")
     code, decision, _ = check(*args, "--to", '"bob2"@example.net', "--to", "Bob2@EXAMPLE.net", str(newsletter))
     assert code == 0, decision
