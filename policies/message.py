@@ -78,8 +78,10 @@ class Address:
 
     @property
     def domain(self) -> str:
-        """The part after the last "@", lower case, without a trailing dot."""
-        return self.normalized.rpartition("@")[2].rstrip(".")
+        """The part after the last "@" as written, in lower case, without a trailing dot (an
+        IDN stays in its spelling: globs in the config are matched against it as written;
+        ``proxy.addresses.domain_key`` gives the one form for comparing)."""
+        return self.addr_spec.strip().lower().rpartition("@")[2].rstrip(".")
 
 
 #: RFC 5322 4.5.3 (obs-optional, obs-to ...): a field name followed by white space before
