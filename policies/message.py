@@ -28,6 +28,7 @@ from email import _header_value_parser as header_parser
 from email.message import EmailMessage, Message
 from functools import cached_property
 
+from policies.mimewalk import lean_copy
 from policies.readable import Link, ReadableText, find_text_links, readable_text, render_html
 from proxy.addresses import address_key
 
@@ -59,6 +60,9 @@ class TextPart:
     charset: str
     #: The declared Content-Transfer-Encoding, lower case ("" when absent).
     transfer_encoding: str = ""
+    #: False for an alternative a mail client does not show: in multipart/alternative it
+    #: shows the last alternative it can display, the HTML one when there is one.
+    displayed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,18 +183,36 @@ def _decode_bytes(payload: bytes, charset: str | None) -> tuple[str, str]:
     return payload.decode("latin-1", errors="replace"), "latin-1"
 
 
-class ParsedMessage:
-    """A message parsed once with ``email.policy.default``."""
+#: Messages above this size are parsed lean: attachments, forwarded messages, preambles and
+#: epilogues left out, long text parts shortened (``policies.mimewalk.lean_copy``).
+LEAN_PARSE_ABOVE = 1024 * 1024
+#: What a lean parse keeps of a long text part: its beginning and its end (a newsletter's
+#: way out is in its footer). Text in between is not read by any policy.
+TEXT_HEAD_BYTES = 2 * 1024 * 1024
+TEXT_TAIL_BYTES = 512 * 1024
 
-    def __init__(self, raw: bytes, *, max_mime_depth: int = 50) -> None:
+
+class ParsedMessage:
+    """A message parsed once with ``email.policy.default``; a big one without the parts no
+    policy reads (see ``LEAN_PARSE_ABOVE``). ``raw`` is always the whole message."""
+
+    def __init__(self, raw: bytes, *, max_mime_depth: int = 50, lean_above: int = LEAN_PARSE_ABOVE) -> None:
         # The proxy canonicalises the bytes it relays the same way (proxy/relay/intake.py),
         # so what is parsed here is what the upstream receives.
         raw = canonical_field_names(raw)
         self.raw = raw
         self._addresses: dict[str, list[Address]] = {}
         self._in_text: dict[str, list[Address]] = {}
+        #: Bytes of the message the parse left out (0 for a message of ordinary size).
+        self.left_out = 0
+        parse_from = raw
+        if len(raw) > lean_above:
+            # A big message: parse only what a policy reads (policies/mimewalk.py). The
+            # ``email`` package holds about eight times what it parses; a 25 MB attachment
+            # would cost 200 MB for nothing.
+            parse_from, self.left_out = lean_copy(raw, head_bytes=TEXT_HEAD_BYTES, tail_bytes=TEXT_TAIL_BYTES)
         try:
-            parsed = email.message_from_bytes(raw, policy=email.policy.default)
+            parsed = email.message_from_bytes(parse_from, policy=email.policy.default)
             assert isinstance(parsed, EmailMessage)
             self.msg: EmailMessage = parsed
         except RecursionError as error:
@@ -331,10 +353,10 @@ class ParsedMessage:
         """
         out: list[ReadableText] = []
         for part in self.text_parts:
-            out.append(readable_text(part.content_type, part.text))
+            out.append(readable_text(part.content_type, part.text, displayed=part.displayed))
             repaired = _undo_misdeclared_qp(part)
             if repaired is not None:
-                out.append(readable_text(part.content_type, repaired, repaired=True))
+                out.append(readable_text(part.content_type, repaired, repaired=True, displayed=part.displayed))
         return out
 
     @cached_property
@@ -343,7 +365,7 @@ class ParsedMessage:
         a message/* part (forwarded mail, bounces)."""
         return list(self._walk_text(self.msg, top=True))
 
-    def _walk_text(self, part: Message, *, top: bool) -> Iterator[TextPart]:
+    def _walk_text(self, part: Message, *, top: bool, displayed: bool = True) -> Iterator[TextPart]:
         mime = _mime_fields(part)
         try:
             ctype = mime.get_content_type()
@@ -354,9 +376,12 @@ class ParsedMessage:
         if part.is_multipart():
             payload = part.get_payload()
             if isinstance(payload, list):
-                for sub in payload:
-                    if isinstance(sub, Message):
-                        yield from self._walk_text(sub, top=False)
+                subs = [sub for sub in payload if isinstance(sub, Message)]
+                shown = None
+                if ctype == "multipart/alternative":
+                    shown = next((i for i in range(len(subs) - 1, -1, -1) if _holds_html(subs[i])), None)
+                for index, sub in enumerate(subs):
+                    yield from self._walk_text(sub, top=False, displayed=displayed and shown in (None, index))
             return
         if not top and (mime.get_content_disposition() or "").lower() == "attachment":
             return
@@ -379,7 +404,23 @@ class ParsedMessage:
             declared = None
         text, used = _decode_bytes(payload_bytes, declared)
         transfer_encoding = str(mime.get("Content-Transfer-Encoding", "")).strip().lower()
-        yield TextPart(ctype, text, used, transfer_encoding)
+        yield TextPart(ctype, text, used, transfer_encoding, displayed)
+
+
+def _holds_html(part: Message) -> bool:
+    """A text/html part that is not an attachment, here or in a multipart below (not in an
+    attached message; the MIME depth is bounded when the message is parsed)."""
+    mime = _mime_fields(part)
+    try:
+        ctype = mime.get_content_type()
+    except Exception:
+        return False
+    if ctype.startswith("message/"):
+        return False
+    if part.is_multipart():
+        payload = part.get_payload()
+        return isinstance(payload, list) and any(isinstance(sub, Message) and _holds_html(sub) for sub in payload)
+    return ctype == "text/html" and (mime.get_content_disposition() or "").lower() != "attachment"
 
 
 #: The MIME fields a part's type, disposition, charset and encoding come from.

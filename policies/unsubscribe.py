@@ -6,10 +6,14 @@ and a visible link in the body. Three things are checked, and the options say wh
 required:
 
 * ``body``: a visible unsubscribe link in the text a reader sees (text/plain or text/html,
-  not in attached messages, not in hidden HTML): an anchor, a URL or mailto written in
-  text, or an e-mail address explicitly given for unsubscribing, that the link text, the
-  URL or the surrounding sentence marks as an opt-out. The words come from
-  ``unsubscribe_words.yaml`` (English, Dutch, German, French, Spanish), extendable.
+  not in attached messages, not in HTML a client does not show: hidden by CSS, or the
+  text/plain alternative of a displayed HTML part; see policies/readable.py): an anchor, a
+  URL or mailto written in text, or an e-mail address explicitly given for unsubscribing,
+  that what the reader sees marks as an opt-out: the link text, the sentence around it
+  (split verbs too: "meld je hier af"), or the URL when it is written out. An unsubscribe
+  URL behind other words ("Shop now") does not count: the reader cannot tell it is the way
+  out. The words come from ``unsubscribe_words.yaml`` (English, Dutch, German, French,
+  Spanish), extendable.
 * ``header``: ``List-Unsubscribe`` (RFC 2369) with at least one ``https:`` or ``mailto:``
   URI in angle brackets. An ``http:`` URI is a URI but does not count: the unsubscribe
   token would travel in clear text, and RFC 8058 and the Gmail/Yahoo rules ask for https.
@@ -96,7 +100,12 @@ def fold(text: str) -> str:
 
 # ---- vocabulary ------------------------------------------------------------------------------
 
-_WORD_CATEGORIES = ("keywords", "ambiguous", "weak", "mail_context", "login_context")
+_WORD_CATEGORIES = ("keywords", "ambiguous", "weak", "mail_context", "login_context", "here")
+#: The categories whose entries may be split phrases ("meld* … af").
+_SPLIT_CATEGORIES = ("keywords", "ambiguous", "weak")
+#: Words a split phrase may have between its parts (the link's own "hier" among them).
+SPLIT_GAP = 8
+_SPLIT = re.compile(r"\s*(?:…|\.\.\.)\s*")
 _TOKEN_CATEGORIES = ("strong", "ambiguous", "weak", "weak_mailto", "login")
 #: RFC 2369's own field name mentions "unsubscribe"; quoting a header is not a way out.
 _FIELD_NAMES = re.compile(r"list-unsubscribe(?:-post)?", re.I)
@@ -111,6 +120,38 @@ def _word_pattern(entry: str) -> str:
     return (r"(?<!\w)" if prefix else "") + body + (r"(?!\w)" if suffix else "")
 
 
+def _factored(alternatives: list[str]) -> str:
+    """The alternatives as one pattern, the word-start look-behind they share tested once per
+    position instead of once per alternative: the same matches, a fraction of the work on a
+    long text (the engine tries alternatives one by one at every position)."""
+    lead = r"(?<!\w)"
+    anchored = [a[len(lead) :] for a in alternatives if a.startswith(lead)]
+    free = [a for a in alternatives if not a.startswith(lead)]
+    parts = ([f"{lead}(?:{'|'.join(anchored)})"] if anchored else []) + free
+    return "|".join(parts)
+
+
+def _split_pattern(entry: str) -> str:
+    """A phrase whose parts may stand apart: "meld* … af" finds "meld je hier af", and, for
+    two parts, the other order too ("af te melden"), at most SPLIT_GAP words between them.
+    A "*" lets a part be inflected or compounded ("meld*" is meld, meldt, melden)."""
+    parts = [p for p in _SPLIT.split(fold(entry.strip())) if p.strip("* ")]
+    regexes = []
+    for part in parts:
+        words = part.strip("*").split()
+        body = r"[\s\-_]+".join(re.escape(word) for word in words)
+        regexes.append(
+            (r"\w*" if part.startswith("*") else r"(?<!\w)") + body + (r"\w*" if part.endswith("*") else r"(?!\w)")
+        )
+    gap = rf"(?:\W+\w+){{0,{SPLIT_GAP}}}?\W+"
+    orders = [regexes, regexes[::-1]] if len(regexes) == 2 else [regexes]
+    return "|".join("(?:" + gap.join(order) + ")" for order in orders)
+
+
+def _is_split(entry: str) -> bool:
+    return bool(_SPLIT.search(entry))
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """The word lists, merged over all languages (an English footer in a Dutch mail counts)."""
@@ -118,14 +159,25 @@ class Vocabulary:
     words: Mapping[str, frozenset[str]]
     url_tokens: Mapping[str, frozenset[str]]
     patterns: Mapping[str, re.Pattern[str] | None] = field(init=False, repr=False, compare=False)
+    #: Split phrases ("meld* … af") per category, read only around a link whose whole text
+    #: is a "here" word: elsewhere the gap would let them find words of unrelated sentences.
+    split_patterns: Mapping[str, re.Pattern[str] | None] = field(init=False, repr=False, compare=False)
+    #: The whole of a link text that only points: "hier", "here", "ici", "aquí", "click here".
+    here: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         patterns: dict[str, re.Pattern[str] | None] = {}
+        split_patterns: dict[str, re.Pattern[str] | None] = {}
         for category in _WORD_CATEGORIES:
             entries = sorted(self.words.get(category, frozenset()), key=len, reverse=True)
-            alternatives = [_word_pattern(e) for e in entries if e.strip("* ")]
-            patterns[category] = re.compile("|".join(alternatives)) if alternatives else None
+            alternatives = [_word_pattern(e) for e in entries if e.strip("* ") and not _is_split(e)]
+            patterns[category] = re.compile(_factored(alternatives)) if alternatives else None
+            split = [_split_pattern(e) for e in entries if _is_split(e)]
+            split_patterns[category] = re.compile("|".join(split)) if split else None
+        here = [_word_pattern(e) for e in self.words.get("here", frozenset()) if e.strip("* ")]
         object.__setattr__(self, "patterns", patterns)
+        object.__setattr__(self, "split_patterns", split_patterns)
+        object.__setattr__(self, "here", re.compile(r"\W*(?:" + "|".join(here) + r")\W*") if here else None)
 
     def merged(self, other: Vocabulary) -> Vocabulary:
         return Vocabulary(
@@ -230,7 +282,7 @@ class _Occurrences:
         for category, pattern in vocabulary.patterns.items():
             starts: list[int] = []
             ends: list[int] = []
-            if pattern is not None:
+            if pattern is not None and category != "here":  # "here" is only ever a whole link text
                 for match in pattern.finditer(folded):
                     starts.append(match.start())
                     ends.append(match.end())
@@ -277,17 +329,29 @@ class _Text:
     def sentence(self, start: int, end: int, previous_end: int, next_start: int) -> tuple[int, int]:
         """The sentence around a link at [start, end): back to the last sentence end (at most
         SENTENCE_BEFORE characters), forward to the next one but not past the end of the line
-        (at most SENTENCE_AFTER characters); never reaching into the neighbouring links."""
-        left = max(0, start - SENTENCE_BEFORE, previous_end)
+        (at most SENTENCE_AFTER characters); never reaching into the neighbouring links.
+
+        A link that stands alone in its sentence (a "click here" or a button below a line of
+        text) is read with the sentence before it, as a reader reads it."""
+        floor = max(0, start - SENTENCE_BEFORE, previous_end)
+        left = floor
         index = bisect.bisect_right(self.boundary_ends, start) - 1
         if index >= 0:
             left = max(left, self.boundary_ends[index])
         right = min(len(self.folded), end + SENTENCE_AFTER, next_start)
-        index = bisect.bisect_left(self.boundary_starts, end)
-        if index < len(self.boundary_starts):
-            right = min(right, self.boundary_starts[index])
+        after = bisect.bisect_left(self.boundary_starts, end)
+        if after < len(self.boundary_starts):
+            right = min(right, self.boundary_starts[after])
         line_end = self.folded.find("\n", end, right)
-        return left, (right if line_end == -1 else line_end)
+        right = right if line_end == -1 else line_end
+        if (
+            index >= 0
+            and left > floor
+            and not self.folded[left:start].strip()
+            and not self.folded[end:right].strip(" .!?:|>\t\r\n")
+        ):
+            left = max(floor, self.boundary_ends[index - 1] if index > 0 else 0)
+        return left, right
 
 
 def _actionable(url: str) -> bool:
@@ -321,18 +385,24 @@ def _judge(link: Link, text: _Text, sentence: tuple[int, int], vocabulary: Vocab
     label = _FIELD_NAMES.sub(" ", fold(link.label))
     left, right = sentence
     occurrences = text.occurrences
+    # What the reader sees of the target: a URL or address written in the text is seen
+    # whole; of an anchor only its text is, so an unsubscribe URL behind "Shop now" proves
+    # nothing to the reader, who must be able to tell that the link is the way out.
+    seen_url = url if link.kind in ("url", "address") else label
+    split = _split_words(vocabulary, text, link, label, sentence)
 
-    if _url_tokens(vocabulary, "strong", url):
-        return 5, "its URL is an unsubscribe URL"
+    if _url_tokens(vocabulary, "strong", seen_url):
+        return 5, "its URL, which the reader sees, is an unsubscribe URL"
     if _matches(vocabulary, "keywords", label):
         return 5, "its text says unsubscribe"
-    if occurrences.within("keywords", left, right):
+    if occurrences.within("keywords", left, right) or "keywords" in split:
         return 3, "its sentence says unsubscribe"
 
     ambiguous = (
         _matches(vocabulary, "ambiguous", label)
-        or _url_tokens(vocabulary, "ambiguous", url)
+        or _url_tokens(vocabulary, "ambiguous", seen_url)
         or occurrences.within("ambiguous", left, right)
+        or "ambiguous" in split
     )
     if ambiguous and not _url_tokens(vocabulary, "login", url):
         # "afmelden"/"abmelden" also mean "log out": the nearer context decides.
@@ -345,16 +415,33 @@ def _judge(link: Link, text: _Text, sentence: tuple[int, int], vocabulary: Vocab
         if login is None or (mail is not None and mail <= login):
             return 4, "an opt-out word that can also mean log out, in a mail context"
 
-    weak = _matches(vocabulary, "weak", label) or occurrences.within("weak", left, right)
+    weak = _matches(vocabulary, "weak", label) or occurrences.within("weak", left, right) or "weak" in split
     if weak:
         unsubscribe_like = (
-            _url_tokens(vocabulary, "weak", url)
+            _url_tokens(vocabulary, "strong", url)
+            or _url_tokens(vocabulary, "weak", url)
             or _url_tokens(vocabulary, "ambiguous", url)
             or (is_mailto and _url_tokens(vocabulary, "weak_mailto", url))
         )
         if unsubscribe_like:
             return 2, "opt-out wording with a removal URL"
     return None
+
+
+def _split_words(
+    vocabulary: Vocabulary, text: _Text, link: Link, label: str, sentence: tuple[int, int]
+) -> frozenset[str]:
+    """The categories whose split phrases ("meld je hier af", "af te melden") the sentence
+    holds, for a link whose whole text is a "here" word; empty for any other link."""
+    if not label or vocabulary.here is None or not vocabulary.here.fullmatch(label):
+        return frozenset()
+    left, right = sentence
+    around = text.folded[left:right]
+    return frozenset(
+        category
+        for category in _SPLIT_CATEGORIES
+        if (pattern := vocabulary.split_patterns.get(category)) is not None and pattern.search(around)
+    )
 
 
 def find_unsubscribe_links(
@@ -366,8 +453,10 @@ def find_unsubscribe_links(
     findings: list[LinkFinding] = []
     for readable in message.readable_texts:
         links = readable.links
-        if not links:
-            continue
+        if not links or not readable.displayed:
+            continue  # an alternative the client does not show is no way out for the reader
+        if not readable.complete:
+            continue  # HTML read only in part: hiding may have gone unseen, so nothing in it counts
         folded = _FIELD_NAMES.sub(lambda m: " " * len(m.group()), fold(readable.text))
         # A colon carries its sentence over a blank line ("Unsubscribe:", blank, the URL).
         boundaries = [

@@ -79,6 +79,7 @@ class Confusion:
 @dataclass
 class Scores:
     body: Confusion
+    body_as_labelled: Confusion  # against the corpus label itself, for the record
     header: Confusion
     header_valid: Confusion
     one_click: Confusion
@@ -106,6 +107,15 @@ def read_manifest(corpus: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
+def read_reader_view(corpus: Path) -> dict[str, str]:
+    """file -> the body-link label as a reader sees the message (READER_VIEW.tsv, if any)."""
+    path = corpus / "READER_VIEW.tsv"
+    if not path.exists():
+        return {}
+    rows = csv.DictReader(path.read_text(encoding="utf-8").splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+    return {row["file"]: row["has_unsubscribe_link_in_body"] for row in rows}
+
+
 def parse(path: Path) -> ParsedMessage:
     return ParsedMessage(rawmsg.normalize_newlines(path.read_bytes()))
 
@@ -113,7 +123,8 @@ def parse(path: Path) -> ParsedMessage:
 def score(corpus: Path = DEFAULT_CORPUS, clock: Callable[[], float] = time.perf_counter) -> Scores:
     vocabulary = load_vocabulary()
     scores = Scores(
-        body=Confusion("body unsubscribe link", "has_unsubscribe_link_in_body"),
+        body=Confusion("body unsubscribe link", "has_unsubscribe_link_in_body, reader's view"),
+        body_as_labelled=Confusion("  against the label as written", "has_unsubscribe_link_in_body"),
         header=Confusion("List-Unsubscribe present", "has_list_unsubscribe_header"),
         header_valid=Confusion("List-Unsubscribe https:/mailto: URI", "has_list_unsubscribe_header"),
         one_click=Confusion("RFC 8058 one-click", "has_list_unsubscribe_post"),
@@ -121,6 +132,7 @@ def score(corpus: Path = DEFAULT_CORPUS, clock: Callable[[], float] = time.perf_
             f"visible_recipients refusal (> {RECIPIENT_LIMIT})", f"visible_recipients > {RECIPIENT_LIMIT}"
         ),
     )
+    reader_view = read_reader_view(corpus)
     for row in read_manifest(corpus):
         file = row["file"]
         started = clock()
@@ -131,7 +143,9 @@ def score(corpus: Path = DEFAULT_CORPUS, clock: Callable[[], float] = time.perf_
         visible = counted.addressed  # the label counts the mailboxes of To and Cc
         scores.seconds.append(clock() - started)
 
-        scores.body.add(file, bool(findings), row["has_unsubscribe_link_in_body"] == "y")
+        labelled = row["has_unsubscribe_link_in_body"]
+        scores.body.add(file, bool(findings), reader_view.get(file, labelled) == "y")
+        scores.body_as_labelled.add(file, bool(findings), labelled == "y")
         scores.header.add(file, header.present, row["has_list_unsubscribe_header"] == "y")
         scores.header_valid.add(file, header.valid, row["has_list_unsubscribe_header"] == "y")
         scores.one_click.add(file, header.one_click, row["has_list_unsubscribe_post"] == "y")
@@ -152,6 +166,7 @@ def score(corpus: Path = DEFAULT_CORPUS, clock: Callable[[], float] = time.perf_
 
 def report(scores: Scores, verbose: bool = False) -> str:
     lines = [c.line() for c in scores.confusions]
+    lines.insert(1, scores.body_as_labelled.line())
     rate = scores.recipients_exact / scores.recipients_total if scores.recipients_total else 1.0
     lines.append(
         f"{'To/Cc mailboxes, exact count':<36} {scores.recipients_exact}/{scores.recipients_total} ({rate:.1%})"

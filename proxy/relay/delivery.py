@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 from policies.base import Action, Reply
 from proxy import replies as R
-from proxy.relay import rawmsg
 from proxy.relay.copies import deliver_copies
 from proxy.relay.intake import MessageRefused, prepare_message
 from proxy.relay.pipeline import StageDecision
+from proxy.relay.rawmsg import Outgoing
 from proxy.relay.runtime import Runtime
 from proxy.relay.signing import sign
 from proxy.relay.transaction import RelayTransaction
@@ -114,22 +114,25 @@ async def _relay_message(
         await t.upstream.abort()
         return decision.reply, None, "rejected" if decision.action is Action.REJECT else "tempfailed"
 
+    # The header edits rewrite the header block only; the body stays the received bytes.
     outgoing = apply_edits(content, runtime, decision)
+    del content  # from here on the one copy is referenced by ``outgoing`` (and the parse)
     footer = next((edit.footer for edit in decision.edits if edit.footer is not None), None)
     if footer is not None:
         try:
             # CPU work on the whole body: a thread keeps the event loop answering others.
-            outgoing = await asyncio.to_thread(append_footer, outgoing, *footer)
+            outgoing = Outgoing(b"", await asyncio.to_thread(append_footer, outgoing.to_bytes(), *footer))
         except NoReadablePart:
             await t.upstream.abort()
             return R.R550_NO_PART_FOR_FOOTER, None, "rejected"
     if decision.held or any(edit.fans_out for edit in decision.edits):
-        return await deliver_copies(t, outgoing, decision, keepalive)
-    signed = await sign(t, outgoing)
-    if isinstance(signed, Reply):
-        await t.upstream.abort()
-        return signed, None, "tempfailed" if signed.is_temporary else "rejected"
-    outgoing = signed
+        return await deliver_copies(t, outgoing.to_bytes(), decision, keepalive)
+    if runtime.signer.enabled:
+        signed = await sign(t, outgoing.to_bytes())
+        if isinstance(signed, Reply):
+            await t.upstream.abort()
+            return signed, None, "tempfailed" if signed.is_temporary else "rejected"
+        outgoing = Outgoing(b"", signed)
     started = time.perf_counter()
     upstream_reply = await t.upstream.data(outgoing)
     metrics.upstream_duration.labels("data").observe(time.perf_counter() - started)
@@ -141,13 +144,12 @@ async def _relay_message(
     return client_reply, upstream_reply, "tempfailed" if upstream_reply.is_temporary else "rejected"
 
 
-def apply_edits(content: bytes, runtime: Runtime, decision: StageDecision) -> bytes:
-    """The configured header removals and the policies' header edits, on the raw bytes."""
+def apply_edits(content: bytes, runtime: Runtime, decision: StageDecision) -> Outgoing:
+    """The configured header removals and the policies' header edits, on the raw header block."""
     settings = runtime.settings
     remove = [*settings.message.strip_headers, *settings.instruction_headers]
     add: list[tuple[str, str]] = []
     for edit in decision.edits:
         remove.extend(edit.remove)
         add.extend(edit.add)
-    content = rawmsg.remove_headers(content, remove)
-    return rawmsg.prepend_headers(content, add)
+    return Outgoing.of(content).edited(remove, add)

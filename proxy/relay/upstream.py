@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
+from aiosmtplib import SMTPResponse, SMTPStatus
 
 from policies.base import Reply
 from proxy.config.settings import UpstreamConfig
+from proxy.relay.rawmsg import Outgoing, stuffed_blocks
 from proxy.replies import (
     r451_internal,
     r451_upstream_auth_refused,
@@ -116,7 +118,7 @@ class UpstreamSession(Protocol):
 
     async def mail(self, sender: str, options: list[str]) -> Reply: ...
     async def rcpt(self, recipient: str, options: list[str]) -> Reply: ...
-    async def data(self, content: bytes) -> Reply: ...
+    async def data(self, content: bytes | Outgoing) -> Reply: ...
     async def finish(self) -> None: ...
     async def abort(self) -> None: ...
 
@@ -161,24 +163,35 @@ class MaildirUpstream:
         now = time.time()
         return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{next(self._counter)}.{self._hostname}"
 
-    def deliver(self, content: bytes, sender: str, recipients: list[str]) -> str:
+    def deliver(self, content: bytes | Outgoing, sender: str, recipients: list[str]) -> str:
         """Blocking write; run in a thread. Returns the file name."""
+        message = content if isinstance(content, Outgoing) else Outgoing(b"", content)
         envelope = [f"Return-Path: <{sender}>"] + [f"Delivered-To: {r}" for r in recipients]
-        # Maildir files use LF line endings, like every local delivery agent writes them.
-        body = "\n".join(envelope).encode("utf-8", "surrogateescape") + b"\n" + content.replace(b"\r\n", b"\n")
+        head = "\n".join(envelope).encode("utf-8", "surrogateescape") + b"\n"
         name = self._unique_name()
         tmp_path = self.path / "tmp" / name
-        final_name = f"{name},S={len(body)}"
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        size = 0
         try:
             try:
-                view = memoryview(body)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                # Block by block, so a big message is never copied whole. Maildir files use LF
+                # line endings, like every local delivery agent writes them; a CR at the end
+                # of a block waits to see whether the next block starts with its LF.
+                pending_cr = False
+                for block in itertools.chain((head,), message.blocks()):
+                    data = bytes(block)
+                    if pending_cr and not data.startswith(b"\n"):
+                        data = b"\r" + data  # a bare CR: kept as it was
+                    pending_cr = data.endswith(b"\r")
+                    if pending_cr:
+                        data = data[:-1]
+                    size += _write_all(fd, data.replace(b"\r\n", b"\n"))
+                if pending_cr:
+                    size += _write_all(fd, b"\r")
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            final_name = f"{name},S={size}"
             os.rename(tmp_path, self.path / "new" / final_name)
         except BaseException:
             tmp_path.unlink(missing_ok=True)  # never leave a half-delivered file in tmp/
@@ -208,7 +221,7 @@ class MaildirSession:
         self.recipients.append(recipient)
         return Reply(250, "2.1.5", "Recipient OK")
 
-    async def data(self, content: bytes) -> Reply:
+    async def data(self, content: bytes | Outgoing) -> Reply:
         try:
             name = await asyncio.to_thread(self.upstream.deliver, content, self.sender, self.recipients)
         except OSError:
@@ -242,6 +255,53 @@ def _tls_failure(exc: BaseException) -> bool:
     return False
 
 
+def _write_all(fd: int, data: bytes) -> int:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)
+
+
+async def _send_data(client: aiosmtplib.SMTP, message: Outgoing, step_limit: float) -> SMTPResponse:
+    """aiosmtplib's ``SMTP.data`` with the message streamed: DATA, the 354, the message in
+    blocks, each written once the transport has room for it (its flow control), then the
+    reply to the final dot. aiosmtplib's own ``data`` normalises and dot-stuffs the whole
+    message with two regular expressions and hands the transport all of it at once (which
+    keeps a copy of what the socket did not take): three extra copies of a 25 MB message.
+
+    It uses aiosmtplib's protocol as ``data`` does (its command lock, its reply reader, the
+    flag that lets a reply in); the tests of the relay and of the smuggling cases cover it
+    for every aiosmtplib release the project allows. Raises what ``data`` raises, and closes
+    the connection like it when the upstream goes away or is too slow. ``step_limit``:
+    seconds for each reply and for the room to write each block."""
+    protocol = client.protocol
+    lock = getattr(protocol, "_command_lock", None)
+    if protocol is None or lock is None:
+        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    try:
+        async with lock:
+            protocol._response_pending = True
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=step_limit)
+            if start.code != SMTPStatus.start_input:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            protocol._response_pending = True
+            for block in stuffed_blocks(message):
+                protocol.write(block)
+                try:
+                    # Waits only while the transport holds more than its high-water mark.
+                    await asyncio.wait_for(protocol._drain_helper(), step_limit)
+                except TimeoutError:
+                    raise aiosmtplib.SMTPTimeoutError("Timed out writing the message") from None
+            response = await protocol.read_response(timeout=step_limit)
+            if response.code != SMTPStatus.completed:
+                raise aiosmtplib.SMTPDataError(response.code, response.message)
+            return response
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
+        client.close()
+        raise
+
+
 def _unasked_bytes(client: aiosmtplib.SMTP) -> int:
     """Bytes the upstream sent after the reply just read, in the same write: nobody asked for
     them, and aiosmtplib would hand them out as the reply to the next command (another
@@ -271,9 +331,12 @@ class SmtpUpstream:
         helo_name: str,
         on_reply: Callable[[str, str], None] | None = None,
         on_pool: Callable[[int, int], None] | None = None,
+        on_timing: Callable[[str, float], None] | None = None,
     ) -> None:
         self.config = config
         self._on_pool = on_pool
+        #: (stage, seconds): ``pool_wait`` for a slot, ``connect`` for TCP + TLS + EHLO + AUTH.
+        self._on_timing = on_timing
         self.helo_name = config.helo_name or helo_name
         address = config.hostport
         self.host, self.port = address.host, address.port
@@ -302,14 +365,21 @@ class SmtpUpstream:
         if self._on_reply:
             self._on_reply(stage, outcome)
 
+    def _timing(self, stage: str, started: float) -> None:
+        if self._on_timing:
+            self._on_timing(stage, time.perf_counter() - started)
+
     async def open(self, txn_id: str) -> SmtpSession:
         if self._closed:
             raise UpstreamUnavailable(r451_upstream_unavailable(txn_id))
+        started = time.perf_counter()
         try:
             await asyncio.wait_for(self._slots.acquire(), self.config.timeouts.connect)
         except TimeoutError:
+            self._timing("pool_wait", started)
             log.warning("txn %s: all %d upstream connections busy", txn_id, self.config.pool.max_connections)
             raise UpstreamUnavailable(r451_upstream_busy(txn_id)) from None
+        self._timing("pool_wait", started)
         self.busy += 1
         try:
             connection = self._take_idle() or await self._connect(txn_id)
@@ -347,6 +417,7 @@ class SmtpUpstream:
             username=config.username,
             password=config.password,
         )
+        started = time.perf_counter()
         try:
             await client.connect(timeout=config.timeouts.connect)
             if client.last_ehlo_response is None:  # connect() says EHLO only for STARTTLS or AUTH
@@ -373,6 +444,7 @@ class SmtpUpstream:
             )
             self.count("connect", "timeout" if timed_out else "error")
             raise UpstreamUnavailable(r451_upstream_unavailable(txn_id)) from exc
+        self._timing("connect", started)
         self.count("connect", "2xx")
         extensions = client.esmtp_extensions
         size = extensions.get("size", "")
@@ -514,12 +586,14 @@ class SmtpSession:
             self._release(healthy=False)
             return r451_upstream_lost(self.txn_id)
 
-    async def data(self, content: bytes) -> Reply:
-        """DATA and the message. aiosmtplib turns bare CR/LF into CRLF and dot-stuffs every
-        line that starts with '.', so the upstream sees exactly one message (T10)."""
+    async def data(self, content: bytes | Outgoing) -> Reply:
+        """DATA and the message, written block by block (``rawmsg.stuffed_blocks``: bare CR/LF
+        made CRLF, every line that starts with '.' dot-stuffed), so the upstream sees exactly
+        one message (T10) and a big one is never copied whole."""
         self._pending = True
+        message = content if isinstance(content, Outgoing) else Outgoing(b"", content)
         try:
-            response = await self.client.data(content, timeout=self.upstream.config.timeouts.data)
+            response = await _send_data(self.client, message, self.upstream.config.timeouts.data)
         except aiosmtplib.SMTPDataError as exc:
             self._pending = False
             if exc.code < 400:
@@ -607,7 +681,8 @@ def build_upstream(
     helo_name: str,
     on_reply: Callable[[str, str], None] | None = None,
     on_pool: Callable[[int, int], None] | None = None,
+    on_timing: Callable[[str, float], None] | None = None,
 ) -> MaildirUpstream | SmtpUpstream:
     if config.is_maildir:
         return MaildirUpstream(config.maildir_path)
-    return SmtpUpstream(config, helo_name=helo_name, on_reply=on_reply, on_pool=on_pool)
+    return SmtpUpstream(config, helo_name=helo_name, on_reply=on_reply, on_pool=on_pool, on_timing=on_timing)

@@ -16,11 +16,13 @@ import re
 import secrets
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syntax
 
 from policies.base import Reply
 from proxy import replies as R
+from proxy.observability.memory import release_memory
 from proxy.schema import address_in
+from proxy.smtp.body import END_LINE, BodyCollector, BodyState, ends_data
 from proxy.smtp.listener import ListenerState, Services
 
 __all__ = ("SendguardSMTP", "SessionHandler", "new_txn_id")
@@ -244,13 +246,74 @@ class SendguardSMTP(SMTP):
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        # The body is bounded by the normal idle limit from the DATA command, even under
-        # stress (a client that got this far is allowed to relay; a big upload takes time).
-        # (The timer is restarted at the 354, in push.)
+        """aiosmtpd's DATA command with the body read in blocks (``proxy.smtp.body``): the
+        same checks, end of data, limits and replies, in one buffer instead of a list of
+        lines. The body is bounded by the normal idle limit from the 354, even under stress
+        (a client that got this far is allowed to relay; a big upload takes time); the timer
+        is restarted at the 354, in push."""
         try:
-            await super().smtp_DATA(arg)
+            if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+                return
+            assert self.envelope is not None
+            if not self.envelope.rcpt_tos:
+                await self.push("503 Error: need RCPT command")
+                return
+            if arg:
+                await self.push("501 Syntax: DATA")
+                return
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            collector = await self._read_body()
+            if collector is None:
+                return  # the connection is gone
+            if collector.state is BodyState.TOO_LONG:
+                await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                return
+            if collector.state is BodyState.TOO_MUCH:
+                await self.push("552 Error: Too much mail data")
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                return
+            content = collector.message()
+            size = len(content)
+            self.envelope.content = self.envelope.original_content = content
+            del content, collector  # the envelope holds the one copy from here
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push("250 OK" if status is MISSING else status)
+            release_memory(size)
         finally:
             self._reading_body = False
+
+    async def _read_body(self) -> BodyCollector | None:
+        """Read up to the end-of-data line. Each read returns the stream up to the next
+        ".CRLF" (a whole buffer's worth when there is none in it), so pipelined commands after
+        the end of data stay in the reader for the command loop."""
+        collector = BodyCollector(max_size=self.data_size_limit, max_line_length=self.line_length_limit)
+        before = b""  # the last two bytes of the body read so far
+        while self.transport is not None:
+            try:
+                try:
+                    piece = await self._reader.readuntil(END_LINE)
+                except asyncio.LimitOverrunError as error:
+                    # No ".CRLF" within the reader's limit: take what is there but the last
+                    # bytes, which may begin one (asyncio keeps len(separator) - 1 of them).
+                    piece = await self._reader.read(error.consumed)
+                else:
+                    if ends_data(piece, before):
+                        collector.feed(piece[: -len(END_LINE)])
+                        return collector
+            except asyncio.CancelledError:
+                log.info("connection from %s lost during DATA", self.client_ip)
+                self._writer.close()
+                raise
+            except asyncio.IncompleteReadError:
+                # aiosmtpd cancels this coroutine on EOF first; should the stream end anyway,
+                # the message is incomplete and is not relayed.
+                log.info("connection from %s closed during DATA", self.client_ip)
+                return None
+            collector.feed(piece)
+            before = (before + piece)[-2:]
+        return None
 
     def close_with(self, reply: Reply) -> None:
         transport = self.transport

@@ -9,11 +9,12 @@ never re-serialised by the ``email`` package (which re-folds headers and re-wrap
 reliability anchors C27). HTML gets the footer before ``</body>`` (else before ``</html>``,
 else at the end).
 
-The walk is done on the bytes, following RFC 2045/2046: a part's body ends before the CRLF
-that precedes its boundary delimiter (that CRLF belongs to the delimiter, 2046 section
-5.1.1). Malformed structure is handled the way readers see it: a missing close delimiter
-ends the last part at the end of the message (C03); a multipart without a boundary (C02) or
-whose boundary never appears (C04) has no readable part; an unknown charset (C05) is taken
+The walk is done on the bytes by ``policies.mimewalk`` (the one the shared parse of a big
+message uses too), following RFC 2045/2046: a part's body ends before the CRLF that precedes
+its boundary delimiter (that CRLF belongs to the delimiter, 2046 section 5.1.1). Malformed
+structure is handled the way readers see it: a missing close delimiter ends the last part at
+the end of the message (C03); a multipart without a boundary (C02) or whose boundary never
+appears (C04) has no readable part here; an unknown charset (C05) is taken
 as ASCII-compatible and its bytes are kept as they are; a body that cannot be decoded
 (invalid base64, C06) or has an unknown transfer encoding (x-uuencode) is left alone.
 Nesting deeper than ``MAX_DEPTH`` is not entered (C01).
@@ -37,7 +38,8 @@ import html
 import re
 import unicodedata
 from dataclasses import dataclass
-from email.message import Message
+
+from policies.mimewalk import MAX_DEPTH, walk
 
 __all__ = (
     "FOOTER_TEXTS",
@@ -49,9 +51,6 @@ __all__ = (
     "readable_part_count",
 )
 
-#: Deeper multipart nesting is not entered (Postfix's mime_nesting_limit is 100; sendguard
-#: refuses messages deeper than message.max_mime_depth, 50 by default, before this runs).
-MAX_DEPTH = 100
 
 #: The unsubscribe footer in each language: (plain text, HTML); ``{url}`` is the recipient's
 #: own https link, ``{company}`` who sends. The words are ones every unsubscribe-link
@@ -101,7 +100,6 @@ class _Leaf:
     newline: str  # the message's line ending, for a body that has no line break of its own
 
 
-_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _UUENCODE = frozenset({"x-uuencode", "uuencode", "x-uue", "uue"})
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 _BODY_END = re.compile(r"</body[\s>/]", re.IGNORECASE)
@@ -150,107 +148,14 @@ def readable_part_count(content: bytes) -> int:
 # ---- the walk ---------------------------------------------------------------------------------
 
 
-def _split_entity(content: bytes, start: int, end: int) -> tuple[int, int]:
-    """(end of the header block, start of the body) of the entity in content[start:end]."""
-    if content.startswith(b"\r\n", start) and start + 2 <= end:
-        return start, start + 2
-    if content.startswith(b"\n", start) and start + 1 <= end:
-        return start, start + 1
-    match = _BLANK_LINE.search(content, start, end)
-    if match is None:
-        return end, end  # all header, no body
-    separator = match.group()
-    first_newline = 2 if separator.startswith(b"\r\n") else 1
-    return match.start() + first_newline, match.end()
-
-
-def _parse_headers(block: bytes) -> Message:
-    try:
-        return email.message_from_bytes(block + b"\r\n", policy=email.policy.compat32)
-    except Exception:
-        return Message()
-
-
-def _content_info(headers: Message, default_type: str) -> tuple[str, str | None, str | None, str, str]:
-    """(content type, boundary, charset, transfer encoding, disposition), defensively."""
-    try:
-        ctype = default_type if headers.get("Content-Type") is None else headers.get_content_type()
-    except Exception:
-        ctype = "text/plain"
-    boundary: str | None
-    try:
-        boundary = headers.get_boundary()
-    except Exception:
-        boundary = None
-    charset: str | None
-    try:
-        charset = headers.get_content_charset()
-    except Exception:
-        charset = None
-    try:
-        encoding = str(headers.get("Content-Transfer-Encoding", "")).strip().lower()
-    except Exception:
-        encoding = "?"
-    try:
-        disposition = (headers.get_content_disposition() or "").lower()
-    except Exception:
-        disposition = ""
-    return ctype, boundary, charset, encoding, disposition
-
-
 def _readable_leaves(content: bytes) -> list[_Leaf]:
-    leaves: list[_Leaf] = []
+    """The text/plain and text/html parts a reader sees, from the shared MIME walk."""
     newline = "\r\n" if b"\r\n" in content or b"\n" not in content else "\n"
-    # (start, end, depth, default content type, top level): an explicit stack, so deep
-    # nesting can never exhaust the interpreter's recursion limit.
-    stack: list[tuple[int, int, int, str, bool]] = [(0, len(content), 0, "text/plain", True)]
-    while stack:
-        start, end, depth, default_type, top = stack.pop()
-        header_end, body_start = _split_entity(content, start, end)
-        headers = _parse_headers(content[start:header_end])
-        ctype, boundary, charset, encoding, disposition = _content_info(headers, default_type)
-        if ctype.startswith("message/"):
-            continue  # a forwarded message or a bounce: not this message's own text
-        if ctype.startswith("multipart/"):
-            if boundary and depth < MAX_DEPTH:
-                child_default = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
-                parts = _multipart_parts(content, body_start, end, boundary)
-                stack.extend((s, e, depth + 1, child_default, False) for s, e in reversed(parts))
-            continue
-        if ctype not in ("text/plain", "text/html"):
-            continue
-        if not top and disposition == "attachment":
-            continue
-        leaves.append(_Leaf(body_start, end, ctype[5:], charset, encoding, newline))
-    return leaves
-
-
-def _multipart_parts(content: bytes, start: int, end: int, boundary: str) -> list[tuple[int, int]]:
-    """The (start, end) of each body part between the delimiters of ``boundary``."""
-    try:
-        marker = boundary.encode("ascii")
-    except UnicodeEncodeError:
-        marker = boundary.encode("utf-8", "surrogateescape")
-    # A delimiter line: "--" boundary, "--" for the close delimiter, then only white space
-    # (transport padding, RFC 2046 5.1.1) up to the line end.
-    delimiter = re.compile(rb"(?m)^--" + re.escape(marker) + rb"(--)?[ \t]*(?:\r?\n|\r?\Z)")
-    parts: list[tuple[int, int]] = []
-    part_start: int | None = None
-    for match in delimiter.finditer(content, start, end):
-        if part_start is not None:
-            part_end = match.start()
-            # The line break before the delimiter belongs to the delimiter.
-            if content[part_end - 2 : part_end] == b"\r\n" and part_end - 2 >= part_start:
-                part_end -= 2
-            elif content[part_end - 1 : part_end] == b"\n" and part_end - 1 >= part_start:
-                part_end -= 1
-            parts.append((part_start, part_end))
-        if match.group(1):  # the close delimiter: the epilogue follows
-            return parts
-        part_start = match.end()
-    if part_start is not None and part_start < end:
-        parts.append((part_start, end))  # no close delimiter: the last part runs to the end (C03)
-    return parts
+    return [
+        _Leaf(entity.body_start, entity.end, entity.content_type[5:], entity.charset, entity.transfer_encoding, newline)
+        for entity in walk(content)
+        if entity.readable and entity.content_type in ("text/plain", "text/html")
+    ]
 
 
 # ---- one part ---------------------------------------------------------------------------------

@@ -26,7 +26,13 @@ def test_targets_are_met() -> None:
     scores = load_script().score()
     for confusion in scores.confusions:
         assert (confusion.precision, confusion.recall) == (1.0, 1.0), (confusion.name, confusion.misses)
-    assert scores.body.true_positive == 24 and scores.body.true_negative == 110
+    assert scores.body.true_positive == 21 and scores.body.true_negative == 113
+    # The three the reader cannot see (tests/corpus/READER_VIEW.tsv) are the label's only misses.
+    assert sorted(m.split(":")[0] for m in scores.body_as_labelled.misses) == [
+        "newsletter-12.eml",
+        "newsletter-14.eml",
+        "newsletter-17.eml",
+    ]
     assert scores.header.true_positive == 15
     assert scores.one_click.true_positive == 1
     assert scores.recipients_refused.true_positive == 7  # the policy's default limit, 10

@@ -103,3 +103,58 @@ async def test_reject_mode_refuses_bare_line_endings(
     assert code == 550
     assert text.split(" ")[0] == "5.6.0"
     assert lenient_upstream.accepted == []
+
+
+# ---- the end of data and what follows it in the same packet ----------------------------------
+
+
+async def test_commands_pipelined_after_the_dot_are_answered_in_turn(
+    lenient_upstream: LenientUpstream, proxy_factory: ProxyFactory
+) -> None:
+    """The DATA reader reads the stream up to the end of data and no further: a second
+    transaction written in the same packet as the first one's final dot (as a pipelining
+    client does, RFC 2920) is answered command by command and relayed as its own message."""
+    proxy = await proxy_factory(lenient_upstream.address)
+    client = await RawClient.connect(proxy.port)
+    await client.cmd("EHLO pipeliner.test")
+    assert (await client.cmd("MAIL FROM:<user@example.com>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<rcpt@example.org>"))[0] == 250
+    assert (await client.cmd("DATA"))[0] == 354
+    second = HEAD.replace(b"Subject: one", b"Subject: two")
+    await client.send(
+        HEAD + b"\r\n..stuffed\r\n.\r\nMAIL FROM:<user@example.com>\r\nRCPT TO:<rcpt@example.org>\r\nDATA\r\n"
+    )
+    replies = [await client.reply() for _ in range(4)]
+    assert [code for code, _ in replies] == [250, 250, 250, 354], replies
+    await client.send(second + b"\r\n.\r\nQUIT\r\n")
+    assert (await client.reply())[0] == 250
+    assert (await client.reply())[0] == 221
+    await client.close()
+    contents = [content for _, content in lenient_upstream.accepted]
+    assert len(contents) == 2
+    assert b"Subject: one" in contents[0] and contents[0].endswith(b"\r\n..stuffed")  # stuffed again on the wire
+    assert b"Subject: two" in contents[1]
+
+
+@pytest.mark.parametrize("size", [1, 4096, 70_000])
+async def test_a_body_written_a_byte_at_a_time_or_in_big_blocks_arrives_whole(
+    size: int, lenient_upstream: LenientUpstream, proxy_factory: ProxyFactory
+) -> None:
+    proxy = await proxy_factory(lenient_upstream.address)
+    client = await RawClient.connect(proxy.port)
+    await client.cmd("EHLO blocks.test")
+    await client.cmd("MAIL FROM:<user@example.com>")
+    await client.cmd("RCPT TO:<rcpt@example.org>")
+    assert (await client.cmd("DATA"))[0] == 354
+    # Dot-stuffed by the client, as it must; the lenient upstream records the wire as it came.
+    lines = b"".join(b"..line %05d ends with a dot.\r\n" % i for i in range(400))
+    payload = HEAD + b"\r\n" + lines + b".\r\n"
+    for start in range(0, len(payload), size) if size > 1 else range(0, 200):
+        await client.send(payload[start : start + size] if size > 1 else payload[start : start + 1])
+    if size == 1:
+        await client.send(payload[200:])
+    code, text = await client.reply()
+    await client.close()
+    assert code == 250, text
+    _, content = lenient_upstream.accepted[0]
+    assert content.endswith(b"\r\n" + lines[:-2])
