@@ -105,13 +105,13 @@ def canonical_field_names(raw: bytes) -> bytes:
     The header block is what a reader takes for one: it ends at the first empty line or at a
     line that is neither a field (obsolete spacing allowed) nor a continuation (C07).
     """
-    end = raw.find(b"\r\n\r\n")
-    head = raw if end == -1 else raw[: end + 2]
+    head = split_header_block(raw)[0]
     if not _OBS_FIELD_NAME.search(head):
         return raw
     out: list[bytes] = []
     pos = 0
     first = True
+    changed = False
     while pos < len(raw):
         newline = raw.find(b"\n", pos)
         line_end = len(raw) if newline == -1 else newline + 1
@@ -126,10 +126,12 @@ def canonical_field_names(raw: bytes) -> bytes:
                 break  # not a field: the header block ends here for every reader
             if match is not None:
                 line = match.group(1) + line[match.end() - 1 :]
+                changed = True
         out.append(line)
         first = False
         pos = line_end
-    return b"".join(out) + raw[pos:]
+    # The very bytes when nothing changed (a line the stdlib ends the header at came first).
+    return b"".join(out) + raw[pos:] if changed else raw
 
 
 def split_header_block(raw: bytes) -> tuple[bytes, bytes]:
