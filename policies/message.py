@@ -24,11 +24,13 @@ import email.utils
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email import _header_value_parser as header_parser
 from email.message import EmailMessage, Message
 from functools import cached_property
 
 from policies.mimewalk import lean_copy
 from policies.readable import Link, ReadableText, find_text_links, readable_text, render_html
+from proxy.addresses import address_key
 
 __all__ = (
     "Address",
@@ -36,7 +38,9 @@ __all__ = (
     "MessageParseError",
     "ParsedMessage",
     "ReadableText",
+    "VISIBLE_RECIPIENT_FIELDS",
     "TextPart",
+    "canonical_field_names",
     "find_text_links",
     "render_html",
     "split_header_block",
@@ -65,17 +69,69 @@ class TextPart:
 class Address:
     display_name: str
     addr_spec: str
+    #: Not a mailbox of the field but an address written in its text (a display name, a
+    #: comment, a bare encoded-word): every reader sees it, so it counts as exposed, but
+    #: nothing is ever sent to it (never an envelope or consent recipient).
+    in_text: bool = False
 
     @property
     def normalized(self) -> str:
-        """Case-folded addr-spec, for comparing and counting (RFC 5321 local parts are
-        case-sensitive in theory, but every real mail system treats them as equal)."""
-        return self.addr_spec.strip().lower()
+        """The key for comparing and counting (``proxy.addresses.address_key``: case folded,
+        needless quotes dropped, the domain as A-labels without a trailing dot)."""
+        return address_key(self.addr_spec)
 
     @property
     def domain(self) -> str:
-        """The part after the last "@", lower case, without a trailing dot."""
-        return self.normalized.rpartition("@")[2].rstrip(".")
+        """The part after the last "@" as written, in lower case, without a trailing dot (an
+        IDN stays in its spelling: globs in the config are matched against it as written;
+        ``proxy.addresses.domain_key`` gives the one form for comparing)."""
+        return self.addr_spec.strip().lower().rpartition("@")[2].rstrip(".")
+
+
+#: RFC 5322 4.5.3 (obs-optional, obs-to ...): a field name followed by white space before
+#: the colon, ``To : a@example.com``. Readers must accept it, and mail clients and Postfix
+#: (``is_header()``) do, but the stdlib parser ends the header block at such a line and reads
+#: the rest as body (reliability anchors C08): recipients and headers hidden from the checks.
+_OBS_FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]+:", re.M)
+#: A field line as the stdlib's feedparser takes one (its ``headerRE``).
+_FIELD_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]*:")
+
+
+def canonical_field_names(raw: bytes) -> bytes:
+    """The message with the white space between a field name and its colon removed in the
+    header block (``To :`` becomes ``To:``), so that the stdlib, the relay and the upstream
+    read the same fields; the bytes unchanged when there is none (the usual case).
+
+    The header block is what a reader takes for one: it ends at the first empty line or at a
+    line that is neither a field (obsolete spacing allowed) nor a continuation (C07).
+    """
+    head = split_header_block(raw)[0]
+    if not _OBS_FIELD_NAME.search(head):
+        return raw
+    out: list[bytes] = []
+    pos = 0
+    first = True
+    changed = False
+    while pos < len(raw):
+        newline = raw.find(b"\n", pos)
+        line_end = len(raw) if newline == -1 else newline + 1
+        line = raw[pos:line_end]
+        if line in (b"\r\n", b"\n"):
+            break
+        if first and line.startswith(b"From "):
+            pass  # an mbox "From " line before the fields, which the stdlib skips too
+        elif line[:1] not in (b" ", b"\t"):
+            match = _OBS_FIELD_NAME.match(line)
+            if match is None and not _FIELD_LINE.match(line):
+                break  # not a field: the header block ends here for every reader
+            if match is not None:
+                line = match.group(1) + line[match.end() - 1 :]
+                changed = True
+        out.append(line)
+        first = False
+        pos = line_end
+    # The very bytes when nothing changed (a line the stdlib ends the header at came first).
+    return b"".join(out) + raw[pos:] if changed else raw
 
 
 def split_header_block(raw: bytes) -> tuple[bytes, bytes]:
@@ -143,8 +199,12 @@ class ParsedMessage:
     policy reads (see ``LEAN_PARSE_ABOVE``). ``raw`` is always the whole message."""
 
     def __init__(self, raw: bytes, *, max_mime_depth: int = 50, lean_above: int = LEAN_PARSE_ABOVE) -> None:
+        # The proxy canonicalises the bytes it relays the same way (proxy/relay/intake.py),
+        # so what is parsed here is what the upstream receives.
+        raw = canonical_field_names(raw)
         self.raw = raw
         self._addresses: dict[str, list[Address]] = {}
+        self._in_text: dict[str, list[Address]] = {}
         #: Bytes of the message the parse left out (0 for a message of ordinary size).
         self.left_out = 0
         parse_from = raw
@@ -223,7 +283,8 @@ class ParsedMessage:
     # ---- addresses ---------------------------------------------------------------------
 
     def addresses(self, *names: str) -> list[Address]:
-        """Addresses in the named fields, group members included, in order of appearance.
+        """Mailboxes in the named fields, group members included, in order of appearance:
+        the addresses mail can be sent to, never an address written in a display name.
 
         Each field is parsed with the structured parser; where it reports defects the raw
         value is also parsed leniently and the larger result is kept, because the strict
@@ -232,21 +293,51 @@ class ParsedMessage:
         """
         out: list[Address] = []
         for name in names:
-            key = name.lower()
-            parsed = self._addresses.get(key)
-            if parsed is None:  # every policy asks for From; parse each field once per message
-                parsed = [a for raw in self.raw_header_values(name) for a in _parse_address_field(name, raw, self.msg)]
-                self._addresses[key] = parsed
-            out.extend(parsed)
+            out.extend(self._field_addresses(name)[0])
         return out
+
+    def addresses_in_text(self, *names: str) -> list[Address]:
+        """Addresses a reader sees written in the named fields outside their mailboxes: in a
+        display name (quoted, or RFC 2047 encoded), a comment, a bare encoded-word that the
+        parser takes for a local part without a domain. Each has ``in_text`` set."""
+        out: list[Address] = []
+        for name in names:
+            out.extend(self._field_addresses(name)[1])
+        return out
+
+    def _field_addresses(self, name: str) -> tuple[list[Address], list[Address]]:
+        key = name.lower()
+        mailboxes = self._addresses.get(key)
+        if mailboxes is None:  # every policy asks for From; parse each field once per message
+            mailboxes, in_text = [], []
+            for raw in self.raw_header_values(name):
+                found, written = _parse_address_field(name, raw, self.msg)
+                mailboxes.extend(found)
+                in_text.extend(written)
+            self._addresses[key], self._in_text[key] = mailboxes, in_text
+        return mailboxes, self._in_text[key]
 
     @cached_property
     def visible_recipients(self) -> list[Address]:
-        """The distinct addresses every recipient sees: To and Cc (all fields of each name,
-        group members included), compared case-insensitively, first spelling kept.
+        """The distinct addresses every recipient sees, as a mail client shows them: the
+        mailboxes of To, Cc, Resent-To and Resent-Cc (every field of each name, group members
+        included; clients show the Resent-* fields of a resent message, RFC 5322 3.6.6), then
+        the addresses written in those fields' display names and comments (``in_text``),
+        compared by ``address_key``, first spelling kept.
 
-        Bcc, Resent-*, From and Reply-To are not recipients others can see.
+        Bcc, Resent-Bcc, From and Reply-To are not recipient lists others see.
         """
+        seen: dict[str, Address] = {}
+        for address in self.addresses(*VISIBLE_RECIPIENT_FIELDS):
+            seen.setdefault(address.normalized, address)
+        for address in self.addresses_in_text(*VISIBLE_RECIPIENT_FIELDS):
+            seen.setdefault(address.normalized, address)
+        return list(seen.values())
+
+    @cached_property
+    def header_recipients(self) -> list[Address]:
+        """The distinct mailboxes of To and Cc (first spelling kept): who the author addressed,
+        for the classifier's judgement of a conversation."""
         seen: dict[str, Address] = {}
         for address in self.addresses("To", "Cc"):
             seen.setdefault(address.normalized, address)
@@ -351,8 +442,15 @@ def _mime_fields(part: Message) -> Message:
     return fields
 
 
-def _parse_address_field(name: str, raw: str, msg: EmailMessage) -> list[Address]:
+#: The fields whose addresses every recipient of a message is shown (a split copy drops them
+#: all, proxy/relay/copies.py).
+VISIBLE_RECIPIENT_FIELDS = ("To", "Cc", "Resent-To", "Resent-Cc")
+
+
+def _parse_address_field(name: str, raw: str, msg: EmailMessage) -> tuple[list[Address], list[Address]]:
+    """(the field's mailboxes, the addresses written in its text outside them)."""
     strict: list[Address] = []
+    tree: header_parser.TokenList | None = None
     defective = True
     try:
         header = msg.policy.header_factory(name, raw)  # type: ignore[attr-defined]
@@ -360,20 +458,93 @@ def _parse_address_field(name: str, raw: str, msg: EmailMessage) -> list[Address
         # one quoted local part without a domain (reliability anchors C14), not an address.
         strict = [Address(str(a.display_name), str(a.addr_spec)) for a in header.addresses if a.domain and a.username]
         defective = bool(header.defects)
+        tree = getattr(header, "_parse_tree", None)  # the header keeps the parse it was made from
     except Exception:
         strict, defective = [], True
-    if not defective:
-        return strict
+    mailboxes = strict
+    if defective:
+        try:
+            lenient_pairs = email.utils.getaddresses([raw])
+        except Exception:
+            lenient_pairs = []
+        # The lenient parser works on the undecoded text, so an encoded-word can never turn
+        # into a mailbox (C13); its display names are decoded afterwards, for display only.
+        lenient = [Address(_decode_display_name(display), spec) for display, spec in lenient_pairs if _has_domain(spec)]
+        strict_set = {a.normalized for a in strict}
+        lenient_set = {a.normalized for a in lenient}
+        mailboxes = lenient if len(lenient_set) > len(strict_set) else strict
+    text = _text_outside_mailboxes(tree) if isinstance(tree, header_parser.TokenList) else _decode_words(raw)
+    return mailboxes, [Address("", spec, in_text=True) for spec in _addresses_in(text)]
+
+
+#: The parse tree's names for an addr-spec and a comment (``TokenList.token_type``).
+_ADDR_SPEC, _COMMENT = "addr-spec", "comment"
+
+
+def _text_outside_mailboxes(tree: header_parser.TokenList) -> str:
+    """What a reader sees of an address field apart from its mailboxes' addr-specs: display
+    names (the parser has decoded their encoded-words, inside quotes too), comments, groups'
+    names, and the text of malformed addresses. Each addr-spec left out becomes a space, so
+    that the text around it cannot join into an address nobody sees."""
+    chunks: list[str] = []
+
+    def walk(node: header_parser.TokenList) -> bool:
+        """Append the node's text (whole, when it holds no mailbox); whether it holds one."""
+        if node.token_type == _ADDR_SPEC and getattr(node, "domain", None) and getattr(node, "local_part", None):
+            chunks.append(" ")
+            _comments(node, chunks)
+            return True
+        start = len(chunks)
+        held = False
+        for child in node:
+            if isinstance(child, header_parser.TokenList):
+                held = walk(child) or held
+            else:
+                chunks.append(str(child))
+        if not held:
+            del chunks[start:]
+            chunks.append(str(node))
+        return held
+
+    walk(tree)
+    return _decode_words("".join(chunks))
+
+
+def _comments(node: header_parser.TokenList, chunks: list[str]) -> None:
+    """The comments inside an addr-spec (``k@example.com (Kay <x@evil.example>)``): the parser
+    files them under the domain's white space, and a reader sees them."""
+    for child in node:
+        if isinstance(child, header_parser.TokenList):
+            if child.token_type == _COMMENT:
+                chunks.append(f" {child} ")
+            else:
+                _comments(child, chunks)
+
+
+def _decode_words(text: str) -> str:
+    """RFC 2047 encoded-words the structured parser leaves as they are (in comments, in a
+    field it could not parse) decoded as a mail client shows them."""
+    if "=?" not in text:
+        return text
     try:
-        lenient_pairs = email.utils.getaddresses([raw])
+        return str(email.header.make_header(email.header.decode_header(text)))
     except Exception:
-        lenient_pairs = []
-    # The lenient parser works on the undecoded text, so an encoded-word can never turn into
-    # an address (C13); its display names are decoded afterwards, for display only.
-    lenient = [Address(_decode_display_name(display), spec) for display, spec in lenient_pairs if _has_domain(spec)]
-    strict_set = {a.normalized for a in strict}
-    lenient_set = {a.normalized for a in lenient}
-    return lenient if len(lenient_set) > len(strict_set) else strict
+        return text
+
+
+#: An address as a reader recognises one in running text: an RFC 5322 atext local part
+#: (letters of any script, RFC 6532), "@", a domain of at least two labels. Possessive
+#: quantifiers and the look-behind keep the scan linear on any input: each run of local-part
+#: characters is tried once, from its start.
+_LOCAL_CHARS = r"[\w.!#$%&'*+/=?^`{|}~-]"
+_ADDRESS_IN_TEXT = re.compile(rf"(?<!{_LOCAL_CHARS}){_LOCAL_CHARS}++@[\w-]++(?:\.[\w-]++)++\.?")
+
+
+def _addresses_in(text: str) -> list[str]:
+    if "@" not in text:
+        return []
+    # A dot before the local part is punctuation of the sentence, not of the address.
+    return [match.group().lstrip(".") for match in _ADDRESS_IN_TEXT.finditer(text)]
 
 
 def _has_domain(spec: str) -> bool:

@@ -2,10 +2,15 @@
 
 A message whose To and Cc show many external addresses hands each recipient the others'
 personal data (AVG/GDPR art. 5(1)(f) and 32; the Dutch DPA treats an open recipient list
-as a data breach). The count is the number of distinct addr-specs over every To and Cc
-field (group members included, ``undisclosed-recipients:;`` empty, case ignored), as
-``ParsedMessage.visible_recipients`` parses them; addresses in ``internal_domains`` do not
-count. Bcc is never visible; Resent-*, From and Reply-To are not recipient lists.
+as a data breach). The count is what a mail client shows, as
+``ParsedMessage.visible_recipients`` reads it: the distinct addresses (compared by
+``proxy.addresses.address_key``) of every To, Cc, Resent-To and Resent-Cc field (group
+members included, ``undisclosed-recipients:;`` empty, ``To :`` with the obsolete space
+before the colon included), and the addresses written in those fields' display names,
+comments and bare encoded-words (``"a@x.example, b@y.example" <list@z.example>`` shows
+three). Those written addresses are exposed personal data, so they count, but they are
+never recipients: nothing is sent to them. Addresses in ``internal_domains`` do not count.
+Bcc is never visible; From and Reply-To are not recipient lists.
 
 Above the limit of the message's class the policy either refuses the message (``550
 5.7.1``, telling the sender to use Bcc) or, with ``remedy: split``, accepts it and asks the
@@ -22,6 +27,7 @@ from typing import Literal
 
 from policies.base import MESSAGE_CLASSES, MessageEdit, Policy, Transaction, Verdict
 from policies.message import Address, ParsedMessage
+from proxy.addresses import domain_key
 from proxy.schema import doc
 
 __all__ = ("RecipientCount", "VisibleRecipientsPolicy", "count_visible_recipients")
@@ -29,48 +35,50 @@ __all__ = ("RecipientCount", "VisibleRecipientsPolicy", "count_visible_recipient
 
 @dataclass(frozen=True, slots=True)
 class RecipientCount:
-    visible: int  # distinct addresses in To and Cc
+    visible: int  # distinct addresses a reader sees in To, Cc, Resent-To and Resent-Cc
     external: int  # of which outside the internal domains
+    in_text: int = 0  # external ones written only in display names, comments, encoded-words
+    resent: bool = False  # the message has Resent-To or Resent-Cc fields
+    addressed: int = 0  # distinct mailboxes of To and Cc alone (the corpus label's count)
 
     @property
     def internal(self) -> int:
         return self.visible - self.external
 
 
-def _ascii_domain(domain: str) -> str:
-    """A domain in its ASCII (IDNA) form, label by label, so both spellings compare equal;
-    glob characters and labels IDNA refuses are kept as they are."""
-    labels = []
-    for label in domain.strip().rstrip(".").lower().split("."):
-        if label.isascii():
-            labels.append(label)
-            continue
-        try:
-            labels.append(label.encode("idna").decode("ascii"))
-        except UnicodeError:
-            labels.append(label)
-    return ".".join(labels)
-
-
 def _is_internal(address: Address, internal_globs: Iterable[str]) -> bool:
-    domain = _ascii_domain(address.domain)
+    domain = domain_key(address.domain)
     return any(fnmatch.fnmatchcase(domain, glob) for glob in internal_globs)
 
 
 def count_visible_recipients(message: ParsedMessage, internal_domains: Iterable[str] = ()) -> RecipientCount:
-    """Distinct To/Cc addresses, and how many are external. Blocking: a To field with
-    thousands of addresses takes seconds to parse (reliability anchors C11)."""
-    globs = [_ascii_domain(g) for g in internal_domains]
+    """Distinct addresses a reader sees, and how many are external. Blocking: a To field
+    with thousands of addresses takes seconds to parse (reliability anchors C11)."""
+    # domain_key keeps glob characters ("*.corp.example") and turns IDN labels into A-labels,
+    # so a glob and an address compare in one spelling.
+    globs = [domain_key(g) for g in internal_domains]
     addresses = message.visible_recipients
-    external = sum(1 for a in addresses if not _is_internal(a, globs)) if globs else len(addresses)
-    return RecipientCount(len(addresses), external)
+    external = [a for a in addresses if not _is_internal(a, globs)] if globs else addresses
+    return RecipientCount(
+        len(addresses),
+        len(external),
+        in_text=sum(1 for a in external if a.in_text),
+        resent=bool(message.raw_header_values("Resent-To") or message.raw_header_values("Resent-Cc")),
+        addressed=len(message.header_recipients),
+    )
 
 
 _REPLY = {
-    "en": "Message shows {count} external {recipients} in To/Cc (limit {limit}); "
+    "en": "Message shows {count} external {recipients} in {fields} (limit {limit}); "
     "put them in Bcc or send one message each",
-    "nl": "Bericht toont {count} externe {ontvangers} in Aan/Cc (maximaal {limit}); "
+    "nl": "Bericht toont {count} externe {ontvangers} in {velden} (maximaal {limit}); "
     "zet ze in Bcc of stuur ieder een eigen bericht",
+}
+#: Said when some of the counted addresses are written in names or comments: Bcc cannot help
+#: with those, the sender must take them out of the text.
+_IN_TEXT = {
+    "en": "; {count} of them written in display names or comments, which every reader sees: remove them",
+    "nl": "; {count} daarvan staan in weergavenamen of opmerkingen, die iedere lezer ziet: haal ze weg",
 }
 
 
@@ -118,29 +126,48 @@ class VisibleRecipientsPolicy(Policy):
         options: VisibleRecipientsPolicy.Options = self.options
         count = await asyncio.to_thread(count_visible_recipients, message, options.internal_domains)
         limit = options.max_visible_by_class.get(txn.message_class or "", options.max_visible)
-        evidence = {
+        evidence: dict[str, object] = {
             "visible": count.visible,
             "external": count.external,
             "limit": limit,
             "class": txn.message_class,
         }
+        if count.in_text:
+            evidence["in_text"] = count.in_text
         if count.external <= limit:
             return Verdict.accept(
                 f"{count.external} external {_recipients(count.external)} visible (limit {limit})", evidence=evidence
             )
-        reason = f"{count.external} external {_recipients(count.external)} visible in To/Cc, limit {limit}"
+        fields = "To/Cc/Resent-To/Resent-Cc" if count.resent else "To/Cc"
+        reason = f"{count.external} external {_recipients(count.external)} visible in {fields}, limit {limit}"
+        if count.in_text:
+            reason += f" ({count.in_text} written in display names or comments)"
         if options.remedy == "split":
             return Verdict.accept(
                 f"{reason}; delivering one copy per recipient",
                 evidence={**evidence, "remedy": "split"},
                 edit=MessageEdit(split_per_recipient=True),
             )
-        return Verdict.reject(reason, self._text(count.external, limit), evidence=evidence)
+        return Verdict.reject(reason, self._text(count, limit), evidence=evidence)
 
-    def _text(self, count: int, limit: int) -> str:
+    def _text(self, count: RecipientCount, limit: int) -> str:
         language = self.options.language
-        english = _REPLY["en"].format(count=count, limit=limit, recipients=_recipients(count))
-        dutch = _REPLY["nl"].format(count=count, limit=limit, ontvangers="ontvanger" if count == 1 else "ontvangers")
+        external = count.external
+        english = _REPLY["en"].format(
+            count=external,
+            limit=limit,
+            recipients=_recipients(external),
+            fields="To/Cc/Resent-To/Resent-Cc" if count.resent else "To/Cc",
+        )
+        dutch = _REPLY["nl"].format(
+            count=external,
+            limit=limit,
+            ontvangers="ontvanger" if external == 1 else "ontvangers",
+            velden="Aan/Cc/Resent-To/Resent-Cc" if count.resent else "Aan/Cc",
+        )
+        if count.in_text:
+            english += _IN_TEXT["en"].format(count=count.in_text)
+            dutch += _IN_TEXT["nl"].format(count=count.in_text)
         if language == "en":
             return english
         if language == "nl":

@@ -4,9 +4,12 @@
     .venv/bin/python scripts/corpus_scores.py [--corpus tests/corpus] [-v]
 
 Prints precision and recall of the body-link detector, the List-Unsubscribe header detector
-(presence, and presence of an https:/mailto: URI) and the RFC 8058 one-click detector, and
-the exact-match rate of the recipient counter, against MANIFEST.tsv; -v also lists every
-message with what was found. Exit status 0 when every label is matched, 1 otherwise.
+(presence, and presence of an https:/mailto: URI), the RFC 8058 one-click detector and the
+visible_recipients policy's refusal at its default limit (label: more than that many
+addresses), and the exact-match rate of the recipient counter's To/Cc mailboxes (the label's
+definition; the policy also counts Resent-To/Cc and addresses written in display names and
+comments), against MANIFEST.tsv; -v also lists every message with what was found. Exit
+status 0 when every label is matched, 1 otherwise.
 Messages are read as the proxy's policies read them: line endings normalised, parsed once.
 """
 
@@ -21,12 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from policies.message import ParsedMessage
-from policies.recipients import count_visible_recipients
+from policies.recipients import VisibleRecipientsPolicy, count_visible_recipients
 from policies.unsubscribe import find_unsubscribe_links, inspect_list_unsubscribe, load_vocabulary
 from proxy.relay import rawmsg
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = ROOT / "tests" / "corpus"
+#: The visible_recipients policy's default max_visible: the limit its refusal is scored at.
+RECIPIENT_LIMIT = VisibleRecipientsPolicy.Options().max_visible
 
 
 @dataclass
@@ -78,6 +83,7 @@ class Scores:
     header: Confusion
     header_valid: Confusion
     one_click: Confusion
+    recipients_refused: Confusion
     recipients_exact: int = 0
     recipients_total: int = 0
     recipient_misses: list[str] = field(default_factory=list)
@@ -86,7 +92,7 @@ class Scores:
 
     @property
     def confusions(self) -> list[Confusion]:
-        return [self.body, self.header, self.header_valid, self.one_click]
+        return [self.body, self.header, self.header_valid, self.one_click, self.recipients_refused]
 
     @property
     def perfect(self) -> bool:
@@ -122,6 +128,9 @@ def score(corpus: Path = DEFAULT_CORPUS, clock: Callable[[], float] = time.perf_
         header=Confusion("List-Unsubscribe present", "has_list_unsubscribe_header"),
         header_valid=Confusion("List-Unsubscribe https:/mailto: URI", "has_list_unsubscribe_header"),
         one_click=Confusion("RFC 8058 one-click", "has_list_unsubscribe_post"),
+        recipients_refused=Confusion(
+            f"visible_recipients refusal (> {RECIPIENT_LIMIT})", f"visible_recipients > {RECIPIENT_LIMIT}"
+        ),
     )
     reader_view = read_reader_view(corpus)
     for row in read_manifest(corpus):
@@ -130,7 +139,8 @@ def score(corpus: Path = DEFAULT_CORPUS, clock: Callable[[], float] = time.perf_
         message = parse(corpus / "messages" / file)
         findings = find_unsubscribe_links(message, vocabulary)
         header = inspect_list_unsubscribe(message)
-        visible = count_visible_recipients(message).visible
+        counted = count_visible_recipients(message)
+        visible = counted.addressed  # the label counts the mailboxes of To and Cc
         scores.seconds.append(clock() - started)
 
         labelled = row["has_unsubscribe_link_in_body"]
@@ -139,6 +149,8 @@ def score(corpus: Path = DEFAULT_CORPUS, clock: Callable[[], float] = time.perf_
         scores.header.add(file, header.present, row["has_list_unsubscribe_header"] == "y")
         scores.header_valid.add(file, header.valid, row["has_list_unsubscribe_header"] == "y")
         scores.one_click.add(file, header.one_click, row["has_list_unsubscribe_post"] == "y")
+        labelled_over = int(row["visible_recipients"]) > RECIPIENT_LIMIT
+        scores.recipients_refused.add(file, counted.external > RECIPIENT_LIMIT, labelled_over)
         scores.recipients_total += 1
         if str(visible) == row["visible_recipients"]:
             scores.recipients_exact += 1
@@ -147,7 +159,7 @@ def score(corpus: Path = DEFAULT_CORPUS, clock: Callable[[], float] = time.perf_
         link = f"{findings[0].target[:80]} ({findings[0].reason})" if findings else "-"
         scores.details.append(
             f"{file:<24} link {link}; header {'valid' if header.valid else 'present' if header.present else '-'}"
-            f"{', one-click' if header.one_click else ''}; recipients {visible}"
+            f"{', one-click' if header.one_click else ''}; recipients {visible} (shown {counted.visible})"
         )
     return scores
 
@@ -157,7 +169,7 @@ def report(scores: Scores, verbose: bool = False) -> str:
     lines.insert(1, scores.body_as_labelled.line())
     rate = scores.recipients_exact / scores.recipients_total if scores.recipients_total else 1.0
     lines.append(
-        f"{'visible recipients, exact count':<36} {scores.recipients_exact}/{scores.recipients_total} ({rate:.1%})"
+        f"{'To/Cc mailboxes, exact count':<36} {scores.recipients_exact}/{scores.recipients_total} ({rate:.1%})"
     )
     if scores.seconds:
         total = sum(scores.seconds)

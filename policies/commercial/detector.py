@@ -245,7 +245,7 @@ class CommercialDetector:
         if sender is not None and not role:
             own = sender.normalized
             domains = [r.lower().rpartition("@")[2] for r in recipients if r.lower() != own] or [
-                a.domain for a in message.visible_recipients if a.normalized != own
+                a.domain for a in message.header_recipients if a.normalized != own
             ]
             if domains and all(_same_organisation(sender.domain, d) for d in domains):
                 self._add(signals, "internal", sender.domain)

@@ -19,6 +19,7 @@ from typing import Any
 from policies.base import Action, Reply, Transaction
 from policies.message import ParsedMessage
 from proxy import __version__
+from proxy.addresses import address_key, envelope_address, relayable_recipient
 from proxy.cli import dns as dns_cli
 from proxy.cli.consent import add_consent_parser, run_consent_command
 from proxy.cli.health import add_health_parser, run_health
@@ -31,9 +32,11 @@ from proxy.observability.logsetup import configure_logging, stop_logging
 from proxy.relay.classify import Classifier
 from proxy.relay.intake import MessageRefused, prepare_message
 from proxy.relay.pipeline import Pipeline, PolicyResult, StageDecision
+from proxy.reputation.bounces import Bounces
 from proxy.schema import parse_hostport
 from proxy.smtp.auth import add_user, delete_user, list_users
-from proxy.stores.consent import ConsentStoreError, open_consent_store
+from proxy.stores.consent import ConsentStore, ConsentStoreError, open_consent_store
+from proxy.stores.pauses import MemoryPauseStore
 from proxy.unsubscribe import add_unsubscribe_parser, run_unsubscribe_command
 
 __all__ = ("main",)
@@ -272,63 +275,164 @@ async def run_check(
 ) -> dict[str, Any]:
     """The proxy's decision for one message, without sockets and without side effects."""
     try:
-        content, message = prepare_message(raw, settings.message)
-    except MessageRefused as refusal:
-        return {
-            "action": "reject" if refusal.reply.code >= 500 else "tempfail",
-            "reply": refusal.reply.line(),
-            "reason": refusal.why,
-            "policies": [],
-        }
-    if sender is None:
-        sender = _sender_from_headers(message)
-    if not recipients:
-        recipients = [a.addr_spec for a in message.addresses("To", "Cc", "Bcc")]
-    if not recipients:
-        return {
-            "action": "error",
-            "reply": None,
-            "reason": "no recipients: give --to or put To: in the message",
-            "policies": [],
-        }
+        checker = await Checker.open(settings)
+    except ConsentStoreError as exc:
+        return {"action": "error", "reply": None, "reason": f"consent store: {exc}", "policies": []}
+    try:
+        return await checker.check(
+            raw,
+            sender=sender,
+            recipients=recipients,
+            forced_class=forced_class,
+            listener=listener,
+            auth_user=auth_user,
+        )
+    finally:
+        await checker.close()
 
-    consent = None
-    if settings.needs("consent"):
-        try:
+
+class Checker:
+    """``sendguard check`` for one config: built once, like the proxy's ``Runtime`` (the
+    classifier's word lists, the policies, the consent store), then asked about messages.
+
+    Each message takes the proxy's path: the envelope read as the SMTP session reads MAIL and
+    RCPT (``envelope_address``: the addr-spec with needless quotes dropped,
+    ``"bob2"@example.net`` is ``bob2@example.net``), a second spelling of a recipient
+    (``address_key``) dropped as the session drops it, each recipient through the same two
+    checks as at RCPT (the policies, then the hard-bounce suppression), then the intake, the
+    classifier and the message stage. What the check cannot know: the upstream's answers,
+    pauses and rate-limit budgets in the shared state store.
+    """
+
+    def __init__(self, settings: Settings, consent: ConsentStore | None) -> None:
+        self.settings = settings
+        self.consent = consent
+        # Exhaustive: every policy runs and the first refusal is marked as the deciding one, so
+        # that a sender fixes a message in one round (the running proxy stops at the first).
+        self.pipeline = Pipeline(settings.policies, resources={"consent": consent}, exhaustive=True)
+        self.classifier = Classifier(settings.classes)
+        self.bounces = Bounces(settings.bounces, consent, MemoryPauseStore())  # only its look-up is used
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Checker:
+        """Raises ``ConsentStoreError`` when the consent store cannot be opened."""
+        consent = None
+        # Opened when the proxy opens it: for a policy, or for the hard-bounce suppression at RCPT.
+        if settings.needs("consent") or settings.bounces.suppress:
             # connect=False: an unreachable store shows up as the proxy's 451, not as a crash.
             consent = await open_consent_store(settings.stores.consent, connect=False)
-        except ConsentStoreError as exc:
-            return {"action": "error", "reply": None, "reason": f"consent store: {exc}", "policies": []}
-    # Exhaustive: every policy runs and the first refusal is marked as the deciding one, so
-    # that a sender fixes a message in one round (the running proxy stops at the first).
-    pipeline = Pipeline(settings.policies, resources={"consent": consent}, exhaustive=True)
-    classifier = Classifier(settings.classes)
-    txn = Transaction(
-        txn_id="check",
-        listener=listener or settings.listeners[0].name,
-        client_ip="127.0.0.1",
-        auth_user=auth_user,
-        mail_from=sender,
-    )
-    results: list[PolicyResult] = []
-    deciding: Reply | None = None
-    deciding_action = Action.ACCEPT
+        return cls(settings, consent)
 
-    def decided(decision: StageDecision) -> None:
-        nonlocal deciding, deciding_action
-        if deciding is None and not decision.accepted and decision.reply is not None:
-            deciding, deciding_action = decision.reply, decision.action
+    async def close(self) -> None:
+        await self.pipeline.close()
+        if self.consent is not None:
+            await self.consent.close()
 
-    try:
+    async def check(
+        self,
+        raw: bytes,
+        *,
+        sender: str | None = None,
+        recipients: Sequence[str] | None = None,
+        forced_class: str | None = None,
+        listener: str | None = None,
+        auth_user: str | None = None,
+    ) -> dict[str, Any]:
+        """The decision for one message as JSON-ready data: ``action`` and ``reply`` (the
+        deciding refusal, or the 250), every policy's verdict, the problems, and what the proxy
+        does with it: ``deliver_to`` (who gets the message) and ``data_reply`` (the answer to
+        the final dot; null when the proxy's client never gets to DATA)."""
+        settings, pipeline, classifier = self.settings, self.pipeline, self.classifier
+        try:
+            content, message = prepare_message(raw, settings.message)
+        except MessageRefused as refusal:
+            return {
+                "action": "reject" if refusal.reply.code >= 500 else "tempfail",
+                "reply": refusal.reply.line(),
+                "reason": refusal.why,
+                "policies": [],
+                "deliver_to": [],
+                "data_reply": refusal.reply.line(),
+            }
+        if sender is None:
+            sender = _sender_from_headers(message)
+        else:
+            try:
+                sender = envelope_address(sender)
+            except ValueError as exc:
+                return {"action": "error", "reply": None, "reason": f"--from: {exc}", "policies": []}
+        given_recipients = bool(recipients)
+        if not recipients:
+            # Mailboxes only: an address written in a display name is never a recipient.
+            recipients = [a.addr_spec for a in message.addresses("To", "Cc", "Bcc")]
+        envelope: dict[str, str] = {}  # address_key -> the first spelling, as RCPT keeps it
+        for given in recipients:
+            try:
+                recipient = envelope_address(given)
+            except ValueError as exc:
+                if not given_recipients:
+                    continue  # a header address no RCPT can carry ("a@example.com."): not a recipient
+                return {"action": "error", "reply": None, "reason": f"recipient {given!r}: {exc}", "policies": []}
+            if not relayable_recipient(recipient):
+                if not given_recipients:
+                    continue
+                return {
+                    "action": "error",
+                    "reply": None,
+                    "reason": f"recipient {given!r} is not an address the proxy relays (name@domain)",
+                    "policies": [],
+                }
+            envelope.setdefault(address_key(recipient), recipient)
+        recipients = list(envelope.values())
+        if not recipients:
+            return {
+                "action": "error",
+                "reply": None,
+                "reason": "no recipients: give --to or put To: in the message",
+                "policies": [],
+            }
+
+        txn = Transaction(
+            txn_id="check",
+            listener=listener or settings.listeners[0].name,
+            client_ip="127.0.0.1",
+            auth_user=auth_user,
+            mail_from=sender,
+        )
+        results: list[PolicyResult] = []
+        deciding: Reply | None = None
+        deciding_action = Action.ACCEPT
+
+        def decided(decision: StageDecision) -> None:
+            nonlocal deciding, deciding_action
+            if deciding is None and not decision.accepted and decision.reply is not None:
+                deciding, deciding_action = decision.reply, decision.action
+
         classification = classifier.from_envelope(txn)
         txn.message_class = forced_class or (classification.message_class if classification else None)
         decision = await pipeline.check_mail(txn)
         results.extend(decision.results)
         decided(decision)
+        mail_refused = not decision.accepted
         refused: dict[str, StageDecision] = {}
         for recipient in recipients:
             decision = await pipeline.check_rcpt(txn, recipient)
             results.extend(decision.results)
+            if decision.accepted:
+                # As RelayTransaction.rcpt: an address that hard-bounced is refused for any class.
+                suppressed = await self.bounces.refusal(txn, recipient)
+                if suppressed is not None:
+                    result = PolicyResult(
+                        "suppression",
+                        "rcpt",
+                        Action.REJECT,
+                        "enforce",
+                        "hard-bounced before",
+                        suppressed,
+                        recipient=recipient,
+                    )
+                    results.append(result)
+                    decision = StageDecision(Action.REJECT, suppressed, [result])
             if decision.accepted:
                 txn.recipients.append(recipient)
             else:
@@ -336,6 +440,7 @@ async def run_check(
         for first in refused.values():
             decided(first)
             break
+        reaches_data = not mail_refused and bool(txn.recipients)
         if not txn.recipients:  # still judge the message, for every problem at once
             txn.recipients.extend(recipients)
         txn.message = message
@@ -343,8 +448,9 @@ async def run_check(
         final = classifier.from_message(txn, message)
         txn.message_class = forced_class or final.message_class
         txn.class_note = final.note() if txn.message_class == final.message_class else ""
-        if final.refusal is not None and forced_class is None and deciding is None:
-            deciding, deciding_action = final.refusal, Action.REJECT
+        class_refusal = final.refusal if forced_class is None else None
+        if class_refusal is not None and deciding is None:
+            deciding, deciding_action = class_refusal, Action.REJECT
         decision = await pipeline.check_message(txn)
         results.extend(decision.results)
         decided(decision)
@@ -352,6 +458,10 @@ async def run_check(
         ok = "250 2.0.0 Ok"
         if decision.held and deciding is None:  # as the proxy does: the others get the message
             ok = f"250 2.0.0 Ok for {len(txn.recipients)}; {len(decision.held)} refused, reported to the sender"
+        # What the proxy's client is told at its final dot: the class refusal first (the proxy
+        # stops there), else the message stage's answer.
+        stopped = class_refusal or (decision.reply if not decision.accepted else None)
+        data_reply = None if not reaches_data else stopped.line() if stopped else "250 2.0.0 Ok"
         out: dict[str, Any] = {
             "action": str(deciding_action),
             "reply": deciding.line() if deciding else ok,
@@ -359,6 +469,8 @@ async def run_check(
             "class_reason": final.as_dict() if forced_class is None else {"class": forced_class, "source": "--class"},
             "sender": txn.mail_from,
             "recipients": list(txn.recipients),
+            "deliver_to": list(txn.recipients) if reaches_data and stopped is None else [],
+            "data_reply": data_reply,
             "policies": [r.as_dict() for r in results],
             "problems": [
                 {
@@ -371,8 +483,8 @@ async def run_check(
                 if r.action is not Action.ACCEPT and r.mode == "enforce" and r.reply is not None
             ],
         }
-        if final.refusal is not None and forced_class is None:
-            out["problems"].insert(0, {"policy": "classes", "stage": "message", "reply": final.refusal.line()})
+        if class_refusal is not None:
+            out["problems"].insert(0, {"policy": "classes", "stage": "message", "reply": class_refusal.line()})
         if refused or decision.held:
             out["refused_recipients"] = {rcpt: d.reply.line() if d.reply else None for rcpt, d in refused.items()}
             out["refused_recipients"].update({rcpt: reply.line() for rcpt, reply in decision.held.items()})
@@ -380,10 +492,6 @@ async def run_check(
         if additions and deciding is None:
             out["added_headers"] = additions
         return out
-    finally:
-        await pipeline.close()
-        if consent is not None:
-            await consent.close()
 
 
 def _sender_from_headers(message: ParsedMessage) -> str:

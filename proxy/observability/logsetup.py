@@ -126,7 +126,15 @@ class AuditLog:
     def write(self, entry: dict[str, Any]) -> None:
         if self._listener is None:
             return
-        self._logger.info("%s", json.dumps(entry, ensure_ascii=False, default=str, separators=(",", ":")))
+        line = json.dumps(entry, ensure_ascii=False, default=str, separators=(",", ":"))
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            # A header with raw 8-bit bytes (a Message-ID, an address) reaches us as lone
+            # surrogates, which the UTF-8 file refuses: the whole line would be lost. Written as
+            # the bytes they stand for, read as UTF-8 (U+FFFD where they are not).
+            line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        self._logger.info("%s", line)
 
     def close(self) -> None:
         if self._listener is not None:

@@ -39,6 +39,8 @@ __all__ = ("Classification", "Classifier")
 
 log = logging.getLogger("sendguard.classify")
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 
 @dataclass(frozen=True, slots=True)
 class Classification:
@@ -73,7 +75,10 @@ class Classification:
         if self.message_class != "commercial":
             return ""
         if self.detection is not None and not self.monitored and self.detection.score > 0:
-            return f"judged commercial: score {self.detection.score:g}, {self.detection.explain(3)}"
+            # The signals quote the message ("sconto\r\naddizionale"): a reply is one line of
+            # text without control characters (RFC 5321 4.2), or the refusal itself would fail.
+            explained = " ".join(_CONTROL.sub(" ", self.detection.explain(3)).split())
+            return f"judged commercial: score {self.detection.score:g}, {explained}"
         return ""  # a rule or header: the sender's own admin or program said so
 
     def observe(self, metrics: Metrics, detector_mode: str) -> None:

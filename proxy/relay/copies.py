@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from policies.base import Reply
+from policies.message import VISIBLE_RECIPIENT_FIELDS
 from proxy import replies as R
 from proxy.relay import rawmsg
 from proxy.relay.drain import attempt_budget, dsn_for, send_one
@@ -183,7 +184,9 @@ async def _prepare_copy(
     """The signed bytes of one recipient's copy, or why there are none."""
     copy = outgoing
     if split:
-        copy = rawmsg.prepend_headers(rawmsg.remove_headers(copy, ("To", "Cc")), [("To", recipient)])
+        # Every field a reader sees recipients in (visible_recipients counts the Resent-* ones
+        # too), with the addresses written in their display names: the copy shows one.
+        copy = rawmsg.prepend_headers(rawmsg.remove_headers(copy, VISIBLE_RECIPIENT_FIELDS), [("To", recipient)])
     copy = rawmsg.prepend_headers(copy, fields)
     if footer is not None:
         try:

@@ -22,7 +22,9 @@ class MessageRefused(Exception):
 def prepare_message(content: bytes, limits: MessageLimits) -> tuple[bytes, ParsedMessage]:
     """Check, normalise and parse a message; blocking (CPU), so the proxy runs it in a thread.
 
-    Returns the bytes to relay (line endings normalised) and their one parse.
+    Returns the bytes to relay (line endings normalised, obsolete ``To :`` field names
+    canonicalised by the parse) and their one parse, so that the policies judge exactly the
+    bytes the upstream receives.
     """
     if b"\x00" in content:
         raise MessageRefused(R.R550_NUL_IN_DATA, "NUL in message")
@@ -38,4 +40,6 @@ def prepare_message(content: bytes, limits: MessageLimits) -> tuple[bytes, Parse
         message = ParsedMessage(content, max_mime_depth=limits.max_mime_depth)
     except MessageParseError as exc:
         raise MessageRefused(Reply(554, "5.6.0", f"{exc}; simplify the MIME structure"), str(exc)) from exc
-    return content, message
+    # The parse reads "To : x" (RFC 5322 4.5.3) as the To field it is for Postfix and every
+    # mail client, and relaying those same bytes keeps the upstream from reading another.
+    return message.raw, message

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from policies.base import Action, Outcome, Reply, Transaction
 from proxy import replies as R
+from proxy.addresses import address_key
 from proxy.observability.logsetup import AuditLog
 from proxy.observability.metrics import Metrics
 from proxy.relay.pipeline import PolicyResult, StageDecision
@@ -69,6 +70,7 @@ class RelayTransaction:
     smtputf8: bool = False
     results: list[PolicyResult] = field(default_factory=list)
     refused: dict[str, Reply] = field(default_factory=dict)
+    #: ``address_key`` of every recipient the upstream accepted: a second spelling is a duplicate.
     seen: set[str] = field(default_factory=set)
     #: Why the transaction has its class: a short reason at MAIL time, the classifier's
     #: explanation (score, signals, declaration) after DATA.
@@ -193,7 +195,7 @@ class RelayTransaction:
             await self.bounce(address, reply)
             self.upstream_lost = self.upstream.lost
         if reply.is_success:
-            self.seen.add(address.lower())
+            self.seen.add(address_key(address))
             txn.recipients.append(address)  # counted in _account, under the class known by then
         else:
             self.refused[address] = reply

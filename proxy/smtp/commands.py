@@ -17,6 +17,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from policies.base import Reply, Transaction
 from proxy import replies as R
+from proxy.addresses import address_key, relayable_recipient
 from proxy.relay.delivery import deliver
 from proxy.relay.runtime import Runtime
 from proxy.relay.transaction import RelayTransaction
@@ -209,7 +210,10 @@ class RelayHandler:
         if reply is not None:
             state.refused_recipient(reply, by="policy")
             return reply.line()
-        if address.lower() in state.seen:
+        # aiosmtpd hands over the addr-spec with needless quotes dropped ("bob2"@x is bob2@x,
+        # proxy.addresses.envelope_address reads it the same way for sendguard check); two
+        # spellings of one mailbox (case, trailing dot, IDN) are one recipient.
+        if address_key(address) in state.seen:
             return R.R250_DUPLICATE_RECIPIENT.line()  # relayed once (Postfix dedups in cleanup too)
         reply = await state.rcpt(address)
         if reply.is_success:
@@ -219,7 +223,7 @@ class RelayHandler:
     def _check_recipient_syntax(self, state: RelayTransaction, address: str) -> Reply | None:
         if address in ("<>", ""):
             return R.R501_NULL_RECIPIENT
-        if _CONTROL.search(address) or len(address) > 320 or "@" not in address or not _utf8(address):
+        if not relayable_recipient(address):  # the same test sendguard check applies to --to
             return R.R501_BAD_RECIPIENT
         if not state.smtputf8 and not address.isascii():
             return R.R553_SMTPUTF8_REQUIRED

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from proxy.addresses import address_key, domain_key, domain_spellings
+
 __all__ = (
     "ADDRESS",
     "ANY",
@@ -156,7 +158,10 @@ class Subject:
     """Who an event is about: one address, or everyone at a domain (a business relation)."""
 
     kind: str  # ADDRESS or DOMAIN
-    value: str  # normalised: lower-case, no angle brackets, no trailing dot
+    #: ``proxy.addresses.address_key`` / ``domain_key``: the one key the proxy, ``sendguard
+    #: check`` and the counter use (lower case, needless quotes dropped, no trailing dot, IDN
+    #: as A-labels).
+    value: str
     original: str
 
     @property
@@ -165,10 +170,17 @@ class Subject:
 
     @property
     def keys(self) -> tuple[tuple[str, str], ...]:
-        """The subjects whose events bear on this one: an address also inherits its domain's."""
+        """The subjects whose events bear on this one: an address also inherits its domain's.
+
+        An internationalised domain is also looked up in its Unicode spelling, the key records
+        written before keys were A-labels have (lower case, as typed): an opt-out recorded then
+        must still win."""
+        spellings = domain_spellings(self.domain)
+        domains = tuple((DOMAIN, spelling) for spelling in spellings)
         if self.kind == DOMAIN:
-            return ((DOMAIN, self.value),)
-        return ((ADDRESS, self.value), (DOMAIN, self.domain))
+            return domains
+        local = self.value.rsplit("@", 1)[0]
+        return tuple((ADDRESS, f"{local}@{spelling}") for spelling in spellings) + domains
 
     def __str__(self) -> str:
         return self.value if self.kind == ADDRESS else f"@{self.value}"
@@ -187,13 +199,16 @@ def parse_subject(text: str) -> Subject:
     if original.startswith("<") and original.endswith(">"):
         original = original[1:-1].strip()
     if original.startswith("@"):
-        return Subject(DOMAIN, _normalize_domain(original[1:], "domain"), original)
+        _normalize_domain(original[1:], "domain")  # a domain name at all (raises with the reason)
+        return Subject(DOMAIN, domain_key(original[1:]), original)
     if "@" not in original:
         raise ConsentInputError(f"{text!r} is not an address; write user@example.com, or @example.com for a domain")
     local, _, domain = original.rpartition("@")
     if not _LOCAL_PART.match(local):
         raise ConsentInputError(f"{text!r} is not an address: the part before @ is empty or has spaces")
-    return Subject(ADDRESS, f"{local.lower()}@{_normalize_domain(domain, 'the domain of')}", original)
+    _normalize_domain(domain, "the domain of")  # a domain name at all (raises with the reason)
+    # One key with the proxy's RCPT and sendguard check: "Bob2"@Example.NET. is bob2@example.net.
+    return Subject(ADDRESS, address_key(original), original)
 
 
 def normalize_topic(text: str | None) -> str:

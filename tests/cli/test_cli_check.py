@@ -147,6 +147,22 @@ def test_no_recipients_anywhere_exits_2(tmp_path: Path) -> None:
     assert decision["action"] == "error"
 
 
+def consent_setup(tmp_path: Path, database: Path) -> tuple[Path, Path]:
+    """A config with the unsubscribe and consent policies on this consent store (consent
+    decided at RCPT), and a newsletter with a link."""
+    config = tmp_path / "sendguard.yaml"
+    config.write_text(
+        "listeners:\n  - {name: local, address: 127.0.0.1:2525}\n"
+        f"stores:\n  consent: {{backend: sqlite, path: {database}}}\n"
+        "policies:\n  - {name: unsubscribe}\n  - {name: consent, topic_header: null}\n"
+    )
+    newsletter = tmp_path / "news.eml"
+    newsletter.write_bytes(
+        message(body="Deals! Unsubscribe: https://example.com/unsubscribe?u=1", sender="news@example.com")
+    )
+    return config, newsletter
+
+
 async def test_check_judges_consent_from_the_configured_store(tmp_path: Path) -> None:
     from proxy.stores.consent import OPTED_IN, ConsentStoreConfig, new_event, open_consent_store
 
@@ -163,16 +179,7 @@ async def test_check_judges_consent_from_the_configured_store(tmp_path: Path) ->
         )
     )
     await store.close()
-    config = tmp_path / "sendguard.yaml"
-    config.write_text(
-        "listeners:\n  - {name: local, address: 127.0.0.1:2525}\n"
-        f"stores:\n  consent: {{backend: sqlite, path: {database}}}\n"
-        "policies:\n  - {name: unsubscribe}\n  - {name: consent, topic_header: null}\n"
-    )
-    newsletter = tmp_path / "news.eml"
-    newsletter.write_bytes(
-        message(body="Deals! Unsubscribe: https://example.com/unsubscribe?u=1", sender="news@example.com")
-    )
+    config, newsletter = consent_setup(tmp_path, database)
     code, decision, _ = check(
         "--config", str(config), "--class", "commercial", "--to", "fan@example.org", str(newsletter)
     )
@@ -196,3 +203,40 @@ async def test_check_judges_consent_from_the_configured_store(tmp_path: Path) ->
     assert decision is not None
     assert list(decision["refused_recipients"]) == ["stranger@example.org"]
     assert decision["recipients"] == ["fan@example.org"]
+
+
+async def test_check_reads_the_envelope_as_the_session_does(tmp_path: Path) -> None:
+    """Issue 14: ``--to '"bob2"@example.net'`` was looked up with its quotes, so the check and
+    the proxy (which reads the RCPT addr-spec as bob2@example.net) disagreed. Both read one
+    form now, compare by one key, and refuse a hard-bounced address at RCPT alike."""
+    from proxy.stores.consent import OPTED_IN, SUPPRESSED, ConsentStoreConfig, new_event, open_consent_store
+
+    database = tmp_path / "consent.db"
+    store = await open_consent_store(ConsentStoreConfig(path=str(database)))
+    evidence = {"method": "double_opt_in", "confirmed_at": "2026-01-02", "at": "2026-01-01"}
+    await store.add(
+        new_event(OPTED_IN, "BOB2@Example.NET.", source="https://example.com/signup", **evidence),
+        new_event(OPTED_IN, "dead@example.net", source="https://example.com/signup", **evidence),
+        new_event(SUPPRESSED, "dead@example.net", method="hard_bounce", reason="550 5.1.1 no such user"),
+    )
+    await store.close()
+    config, newsletter = consent_setup(tmp_path, database)
+    args = ("--config", str(config), "--class", "commercial", "--from", "<news@example.com>")
+    code, decision, _ = check(*args, "--to", '"bob2"@example.net', "--to", "Bob2@EXAMPLE.net", str(newsletter))
+    assert code == 0, decision
+    assert decision is not None
+    assert decision["recipients"] == decision["deliver_to"] == ["bob2@example.net"]  # one recipient, once
+    assert decision["sender"] == "news@example.com"
+    assert decision["data_reply"] == "250 2.0.0 Ok"
+
+    # Transactional mail too: the proxy refuses a hard-bounced address at RCPT for any class.
+    transactional = ("--config", str(config), "--class", "transactional", "--from", "news@example.com")
+    code, decision, _ = check(*transactional, "--to", '"dead"@example.net', "--to", "bob2@example.net", str(newsletter))
+    assert code == 1 and decision is not None
+    assert decision["refused_recipients"]["dead@example.net"].startswith(
+        "550 5.1.1 <dead@example.net>: this address hard-bounced before"
+    )
+    assert decision["deliver_to"] == ["bob2@example.net"]
+
+    code, decision, stderr = check(*args, "--to", "<bob2@example.net> extra", str(newsletter))
+    assert code == 2 and decision is not None and "is not one address" in decision["reason"], stderr

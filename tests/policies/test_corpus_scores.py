@@ -35,6 +35,7 @@ def test_targets_are_met() -> None:
     ]
     assert scores.header.true_positive == 15
     assert scores.one_click.true_positive == 1
+    assert scores.recipients_refused.true_positive == 7  # the policy's default limit, 10
     assert (scores.recipients_exact, scores.recipients_total) == (134, 134), scores.recipient_misses
     assert scores.perfect
 
@@ -46,5 +47,6 @@ def test_script_prints_the_figures() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "body unsubscribe link" in out and "precision 100.0%  recall 100.0%" in out
-    assert "visible recipients, exact count      134/134 (100.0%)" in out
+    assert "To/Cc mailboxes, exact count         134/134 (100.0%)" in out
+    assert "visible_recipients refusal (> 10)    precision 100.0%  recall 100.0%  (tp 7," in out
     assert "many-recipients-04.eml" in out and "removeme.html" in out

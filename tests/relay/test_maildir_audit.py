@@ -77,3 +77,18 @@ async def test_audit_log_has_one_json_line_per_transaction_and_rotates(
         "size",
         "duration_ms",
     }
+
+
+async def test_audit_line_of_a_message_with_raw_8bit_headers_is_written(
+    upstream: FakeUpstream, proxy_factory: ProxyFactory
+) -> None:
+    """A Message-ID with raw UTF-8 (and a stray 8-bit byte) reaches the audit as lone
+    surrogates, which the UTF-8 file refused: the line was lost (found by the corpus run of
+    tests/test_check_agrees_with_proxy.py, malformed-36). It is written, the bytes as UTF-8."""
+    proxy = await proxy_factory(upstream.address)
+    content = message().replace(b"Message-ID: <", "Message-ID: <\u0441\u0440\xff.".encode("utf-8", "surrogateescape"))
+    content = content.replace(b"\xc3\xbf", b"\xff")  # one byte that is no UTF-8 at all
+    assert (await submit(proxy.port, content))[0] == 250
+    (entry,) = await proxy.wait_audit(1)
+    assert entry["outcome"] == "delivered"
+    assert entry["message_id"].startswith("<\u0441\u0440\ufffd.")

@@ -233,6 +233,8 @@ async def test_duplicate_recipients_are_relayed_once(proxy: Proxy, upstream: Fak
     await client.cmd("MAIL FROM:<alice@example.com>")
     assert (await client.cmd("RCPT TO:<bob@example.org>"))[0] == 250
     assert (await client.cmd("RCPT TO:<BOB@example.org>"))[0] == 250
+    # The same mailbox with quotes it does not need (proxy.addresses.address_key)
+    assert (await client.cmd('RCPT TO:<"bob"@EXAMPLE.org>'))[0] == 250
     await client.cmd("DATA")
     await client.send(message() + b".\r\n")
     assert (await client.reply())[0] == 250
