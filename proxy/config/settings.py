@@ -107,6 +107,11 @@ class ListenerConfig:
     plaintext_auth_networks: tuple[IPNetwork, ...] = doc(
         "clients that may AUTH without TLS (nothing crosses a network from loopback)", default=LOOPBACK
     )
+    received_auth_user: bool = doc(
+        "name the AUTH user in sendguard's Received: field (Postfix's smtpd_sasl_authenticated_header; "
+        "off: it tells every recipient a login name)",
+        default=False,
+    )
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ async def deliver_copies(
     outgoing: bytes,
     decision: StageDecision,
     keepalive: Callable[[float], None] | None = None,
+    *,
+    received: bytes = b"",
 ) -> tuple[Reply, Reply | None, str]:
     """One copy per recipient, each in its own upstream transaction.
 
@@ -69,7 +71,7 @@ async def deliver_copies(
             keepalive(attempt_budget(t.runtime))
         try:
             prepared = await _prepare_copy(
-                t, outgoing, recipient, split, extra.get(recipient, ()), footers.get(recipient)
+                t, outgoing, recipient, split, extra.get(recipient, ()), footers.get(recipient), received
             )
         except asyncio.CancelledError:
             raise
@@ -178,12 +180,14 @@ async def _prepare_copy(
     split: bool,
     fields: Sequence[tuple[str, str]],
     footer: tuple[str, str] | None,
+    received: bytes = b"",
 ) -> bytes | Reply:
-    """The signed bytes of one recipient's copy, or why there are none."""
+    """The signed bytes of one recipient's copy, or why there are none. The trace field goes
+    on top of the copy's own header fields (RFC 5322 3.6.7: trace fields lead the header)."""
     copy = outgoing
     if split:
         copy = rawmsg.prepend_headers(rawmsg.remove_headers(copy, ("To", "Cc")), [("To", recipient)])
-    copy = rawmsg.prepend_headers(copy, fields)
+    copy = received + rawmsg.prepend_headers(copy, fields)
     if footer is not None:
         try:
             copy = await asyncio.to_thread(append_footer, copy, *footer)

@@ -29,6 +29,7 @@ from proxy.observability.metrics import Metrics
 from proxy.relay.pipeline import PolicyResult, StageDecision
 from proxy.relay.runtime import Runtime
 from proxy.relay.spool import Spool
+from proxy.relay.trace import Hop, received_field
 from proxy.relay.upstream import UpstreamSession, UpstreamUnavailable
 from proxy.reputation.backoff import sender_domains
 
@@ -87,11 +88,16 @@ class RelayTransaction:
     ended: bool = False
     #: Called once, as the transaction ends and before its clean-up (the session forgets it).
     on_end: Callable[[], None] | None = None
+    #: The hop from the client to us, for our Received field (None: no trace field, as when
+    #: the tests drive a transaction without a session).
+    hop: Hop | None = None
 
     # ---- MAIL -----------------------------------------------------------------------------
 
     @classmethod
-    def begin(cls, runtime: Runtime, services: Reporting, txn: Transaction, *, smtputf8: bool) -> RelayTransaction:
+    def begin(
+        cls, runtime: Runtime, services: Reporting, txn: Transaction, *, smtputf8: bool, hop: Hop | None = None
+    ) -> RelayTransaction:
         """A new transaction for an envelope sender the session has accepted (syntax, relay
         authorization); the caller must ``end`` it."""
         classification = runtime.classifier.from_envelope(txn)
@@ -105,6 +111,7 @@ class RelayTransaction:
             started=time.monotonic(),
             smtputf8=smtputf8,
             class_reason=classification.reason if classification else "",
+            hop=hop,
         )
 
     async def mail(self, options: list[str]) -> Reply:
@@ -156,6 +163,12 @@ class RelayTransaction:
         reply = await upstream.mail(sender, relayed)
         self.services.metrics.upstream_duration.labels("mail").observe(time.perf_counter() - started)
         return reply
+
+    def received_field(self) -> bytes:
+        """Our Received field for this transaction (empty without a hop)."""
+        if self.hop is None:
+            return b""
+        return received_field(self.hop, self.txn.txn_id, self.txn.recipients)
 
     # ---- RCPT -----------------------------------------------------------------------------
 

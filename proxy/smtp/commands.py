@@ -19,6 +19,7 @@ from policies.base import Reply, Transaction
 from proxy import replies as R
 from proxy.relay.delivery import deliver
 from proxy.relay.runtime import Runtime
+from proxy.relay.trace import Hop, client_name
 from proxy.relay.transaction import RelayTransaction
 from proxy.smtp.listener import ListenerState, Services
 from proxy.smtp.session import SendguardSMTP, new_txn_id
@@ -66,6 +67,9 @@ class RelayHandler:
         #: The transaction in progress; kept after an internal error (``failed``) only to
         #: answer the rest of its commands.
         self.state: RelayTransaction | None = None
+        #: The client's verified name for the Received field, looked up once per session
+        #: (and again should the client address change, as a PROXY header can set it).
+        self._client_name: tuple[str, str | None] | None = None
 
     @property
     def current_txn_id(self) -> str | None:
@@ -75,8 +79,8 @@ class RelayHandler:
     def services(self) -> Services:
         return self.app.services
 
-    def _begin(self, txn: Transaction, *, smtputf8: bool) -> RelayTransaction:
-        state = RelayTransaction.begin(self.app.runtime, self.services, txn, smtputf8=smtputf8)
+    def _begin(self, txn: Transaction, *, smtputf8: bool, hop: Hop) -> RelayTransaction:
+        state = RelayTransaction.begin(self.app.runtime, self.services, txn, smtputf8=smtputf8, hop=hop)
 
         def forget() -> None:
             if self.state is state:
@@ -189,11 +193,31 @@ class RelayHandler:
             tls=session.ssl is not None or self.listener.config.tls.mode == "implicit",
             mail_from=sender,
         )
-        reply = await self._begin(txn, smtputf8=smtputf8).mail(options)
+        hop = await self._hop(server, session, txn)
+        reply = await self._begin(txn, smtputf8=smtputf8, hop=hop).mail(options)
         if reply.is_success:
             envelope.mail_from = address
             envelope.mail_options.extend(mail_options)
         return reply.line()
+
+    async def _hop(self, server: SendguardSMTP, session: Session, txn: Transaction) -> Hop:
+        """What our Received field says of this client (RFC 5321 4.4)."""
+        ip = server.client_ip
+        if self._client_name is None or self._client_name[0] != ip:
+            self._client_name = (ip, await client_name(self.app.runtime.resolver, ip))
+        version, cipher, bits = server.tls_info()
+        return Hop(
+            client_ip=ip,
+            client_name=self._client_name[1],
+            helo=session.host_name,
+            by=server.hostname,
+            esmtp=bool(session.extended_smtp),
+            tls_version=version,
+            tls_cipher=cipher,
+            tls_bits=bits,
+            authenticated=txn.auth_user is not None,
+            auth_user=txn.auth_user if self.listener.config.received_auth_user else None,
+        )
 
     # ---- RCPT -----------------------------------------------------------------------------
 

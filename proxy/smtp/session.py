@@ -312,6 +312,18 @@ class SendguardSMTP(SMTP):
             before = (before + piece)[-2:]
         return None
 
+    def tls_info(self) -> tuple[str | None, str | None, int | None]:
+        """The TLS version, cipher and secret bits of this connection (STARTTLS or implicit),
+        for the Received field; Nones without TLS."""
+        transport = self.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None:
+            return None, None, None
+        cipher = ssl_object.cipher()
+        if not cipher:
+            return ssl_object.version(), None, None
+        return ssl_object.version(), cipher[0], cipher[2]
+
     def close_with(self, reply: Reply) -> None:
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
