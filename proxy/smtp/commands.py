@@ -115,6 +115,10 @@ class RelayHandler:
                 continue
             if line == "250 HELP":
                 out.append("250-ENHANCEDSTATUSCODES")
+                # RFC 2920: the command loop reads one command at a time from a buffer that
+                # keeps whatever else the client sent (body.py leaves the commands after the
+                # final dot there too), so replies come one per command, in order.
+                out.append("250-PIPELINING")
             out.append(line)
         return out
 
