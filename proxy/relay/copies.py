@@ -17,6 +17,7 @@ from policies.base import Reply
 from proxy import replies as R
 from proxy.relay import rawmsg
 from proxy.relay.drain import attempt_budget, dsn_for, send_one
+from proxy.relay.dsn import notify_failure
 from proxy.relay.pipeline import StageDecision
 from proxy.relay.signing import sign
 from proxy.relay.spool import Queued
@@ -99,7 +100,8 @@ async def deliver_copies(
                     recipient=recipient,
                     content=prepared,
                     next_attempt=retry_at,
-                    options=tuple(t.relayed_options),
+                    # MAIL's and this recipient's parameters in one list (dsn.split_options).
+                    options=(*t.relayed_options, *t.rcpt_options.get(recipient, ())),
                     attempts=int(tried),
                     last_reply=reply.line(),
                 )
@@ -113,12 +115,17 @@ async def deliver_copies(
         outcome = "tempfailed" if first.is_temporary else "rejected"
         return Reply(first.code, first.status, f"{first.text} [{txn.txn_id}]"[:500]), first, outcome
     refused = [(r, reply) for r, reply in failed if not reply.is_temporary]
+    # Reported only where the sender asked to hear of failures (RFC 3461 4.1: NOTIFY=NEVER,
+    # or a NOTIFY without FAILURE, means no report for that recipient).
+    unreported = {r for r, _ in refused if not notify_failure(t.rcpt_options.get(r, ()))}
     text = f"Delivered as {len(delivered)} separate copies, one per recipient"
     if decision.held:  # copies only because some recipients were refused after DATA
         text = f"Delivered to {len(delivered)} recipient{'' if len(delivered) == 1 else 's'}, one copy each"
     if not failed:
         return Reply(250, "2.0.0", f"{text} [{txn.txn_id}]"), None, "delivered"
-    queued = await _queue(t, outgoing, retry, refused, len(failed) - len(refused))
+    queued = await _queue(
+        t, outgoing, retry, [(r, reply) for r, reply in refused if r not in unreported], len(failed) - len(refused)
+    )
     if queued is None:
         # Some copies are delivered and the others could not be queued: a 451 makes the client
         # send the whole message again, which duplicates the delivered copies. A duplicate is
@@ -198,7 +205,8 @@ async def _prepare_copy(
 
 async def _deliver_one(t: RelayTransaction, recipient: str, content: bytes) -> Reply:
     sender = t.txn.mail_from
-    stage, reply = await send_one(t.runtime.upstream, t.txn.txn_id, sender, recipient, content, t.relayed_options)
+    options = (*t.relayed_options, *t.rcpt_options.get(recipient, ()))
+    stage, reply = await send_one(t.runtime.upstream, t.txn.txn_id, sender, recipient, content, options)
     if stage != "connect":
         await t.observe(stage, reply)
     if sender and stage in ("rcpt", "data"):  # a copy's DATA reply is this recipient's

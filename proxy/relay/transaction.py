@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -75,6 +75,8 @@ class RelayTransaction:
     class_reason: str | dict[str, Any] = ""
     upstream_lost: bool = False
     relayed_options: list[str] = field(default_factory=list)
+    #: Each accepted recipient's DSN parameters as relayed (NOTIFY, ORCPT): its copy's too.
+    rcpt_options: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: Set when the message went out as one copy per recipient: each copy's outcome.
     copies: dict[str, Reply] | None = None
     #: Copies refused for now and put in the retry queue: recipient -> queue row id.
@@ -159,6 +161,14 @@ class RelayTransaction:
                     relayed.append(option)
             elif option.startswith("SIZE=") and caps.size is not None:
                 relayed.append(option)
+            elif option.startswith(("RET=", "ENVID=")):
+                # Offered only when the upstream offers DSN; should this connection's not (a
+                # reload to another upstream since the client's EHLO), they are left out: the
+                # upstream's own defaults then apply (failures reported, nothing else).
+                if caps.dsn:
+                    relayed.append(option)
+                else:
+                    log.info("txn %s: upstream does not offer DSN; %s not relayed", self.txn.txn_id, option)
         self.relayed_options = relayed
         reply = await upstream.mail(sender, relayed)
         self.services.metrics.upstream_duration.labels("mail").observe(time.perf_counter() - started)
@@ -172,9 +182,11 @@ class RelayTransaction:
 
     # ---- RCPT -----------------------------------------------------------------------------
 
-    async def rcpt(self, address: str) -> Reply:
+    async def rcpt(self, address: str, options: Sequence[str] = ()) -> Reply:
         """The RCPT stage for a recipient the session has accepted (syntax, limits, not a
-        duplicate): the policies, then RCPT upstream; the upstream's answer is the client's."""
+        duplicate): the policies, then RCPT upstream; the upstream's answer is the client's.
+        ``options``: its checked DSN parameters (NOTIFY, ORCPT), relayed when the upstream
+        offers DSN and kept for the recipient's own copy."""
         txn, metrics = self.txn, self.services.metrics
         klass = txn.message_class or "unknown"
         decision = await self.timed_stage("rcpt", self.runtime.pipeline.check_rcpt(txn, address))
@@ -191,17 +203,21 @@ class RelayTransaction:
             self.refused[address] = suppressed
             metrics.recipients.labels(txn.listener, klass, "rejected").inc()
             return suppressed
+        relayed: list[str] = []
         if self.upstream is None or self.upstream_lost:
             reply = R.r451_upstream_lost(txn.txn_id)
         else:
             started = time.perf_counter()
-            reply = await self.upstream.rcpt(address, [])
+            relayed = list(options) if self.upstream.capabilities.dsn else []
+            reply = await self.upstream.rcpt(address, relayed)
             metrics.upstream_duration.labels("rcpt").observe(time.perf_counter() - started)
             await self.observe("rcpt", reply)
             await self.bounce(address, reply)
             self.upstream_lost = self.upstream.lost
         if reply.is_success:
             self.seen.add(address.lower())
+            if relayed:
+                self.rcpt_options[address] = tuple(relayed)
             txn.recipients.append(address)  # counted in _account, under the class known by then
         else:
             self.refused[address] = reply

@@ -18,6 +18,7 @@ from aiosmtpd.smtp import Envelope, Session
 from policies.base import Reply, Transaction
 from proxy import replies as R
 from proxy.relay.delivery import deliver
+from proxy.relay.dsn import DSN_PARAMETERS, DSNParameterError, dsn_parameters
 from proxy.relay.runtime import Runtime
 from proxy.relay.trace import Hop, client_name
 from proxy.relay.transaction import RelayTransaction
@@ -102,6 +103,16 @@ class RelayHandler:
         size = int(config.max_message_size)
         if caps is not None and caps.size:
             size = min(size, caps.size)
+        # DSN (RFC 3461) only when the upstream offers it: it then does what the parameters ask
+        # (success, delay and failure reports). Offered without it, sendguard would owe the
+        # sender "relayed" notices (RFC 3461 5.2.2) it has no way to send in lockstep.
+        dsn = caps is not None and caps.dsn
+        server.dsn_offered = dsn
+        if dsn:
+            # RFC 3461 5: ENVID and RET make MAIL up to 110 octets longer, ORCPT and NOTIFY a
+            # RCPT up to 515.
+            server.command_size_limits["MAIL"] = max(server.command_size_limits["MAIL"], 512 + 26 + 10 + 110)
+            server.command_size_limits["RCPT"] = max(server.command_size_limits["RCPT"], 512 + 515)
         out = []
         for line in responses:
             keyword = line[4:].split(" ", 1)[0].upper()
@@ -119,11 +130,14 @@ class RelayHandler:
                 # keeps whatever else the client sent (body.py leaves the commands after the
                 # final dot there too), so replies come one per command, in order.
                 out.append("250-PIPELINING")
+                if dsn:
+                    out.append("250-DSN")
             out.append(line)
         return out
 
     async def handle_HELO(self, server: SendguardSMTP, session: Session, envelope: Envelope, hostname: str) -> str:
         await self.abandon("reset")
+        server.dsn_offered = False  # no extensions after HELO (RFC 5321 4.1.1.1)
         session.host_name = hostname
         return f"250 {server.hostname}"
 
@@ -181,7 +195,13 @@ class RelayHandler:
         sender = "" if address == "<>" else address
         if _CONTROL.search(sender) or len(sender) > 320 or not _utf8(sender):
             return R.R501_BAD_SENDER.line()
-        options = [o.upper() for o in mail_options]
+        try:
+            dsn = dsn_parameters(server.raw_params, "MAIL") if server.dsn_offered else []
+        except DSNParameterError as bad:
+            return bad.reply.line()
+        # The DSN parameters as the client wrote them (ENVID keeps its case), the others as
+        # aiosmtpd hands them over.
+        options = [o.upper() for o in mail_options if o.partition("=")[0].upper() not in DSN_PARAMETERS] + dsn
         smtputf8 = "SMTPUTF8" in options
         if not smtputf8 and not sender.isascii():
             return R.R553_SMTPUTF8_REQUIRED.line()
@@ -239,9 +259,13 @@ class RelayHandler:
             klass = txn.message_class or "unknown"
             metrics.recipients.labels(txn.listener, klass, "rejected" if reply.code >= 500 else "tempfailed").inc()
             return reply.line()
+        try:
+            dsn = dsn_parameters(server.raw_params, "RCPT") if server.dsn_offered else []
+        except DSNParameterError as bad:
+            return bad.reply.line()
         if address.lower() in state.seen:
             return R.R250_DUPLICATE_RECIPIENT.line()  # relayed once (Postfix dedups in cleanup too)
-        reply = await state.rcpt(address)
+        reply = await state.rcpt(address, dsn)
         if reply.is_success:
             envelope.rcpt_tos.append(address)
         return reply.line()

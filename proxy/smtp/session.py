@@ -20,6 +20,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syn
 
 from policies.base import Reply
 from proxy import replies as R
+from proxy.relay.dsn import DSN_PARAMETERS
 from proxy.schema import address_in
 from proxy.smtp.body import END_LINE, BodyCollector, BodyState, ends_data
 from proxy.smtp.listener import ListenerState, Services
@@ -94,6 +95,11 @@ class SendguardSMTP(SMTP):
         self.client_ip = ""
         self.in_data = False
         self.close_after_reply = False
+        #: DSN (RFC 3461) was offered in the last EHLO: its parameters are then known.
+        self.dsn_offered = False
+        #: The parameters of the MAIL or RCPT command being handled, as the client wrote them
+        #: (aiosmtpd hands the handler upper-cased ones; ENVID and ORCPT values keep case).
+        self.raw_params: list[str] = []
         super().__init__(
             handler,
             data_size_limit=int(config.max_message_size),
@@ -311,6 +317,22 @@ class SendguardSMTP(SMTP):
             collector.feed(piece)
             before = (before + piece)[-2:]
         return None
+
+    # ---- MAIL and RCPT parameters ---------------------------------------------------------
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        address, rest = super()._getaddr(arg)
+        self.raw_params = rest.split() if rest else []
+        return address, rest
+
+    def _getparams(self, params: Any) -> dict[str, str | bool] | None:
+        """aiosmtpd's parameter check, with the DSN parameters known while DSN is offered
+        (``proxy.smtp.commands`` checks them); otherwise they are "555 not recognized"."""
+        result = super()._getparams(params)
+        if result is not None and self.dsn_offered:
+            for keyword in DSN_PARAMETERS:
+                result.pop(keyword, None)
+        return result
 
     def tls_info(self) -> tuple[str | None, str | None, int | None]:
         """The TLS version, cipher and secret bits of this connection (STARTTLS or implicit),
