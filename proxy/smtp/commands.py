@@ -13,6 +13,7 @@ import re
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import Envelope, Session
 
 from policies.base import Reply, Transaction
@@ -134,6 +135,11 @@ class RelayHandler:
                     out.append("250-DSN")
             out.append(line)
         return out
+
+    async def handle_PROXY(self, server: SendguardSMTP, session: Session, envelope: Envelope, proxy: ProxyData) -> bool:
+        """A PROXY header on a listener with ``proxy_protocol`` (only trusted balancers get
+        this far): the address it carries is the client's."""
+        return server.accept_proxy(proxy)
 
     async def handle_HELO(self, server: SendguardSMTP, session: Session, envelope: Envelope, hostname: str) -> str:
         await self.abandon("reset")
