@@ -1,6 +1,9 @@
 # sendguard container: non-root, config under /etc/sendguard, state under /var/lib/sendguard.
 #   docker build -t sendguard .
-#   docker run -p 2525:2525 -p 9025:9025 -v $PWD/my.yaml:/etc/sendguard/sendguard.yaml:ro sendguard
+#   docker run -p 2525:2525 -p 127.0.0.1:9025:9025 -v $PWD/tls:/etc/sendguard/tls:ro sendguard
+# The shipped config (config/docker.yaml) wants a certificate and key in /etc/sendguard/tls/
+# (clients AUTH over STARTTLS; no network range relays without AUTH). Mount your own config
+# over /etc/sendguard/sendguard.yaml; deploy/compose.yaml runs it with its stores.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -19,9 +22,10 @@ WORKDIR /var/lib/sendguard
 USER sendguard
 EXPOSE 2525 9025
 VOLUME ["/var/lib/sendguard"]
-# /readyz answers 200 once the listeners are up and the config is loaded.
+# `sendguard health` asks /readyz at the http.address of the config (wherever it listens):
+# 200 once the listeners are up, the upstream answers and the consent store does.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9025/readyz', timeout=4).status == 200 else 1)"]
+    CMD ["sendguard", "health", "--config", "/etc/sendguard/sendguard.yaml"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["sendguard"]
 CMD ["serve", "--config", "/etc/sendguard/sendguard.yaml"]

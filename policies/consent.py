@@ -28,6 +28,7 @@ Every verdict, accept and reject, carries ``evidence`` naming the record it reli
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -187,6 +188,13 @@ class ConsentPolicy(Policy):
 
     # ---- helpers -----------------------------------------------------------------------------
 
+    def _count_lookup(self, operation: str, started: float, ok: bool) -> None:
+        """Latency and errors of the store as the policy sees them (the resource
+        ``metrics_consent_lookup``: operation, seconds, ok)."""
+        hook = self.resources.get("metrics_consent_lookup")
+        if hook is not None:
+            hook(operation, time.perf_counter() - started, ok)
+
     def _store(self) -> ConsentStore:
         store = self.resources.get("consent")
         if not isinstance(store, ConsentStore):
@@ -200,10 +208,15 @@ class ConsentPolicy(Policy):
             subject = parse_subject(recipient)
         except ConsentInputError:
             return None
+        started, ok = time.perf_counter(), False
         try:
-            return await store.basis(subject.value, topic, sender, rules=self._rules)
+            basis = await store.basis(subject.value, topic, sender, rules=self._rules)
+            ok = True
+            return basis
         except ConsentStoreError as exc:
             raise PolicyError(str(exc)) from exc
+        finally:
+            self._count_lookup("basis", started, ok)
 
     async def _blanket_check(self, recipient: str) -> Verdict | None:
         store = self._store()
@@ -211,10 +224,14 @@ class ConsentPolicy(Policy):
             subject = parse_subject(recipient)
         except ConsentInputError:
             return _not_an_address(recipient, after_data=False)
+        started, ok = time.perf_counter(), False
         try:
             events = await store.history(subject)
+            ok = True
         except ConsentStoreError as exc:
             raise PolicyError(str(exc)) from exc
+        finally:
+            self._count_lookup("history", started, ok)
         refusal = blanket_refusal(events, subject.value)
         if refusal is None:
             return None  # depends on the topic: asked again after DATA

@@ -55,7 +55,8 @@ Semantics, in order of the questions operators ask:
 
 Resources: ``limits`` (a ``LimitStore``; without it the policy keeps a private in-memory
 store), ``dns`` (a dnspython async resolver for ``mx_rollup``), ``metrics_limit_errors``
-(a callable taking "reserve" or "refund", called once per store error).
+(a callable taking "reserve" or "refund", called once per store error),
+``metrics_limit_refusals`` (a callable taking the limit's name, called once per refusal).
 
 Why one module of about 700 lines: 60 of them are this manual, and the rest is one policy
 whose ledger (what was reserved at MAIL, RCPT and after DATA, and what ``commit`` refunds)
@@ -396,6 +397,8 @@ class RateLimitPolicy(Policy):
         self.store: LimitStore = store
         self.mx = MXRollup(self.resources.get("dns"))
         self._error_hook: Callable[[str], None] | None = self.resources.get("metrics_limit_errors")
+        #: Called with the limit's name on every refusal (sendguard_ratelimit_refusals_total).
+        self._refusal_hook: Callable[[str], None] | None = self.resources.get("metrics_limit_refusals")
         #: Store failures seen by this policy (reserve and refund), for the lead's metrics.
         self.store_errors = 0
         self._state_key = f"{self.name}@{id(self):x}"
@@ -610,6 +613,7 @@ class RateLimitPolicy(Policy):
             worst = max(result.blocking, key=lambda i: result.waits[i])
             wait = result.waits[worst]
             if wait == NEVER:
+                self._count_refusal(planned[worst])
                 return _too_many_recipients(planned[worst]), None
             hold = min(float(planned[i].spec.hold) for i in result.blocking)
             if deadline is None:
@@ -617,7 +621,12 @@ class RateLimitPolicy(Policy):
             if hold > 0 and loop.time() + wait <= deadline:
                 await asyncio.sleep(wait + 0.001)  # a hair past the refill, not a spin before it
                 continue
+            self._count_refusal(planned[worst])
             return _over_limit(txn, planned[worst], wait), None
+
+    def _count_refusal(self, planned: _Planned) -> None:
+        if self._refusal_hook is not None:
+            self._refusal_hook(planned.spec.label)
 
     def _store_failed(self, txn: Transaction, planned: list[_Planned], error: LimitStoreError) -> Verdict:
         self._count_error("reserve")

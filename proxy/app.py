@@ -20,6 +20,7 @@ from proxy import __version__
 from proxy.config.settings import ConfigError, ListenerConfig, Settings, load_config
 from proxy.observability.http import build_http_app
 from proxy.observability.logsetup import AuditLog
+from proxy.observability.memory import tune_allocator
 from proxy.observability.metrics import Metrics
 from proxy.relay.classify import Classifier
 from proxy.relay.drain import Drainer
@@ -194,6 +195,7 @@ class App:
                 helo_name=self.services.hostname,
                 on_reply=self._upstream_reply,
                 on_pool=metrics.upstream_pool,
+                on_timing=metrics.upstream_timing,
             )
             opened.append(upstream)
         if previous is not None and previous.settings.stores.state == settings.stores.state:
@@ -218,6 +220,8 @@ class App:
             "sending_ips": settings.dns.sending_ips,
             "limits": limits,
             "metrics_limit_errors": metrics.ratelimit_store_error,
+            "metrics_limit_refusals": metrics.ratelimit_refusal,
+            "metrics_consent_lookup": metrics.consent_lookup,
             "consent": consent,
             "unsubscribe": self.unsubscribe,
             # class -> headers sendguard adds itself (e.g. one-click List-Unsubscribe)
@@ -246,6 +250,10 @@ class App:
         metrics.declare_listeners(listener.name for listener in settings.listeners)
         metrics.declare_policies((entry.id, entry.mode) for entry in settings.policies)
         metrics.declare_backoff_rules((rule.name, rule.scope) for rule in settings.backoff.rules)
+        metrics.declare_limits(
+            spec.label for entry in settings.policies if entry.name == "rate_limit" for spec in entry.options.limits
+        )
+        metrics.declare_dkim_domains(key.domain for key in settings.dkim.keys)
         metrics.set_config(settings.digest)
 
     def track(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -277,6 +285,8 @@ class App:
         self._runtimes.append(self._runtime)
         self._announce(settings)
         for warning in settings.compliance_warnings():
+            log.warning("config: %s", warning)
+        for warning in settings.load_warnings:
             log.warning("config: %s", warning)
         for warning in _name_warnings(settings, hostname):
             log.warning("%s", warning)
@@ -392,6 +402,7 @@ class App:
         self.services.metrics.upstream_reply(stage, outcome)
         if stage == "connect" or outcome in ("2xx", "4xx", "5xx"):
             ok = outcome in ("2xx", "4xx", "5xx")
+            self.services.metrics.upstream_up.set(1 if ok else 0)
             self._upstream_health = (ok, "" if ok else _UPSTREAM_FAILURES.get(outcome, outcome), time.time())
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
@@ -560,6 +571,8 @@ class App:
             self.settings = settings
             self._announce(settings)
             self._spawn(self._retire(old))
+            for warning in settings.load_warnings:
+                log.warning("config: %s", warning)
             metrics.config_reloads.labels("success").inc()
             metrics.config_last_reload_success.set(1)
             metrics.config_last_reload_time.set_to_current_time()
@@ -687,6 +700,7 @@ def _soft_opt_in_rules(settings: Settings) -> SoftOptInRules:
 
 async def serve(config_path: str, overrides: Mapping[str, str]) -> int:
     """``sendguard serve``: run until SIGTERM or SIGINT; SIGHUP reloads."""
+    tune_allocator()  # big messages' memory goes back to the system (observability/memory.py)
     settings = load_config(config_path, overrides=overrides)
     app = App(settings, config_path=config_path, overrides=overrides)
     await app.start()

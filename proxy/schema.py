@@ -187,6 +187,20 @@ def parse_size(text: str) -> Size:
     return Size(int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]))
 
 
+def _is_bare_number(text: str) -> bool:
+    """``24`` but not ``0`` (zero is zero in every unit) nor ``24h``."""
+    match = _DURATION_RE.match(text)
+    return bool(match) and not match.group(2) and float(match.group(1)) != 0  # type: ignore[union-attr]
+
+
+def _bare_note(text: str, tp: Any) -> str:
+    number = text.strip()
+    if tp is Duration:
+        # rate_window: 24 meant 24 hours to whoever wrote it, and is read as 24 seconds.
+        return f"{number} without a unit is read as {number} seconds; write the unit: {number}s, {number}m or {number}h"
+    return f"{number} without a unit is read as {number} bytes; write the unit: {number}B, {number}KB or {number}MB"
+
+
 def parse_rate(text: str) -> Rate:
     match = _RATE_RE.match(text)
     unit = match.group(3).lower() if match else ""
@@ -246,6 +260,8 @@ class Converter:
         self.filename = filename
         self.environ = os.environ if environ is None else environ
         self.issues: list[ConfigIssue] = []
+        #: Accepted but doubtful (a bare number for a duration or a size): said, not refused.
+        self.warnings: list[ConfigIssue] = []
         self.lines: dict[str, int] = {}  # dotted path -> line, for cross-field checks
         #: Hooks for dataclass types that need custom handling (e.g. the policy list).
         self.hooks: dict[type, CustomHook] = {}
@@ -322,10 +338,13 @@ class Converter:
         if text is None:
             return INVALID
         try:
-            return self._scalar(text, tp)
+            value = self._scalar(text, tp)
         except ValueError as exc:
             self.error(node, path, str(exc))
             return INVALID
+        if tp in (Duration, Size) and _is_bare_number(text):
+            self.warnings.append(ConfigIssue(self.filename, node.start_mark.line + 1, path, _bare_note(text, tp)))
+        return value
 
     def _scalar(self, text: str, tp: Any) -> Any:
         if tp is str:

@@ -83,7 +83,7 @@ async def test_a_receipt_flows_without_consent(
         == 1
     )
     assert (
-        sample(proxy, "sendguard_recipients_total", listener="local", outcome="accepted", **{"class": "transactional"})
+        sample(proxy, "sendguard_recipients_total", listener="local", outcome="delivered", **{"class": "transactional"})
         == 1
     )
 

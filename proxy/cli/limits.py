@@ -1,4 +1,5 @@
-"""``sendguard limits show [KEY]``: rate-limit budgets as the shared limit store holds them.
+"""``sendguard limits show [KEY]``: rate-limit budgets as the shared limit store holds them;
+``sendguard limits reset KEY``: make every budget of one key value full again.
 
 Without KEY: the buckets closest to their ceiling, fullest first. With KEY (a user name,
 sender address, domain, client IP, MX host ...): every configured limit's budget for that
@@ -32,7 +33,7 @@ from proxy.stores.limits import (
     parse_bucket_key,
 )
 
-__all__ = ("BudgetRow", "add_limits_parser", "collect_rows", "run_limits", "show_limits")
+__all__ = ("BudgetRow", "add_limits_parser", "collect_rows", "reset_limits", "run_limits", "show_limits")
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_STORE_DOWN = 0, 2, 3
 
@@ -46,6 +47,10 @@ def add_limits_parser(subparsers: Any) -> None:
     show.add_argument("key", nargs="?", help="a key value: user, sender address, domain, client IP, MX host")
     show.add_argument("--top", type=int, default=20, help="without KEY: how many buckets to list (default 20)")
     show.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    reset = commands.add_parser("reset", help="make every budget of one key full again (after a false alarm)")
+    reset.add_argument("--config", required=True, help="YAML config file (its stores.limits and rate_limit entries)")
+    reset.add_argument("key", help="the key value: user, sender address, domain, client IP, MX host")
+    reset.add_argument("--limit", help="only this limit (its name), not every configured one")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +185,54 @@ async def show_limits(
     return EXIT_OK
 
 
+async def reset_limits(
+    settings: Settings,
+    key: str,
+    *,
+    only: str | None = None,
+    store_config: StoreSettings | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Delete the buckets of ``key`` (both spellings ``show`` uses) for every configured
+    limit, or only ``only``: the next message from that key finds a full budget."""
+    config = store_config or store_config_of(settings)
+    limits = configured_limits(settings)
+    if only is not None:
+        if only not in limits:
+            print(f"sendguard: no limit named {only!r}; configured: {', '.join(limits) or 'none'}", file=err)
+            return EXIT_BAD_INPUT
+        limits = {only: limits[only]}
+    if config.backend == "memory":
+        print(
+            "sendguard: the limit store is in memory (stores.limits.backend: memory): budgets live inside the "
+            "running sendguard process and cannot be reset from here (a restart empties them).",
+            file=err,
+        )
+        return EXIT_BAD_INPUT
+    values = list(dict.fromkeys([key.strip().lower(), normalize_domain(key)]))
+    keys = [
+        bucket_key(label, rate.period, value)
+        for label, spec in limits.items()
+        for value in values
+        for rate in spec.rates_for(value)
+    ]
+    store = open_limit_store(config)
+    try:
+        reset = await store.reset(keys)
+    except LimitStoreError as error:
+        print(f"sendguard: cannot reach the limit store: {error}", file=err)
+        return EXIT_STORE_DOWN
+    finally:
+        await store.close()
+    print(f"{key}: {reset} budget(s) made full again ({', '.join(limits)})", file=out)
+    return EXIT_OK
+
+
 def run_limits(args: argparse.Namespace, settings: Settings) -> int:
     """Entry point for ``sendguard limits ...`` once the config is loaded."""
     if args.limits_command == "show":
         return asyncio.run(show_limits(settings, args.key, top=args.top, as_json=args.json))
+    if args.limits_command == "reset":
+        return asyncio.run(reset_limits(settings, args.key, only=args.limit))
     raise ValueError(f"unknown limits command {args.limits_command!r}")

@@ -21,15 +21,18 @@ from policies.message import ParsedMessage
 from proxy import __version__
 from proxy.cli import dns as dns_cli
 from proxy.cli.consent import add_consent_parser, run_consent_command
+from proxy.cli.health import add_health_parser, run_health
 from proxy.cli.limits import add_limits_parser, run_limits
+from proxy.cli.pauses import add_pauses_parser, run_pauses
 from proxy.cli.queue import add_queue_parser, run_queue
+from proxy.cli.upstream import add_upstream_parser, run_upstream
 from proxy.config.settings import ConfigError, Settings, load_config, parse_upstream_address
 from proxy.observability.logsetup import configure_logging, stop_logging
 from proxy.relay.classify import Classifier
 from proxy.relay.intake import MessageRefused, prepare_message
 from proxy.relay.pipeline import Pipeline, PolicyResult, StageDecision
 from proxy.schema import parse_hostport
-from proxy.smtp.auth import add_user
+from proxy.smtp.auth import add_user, delete_user, list_users
 from proxy.stores.consent import ConsentStoreError, open_consent_store
 from proxy.unsubscribe import add_unsubscribe_parser, run_unsubscribe_command
 
@@ -81,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     config_check = config_commands.add_parser("check", help="validate a config file")
     config_check.add_argument("file")
+    config_commands.add_parser("schema", help="print the config's JSON Schema (for editors)")
+    config_commands.add_parser("reference", help="print the config reference (Markdown), from the schema")
 
     user = commands.add_parser("user", help="AUTH users")
     user_commands = user.add_subparsers(dest="user_command", required=True, metavar="SUBCOMMAND")
@@ -90,12 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--config", help="take the users file from this config (users_file)")
     where.add_argument("--users-file", help="the users file (default: var/users)")
     user_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    user_list = user_commands.add_parser("list", help="the user names in the users file")
+    user_del = user_commands.add_parser("del", help="remove a user (AUTH fails for it from the next attempt on)")
+    user_del.add_argument("name")
+    for sub in (user_list, user_del):
+        where = sub.add_mutually_exclusive_group()
+        where.add_argument("--config", help="take the users file from this config (users_file)")
+        where.add_argument("--users-file", help="the users file (default: var/users)")
 
     dns_cli.add_commands(commands)  # dkim keygen, domain check
     add_limits_parser(commands)
     add_queue_parser(commands)  # queue list, retry, drop
     add_unsubscribe_parser(commands)  # unsubscribe keygen
     add_consent_parser(commands)  # consent import, export, show, add, customer, revoke, suppress ...
+    add_health_parser(commands)  # health: the running process's /readyz (container healthchecks)
+    add_upstream_parser(commands)  # upstream check: connect, TLS, certificate, AUTH, EHLO, SIZE
+    add_pauses_parser(commands)  # pauses list, lift
     return parser
 
 
@@ -108,9 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return _check(args)
         if args.command == "config":
-            return _config_check(args.file)
+            return _config_command(args)
         if args.command == "user":
-            return _user_add(args)
+            return _user_command(args)
         if args.command in ("dkim", "domain"):
             return dns_cli.run(args)
         if args.command == "limits":
@@ -121,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_consent_command(args)
         if args.command == "unsubscribe":
             return run_unsubscribe_command(args)
+        if args.command == "health":
+            return run_health(args)
+        if args.command == "upstream":
+            return run_upstream(args)
+        if args.command == "pauses":
+            return run_pauses(args, load_config(args.config))
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_BAD_INPUT
@@ -158,11 +179,37 @@ def _config_check(path: str) -> int:
     )
     for warning in settings.compliance_warnings():  # valid, but the law's checks are off
         print(f"{path}: warning: {warning}", file=sys.stderr)
+    for warning in settings.load_warnings:  # valid, but probably not what was meant
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
-def _user_add(args: argparse.Namespace) -> int:
+def _config_command(args: argparse.Namespace) -> int:
+    if args.config_command == "schema":
+        from proxy.config.reference import config_schema
+
+        print(json.dumps(config_schema(), indent=2))
+        return EXIT_OK
+    if args.config_command == "reference":
+        from proxy.config.reference import config_reference
+
+        sys.stdout.write(config_reference())
+        return EXIT_OK
+    return _config_check(args.file)
+
+
+def _user_command(args: argparse.Namespace) -> int:
     users_file = args.users_file or (load_config(args.config).users_file if args.config else "var/users")
+    if args.user_command == "list":
+        for name in list_users(users_file):
+            print(name)
+        return EXIT_OK
+    if args.user_command == "del":
+        if delete_user(users_file, args.name):
+            print(f"user {args.name} removed from {users_file}")
+            return EXIT_OK
+        print(f"sendguard: no user {args.name} in {users_file}", file=sys.stderr)
+        return EXIT_REFUSED
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:

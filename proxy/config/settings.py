@@ -428,6 +428,8 @@ class Settings:
     #: Set by the loader: where the file came from and a hash of its text.
     source: str = field(default="", metadata={"internal": True})
     digest: str = field(default="", metadata={"internal": True})
+    #: What the loader accepted but doubts (bare numbers for durations and sizes), as text.
+    load_warnings: tuple[str, ...] = field(default=(), metadata={"internal": True})
 
     def compliance_warnings(self) -> list[str]:
         """What this config leaves of the law unchecked (empty when every check is enforced)."""
@@ -559,7 +561,10 @@ def load_config_text(
     if is_invalid(settings):
         raise ConfigError(conv.issues)
     settings = dataclasses.replace(
-        settings, source=filename, digest=hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        settings,
+        source=filename,
+        digest=hashlib.sha256(text.encode("utf-8")).hexdigest()[:16],
+        load_warnings=tuple(str(warning) for warning in conv.warnings),
     )
     if overrides:
         settings = _apply_overrides(settings, overrides, conv)

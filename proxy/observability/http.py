@@ -6,7 +6,7 @@ import json
 from typing import Protocol
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from proxy.observability.metrics import Metrics
 
@@ -25,10 +25,13 @@ _SECURITY_HEADERS = {
 
 
 def build_http_app(metrics: Metrics, health: HealthSource) -> web.Application:
-    async def metrics_view(request: web.Request) -> web.Response:
-        body = generate_latest(metrics.registry)
-        response = web.Response(body=body, headers=_SECURITY_HEADERS)
-        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    # prometheus_client's own handler: the text format or OpenMetrics as the scraper's Accept
+    # header asks (Prometheus asks for OpenMetrics first), gzip when Accept-Encoding allows.
+    exposition = make_aiohttp_handler(metrics.registry)
+
+    async def metrics_view(request: web.Request) -> web.StreamResponse:
+        response = await exposition(request)
+        response.headers.update(_SECURITY_HEADERS)
         return response
 
     async def healthz(request: web.Request) -> web.Response:

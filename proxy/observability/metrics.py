@@ -12,7 +12,15 @@ import platform
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from policies.base import MESSAGE_CLASSES
 
@@ -21,10 +29,22 @@ if TYPE_CHECKING:
 
 __all__ = ("Metrics",)
 
+# The *_created series double the number of series and no dashboard or alert uses them; a
+# counter's reset shows in rate() anyway. Process-wide in prometheus_client: set at import.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
 MESSAGE_OUTCOMES = ("delivered", "rejected", "tempfailed", "abandoned")
-RECIPIENT_OUTCOMES = ("accepted", "rejected", "tempfailed")
+#: A recipient's final outcome, counted once when its transaction ends: delivered, queued
+#: (its copy waits in the retry queue), refused by sendguard (a policy, a pause, a
+#: suppression, the address syntax), refused by the upstream, refused for now (either side),
+#: or abandoned (the client left before the message was sent).
+RECIPIENT_OUTCOMES = ("delivered", "queued", "refused_policy", "refused_upstream", "tempfailed", "abandoned")
 POLICY_ACTIONS = ("accept", "reject", "tempfail", "error")
 UPSTREAM_STAGES = ("connect", "mail", "rcpt", "data")
+#: sendguard_transaction_duration_seconds: a transaction lasts seconds to minutes (DATA).
+_TRANSACTION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+#: sendguard_consent_lookups_total: what a consent look-up asked and how it ended.
+CONSENT_OPERATIONS = ("basis", "history")
 UPSTREAM_CLASSES = ("2xx", "4xx", "5xx", "timeout", "disconnected", "error", "auth_failed", "tls_failed")
 CLASSES_OR_UNKNOWN = (*MESSAGE_CLASSES, "unknown")
 #: Values of the ``decided_by`` label of sendguard_classifications_total (proxy/classify.py).
@@ -55,6 +75,9 @@ class Metrics:
     def __init__(self, version: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # process_* (CPU, memory, open fds, start time) and python_info, as every exporter has.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.build_info = Gauge("sendguard_build_info", "Version of sendguard", ["version", "python"], registry=r)
         self.build_info.labels(version, platform.python_version()).set(1)
         self.config_info = Gauge("sendguard_config_info", "Hash of the running config file", ["digest"], registry=r)
@@ -92,7 +115,7 @@ class Metrics:
         )
         self.recipients = Counter(
             "sendguard_recipients_total",
-            "Recipients by listener, class and outcome",
+            "Recipients by listener, class and final outcome, counted when their transaction ends",
             ["listener", "class", "outcome"],
             registry=r,
         )
@@ -142,16 +165,85 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.policy_latency = Histogram(
+            "sendguard_policy_duration_seconds",
+            "Time one policy took for one check (any stage), by policy id",
+            ["policy"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.upstream_replies = Counter(
-            "sendguard_upstream_replies_total", "Upstream replies by stage and class", ["stage", "class"], registry=r
+            "sendguard_upstream_replies_total",
+            "Upstream replies by stage and code class (2xx, 4xx, 5xx, or how the attempt failed)",
+            ["stage", "code_class"],
+            registry=r,
         )
         self.upstream_duration = Histogram(
             "sendguard_upstream_stage_duration_seconds",
-            "Time waiting for the upstream per SMTP stage",
+            "Time waiting for the upstream per stage (connect: TCP, TLS, EHLO and AUTH of a new connection)",
             ["stage"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.upstream_pool_wait = Histogram(
+            "sendguard_upstream_pool_wait_seconds",
+            "Time a transaction waited for a free upstream connection slot",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "sendguard_upstream_up",
+            "1 while the upstream's last connection attempt or reply worked, 0 after a failed attempt",
+            registry=r,
+        )
+        self.upstream_up.set(1)  # nothing tried yet: nothing known to be wrong (as /readyz)
+        self.transactions_in_flight = Gauge(
+            "sendguard_transactions_in_flight", "Transactions between MAIL and their end", registry=r
+        )
+        self.transaction_duration = Histogram(
+            "sendguard_transaction_duration_seconds",
+            "Time from MAIL to the end of a transaction, by outcome",
+            ["outcome"],
+            buckets=_TRANSACTION_BUCKETS,
+            registry=r,
+        )
+        for outcome in MESSAGE_OUTCOMES:
+            self.transaction_duration.labels(outcome)
+        self.tls_transactions = Counter(
+            "sendguard_tls_transactions_total",
+            "Transactions by listener and whether the client's session used TLS",
+            ["listener", "tls"],
+            registry=r,
+        )
+        self.ratelimit_refusals = Counter(
+            "sendguard_ratelimit_refusals_total",
+            "Refusals by the rate_limit policy, by the configured limit's name",
+            ["limit"],
+            registry=r,
+        )
+        self.pause_until = Gauge(
+            "sendguard_pause_until_timestamp_seconds",
+            "When the latest pause in force ends, by scope and reason (the rule or check that paused)",
+            ["scope", "reason"],
+            registry=r,
+        )
+        self.consent_lookups = Counter(
+            "sendguard_consent_lookups_total",
+            "Consent-store look-ups by the consent policy, by operation and result (ok, error)",
+            ["operation", "result"],
+            registry=r,
+        )
+        self.consent_lookup_duration = Histogram(
+            "sendguard_consent_lookup_duration_seconds",
+            "Time of one consent-store look-up by the consent policy",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        for operation in CONSENT_OPERATIONS:
+            self.consent_lookup_duration.labels(operation)
+            for result in ("ok", "error"):
+                self.consent_lookups.labels(operation, result)
         self.upstream_connections = Gauge(
             "sendguard_upstream_connections", "Upstream connections by state", ["state"], registry=r
         )
@@ -172,6 +264,7 @@ class Metrics:
             registry=r,
         )
         self._pause_counts: tuple[int, ...] = (0, 0, 0)
+        self._pause_ends: dict[tuple[str, str], float] = {}
         for scope in _PAUSE_SCOPES:
             self.pauses_active.labels(scope)
             self.paused_transactions.labels(scope)
@@ -224,6 +317,12 @@ class Metrics:
         )
         for result in ("signed", "no_key", "no_from", "error"):
             self.dkim_signatures.labels(result)
+        self.dkim_domain_signatures = Counter(
+            "sendguard_dkim_domain_signatures_total",
+            "DKIM signatures made, by signing domain (the configured key domains)",
+            ["domain"],
+            registry=r,
+        )
         self.spool_messages = Gauge(
             "sendguard_spool_messages", "Messages in the retry queue, by kind (copy, dsn)", ["kind"], registry=r
         )
@@ -257,6 +356,8 @@ class Metrics:
                 self.sessions.labels(listener, outcome)
             for result in ("success", "failure", "blocked"):
                 self.auth.labels(listener, result)
+            for tls in ("tls", "plaintext"):
+                self.tls_transactions.labels(listener, tls)
             for klass in CLASSES_OR_UNKNOWN:
                 for outcome in MESSAGE_OUTCOMES:
                     self.messages.labels(listener, klass, outcome)
@@ -272,8 +373,18 @@ class Metrics:
         """``policies``: (policy id, mode) pairs of the running config."""
         for policy, mode in policies:
             self.policy_errors.labels(policy)
+            self.policy_latency.labels(policy)
             for action in POLICY_ACTIONS:
                 self.policy_verdicts.labels(policy, action, mode)
+
+    def declare_limits(self, names: Iterable[str]) -> None:
+        """The rate_limit policies' limit names."""
+        for name in names:
+            self.ratelimit_refusals.labels(name)
+
+    def declare_dkim_domains(self, domains: Iterable[str]) -> None:
+        for domain in domains:
+            self.dkim_domain_signatures.labels(domain)
 
     def blocklists(
         self, gauges: dict[tuple[str, str], tuple[int, int]], pausing: bool, last_check: float | None
@@ -296,6 +407,7 @@ class Metrics:
 
     def policy_verdict(self, policy: str, action: str, mode: str, duration: float) -> None:
         self.policy_verdicts.labels(policy, action, mode).inc()
+        self.policy_latency.labels(policy).observe(duration)
 
     def policy_error(self, policy: str) -> None:
         self.policy_errors.labels(policy).inc()
@@ -307,6 +419,17 @@ class Metrics:
             self._pause_counts = counts
             for scope, count in zip(_PAUSE_SCOPES, counts, strict=True):
                 self.pauses_active.labels(scope).set(count)
+        ends: dict[tuple[str, str], float] = {}
+        for pause in pauses:
+            key = (pause.scope, pause.source)
+            ends[key] = max(ends.get(key, 0.0), pause.until)
+        if ends != self._pause_ends:
+            # A pause that ended leaves no series behind: an alert on this gauge ends with it.
+            for key in self._pause_ends.keys() - ends.keys():
+                self.pause_until.remove(*key)
+            for key, until in ends.items():
+                self.pause_until.labels(*key).set(until)
+            self._pause_ends = ends
 
     def upstream_pool(self, busy: int, idle: int) -> None:
         self.upstream_connections.labels("busy").set(busy)
@@ -314,6 +437,20 @@ class Metrics:
 
     def ratelimit_store_error(self, operation: str) -> None:
         self.ratelimit_store_errors.labels(operation).inc()
+
+    def ratelimit_refusal(self, limit: str) -> None:
+        self.ratelimit_refusals.labels(limit).inc()
+
+    def consent_lookup(self, operation: str, seconds: float, ok: bool) -> None:
+        self.consent_lookups.labels(operation, "ok" if ok else "error").inc()
+        self.consent_lookup_duration.labels(operation).observe(seconds)
+
+    def upstream_timing(self, stage: str, seconds: float) -> None:
+        """From the upstream pool: ``connect`` (a new connection made ready) or ``pool_wait``."""
+        if stage == "pool_wait":
+            self.upstream_pool_wait.observe(seconds)
+        else:
+            self.upstream_duration.labels(stage).observe(seconds)
 
     def spool_state(self, counts: dict[str, int], oldest_age: float) -> None:
         for kind in SPOOL_KINDS:

@@ -62,6 +62,7 @@ async def deliver_copies(
         footers.update(edit.per_recipient_footer)
     # Recipients a policy refused after DATA (no consent, say): no copy, reported to the sender.
     t.copies = dict(decision.held)
+    t.held = frozenset(decision.held)
     retry: list[Queued] = []  # copies refused for now, with the exact bytes to send again
     retry_at = time.time() + t.runtime.settings.spool.retry_min
     deadline = time.monotonic() + _FANOUT_BUDGET

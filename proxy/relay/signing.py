@@ -37,4 +37,6 @@ async def sign_bytes(runtime: Runtime, metrics: Metrics, txn_id: str, content: b
             return Reply(550, "5.6.0", "The message header cannot be DKIM-signed; check its header lines")
         return R.r451_policy_error(txn_id)
     metrics.dkim_signatures.labels("signed" if result.signatures else result.skipped.replace("-", "_")).inc()
+    for domain, _selector, _algorithm in result.signatures:  # domains of configured keys only: bounded
+        metrics.dkim_domain_signatures.labels(domain).inc()
     return result.message

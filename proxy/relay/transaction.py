@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -83,6 +84,11 @@ class RelayTransaction:
     queued: dict[str, int] = field(default_factory=dict)
     #: Copies refused for good whose recipients are in a DSN queued for the sender.
     reported: set[str] = field(default_factory=set)
+    #: Recipients a policy refused after DATA (their copies carry the policy's reply).
+    held: frozenset[str] = frozenset()
+    #: Final outcomes of the recipients refused before DATA (sendguard_recipients_total
+    #: counts every recipient once, when the transaction ends, with the class known then).
+    refused_outcomes: Counter[str] = field(default_factory=Counter)
     #: After an internal error the transaction cannot go on: every later RCPT and DATA gets
     #: this 4xx (never a 503 that would bounce recipients) until the client starts anew.
     failed: Reply | None = None
@@ -106,6 +112,7 @@ class RelayTransaction:
         if classification is not None:
             txn.message_class = classification.message_class
         runtime.enter()
+        services.metrics.transactions_in_flight.inc()
         return cls(
             txn=txn,
             runtime=runtime,
@@ -188,20 +195,18 @@ class RelayTransaction:
         ``options``: its checked DSN parameters (NOTIFY, ORCPT), relayed when the upstream
         offers DSN and kept for the recipient's own copy."""
         txn, metrics = self.txn, self.services.metrics
-        klass = txn.message_class or "unknown"
         decision = await self.timed_stage("rcpt", self.runtime.pipeline.check_rcpt(txn, address))
         self.results.extend(decision.results)
         if not decision.accepted:
             assert decision.reply is not None
             self.refused[address] = decision.reply
-            outcome = "rejected" if decision.action is Action.REJECT else "tempfailed"
-            metrics.recipients.labels(txn.listener, klass, outcome).inc()
+            self.refused_recipient(decision.reply, by="policy")
             return decision.reply
 
         suppressed = await self.runtime.bounces.refusal(txn, address)
         if suppressed is not None:
             self.refused[address] = suppressed
-            metrics.recipients.labels(txn.listener, klass, "rejected").inc()
+            self.refused_recipient(suppressed, by="policy")
             return suppressed
         relayed: list[str] = []
         if self.upstream is None or self.upstream_lost:
@@ -221,8 +226,13 @@ class RelayTransaction:
             txn.recipients.append(address)  # counted in _account, under the class known by then
         else:
             self.refused[address] = reply
-            metrics.recipients.labels(txn.listener, klass, "tempfailed" if reply.is_temporary else "rejected").inc()
+            self.refused_recipient(reply, by="upstream" if self.upstream is not None else "policy")
         return reply
+
+    def refused_recipient(self, reply: Reply, *, by: str) -> None:
+        """A recipient refused before DATA (``by``: policy, which is any refusal of sendguard's
+        own, or upstream); counted when the transaction ends."""
+        self.refused_outcomes["tempfailed" if reply.is_temporary else f"refused_{by}"] += 1
 
     # ---- pauses, backoff, bounces ---------------------------------------------------------
 
@@ -312,6 +322,7 @@ class RelayTransaction:
         if self.ended:
             return
         self.ended = True
+        self.services.metrics.transactions_in_flight.dec()
         if self.on_end is not None:
             self.on_end()
         txn, runtime = self.txn, self.runtime
@@ -341,6 +352,33 @@ class RelayTransaction:
                 runtime.leave()
                 # Even when the client vanished during commit: what happened is on record.
                 self._account(outcome, client_reply, upstream_reply, note)
+                # Nothing reads the message after this. Let go of it (it may be 25 MB) now:
+                # the session's objects form reference cycles, which only the garbage
+                # collector frees, at a time of its choosing.
+                txn.message = None
+
+    def _recipient_outcomes(self, outcome: str, upstream_reply: Reply | None) -> Counter[str]:
+        """Every recipient's final outcome: those refused before DATA as they were refused;
+        the accepted ones as the message (or, sent as copies, their own copy) ended."""
+        fates = Counter(self.refused_outcomes)
+        if self.copies is not None:
+            for recipient, reply in self.copies.items():
+                fate = self._copy_fate(recipient, reply)
+                if fate == "refused":
+                    if reply.is_temporary:
+                        fate = "tempfailed"  # refused for now and not queued (the client retries)
+                    else:
+                        fate = "refused_policy" if recipient in self.held else "refused_upstream"
+                fates[fate] += 1
+        elif self.txn.recipients:
+            if outcome in ("delivered", "tempfailed", "abandoned"):
+                fate = outcome
+            elif upstream_reply is not None and not upstream_reply.is_success:
+                fate = "refused_upstream"
+            else:
+                fate = "refused_policy"  # a message-stage policy, the class check, DKIM
+            fates[fate] += len(self.txn.recipients)
+        return fates
 
     def _copy_fate(self, recipient: str, reply: Reply) -> str:
         """delivered, queued (in the retry queue) or refused."""
@@ -368,9 +406,12 @@ class RelayTransaction:
         txn = self.txn
         duration = time.monotonic() - self.started
         klass = txn.message_class or "unknown"
-        self.services.metrics.messages.labels(txn.listener, klass, outcome).inc()
-        if txn.recipients:
-            self.services.metrics.recipients.labels(txn.listener, klass, "accepted").inc(len(txn.recipients))
+        metrics = self.services.metrics
+        metrics.messages.labels(txn.listener, klass, outcome).inc()
+        metrics.transaction_duration.labels(outcome).observe(duration)
+        metrics.tls_transactions.labels(txn.listener, "tls" if txn.tls else "plaintext").inc()
+        for fate, count in self._recipient_outcomes(outcome, upstream_reply).items():
+            metrics.recipients.labels(txn.listener, klass, fate).inc(count)
         raw_ids = txn.message.raw_header_values("Message-ID") if txn.message is not None else []
         message_id = raw_ids[0].strip() if raw_ids else None
         entry: dict[str, Any] = {

@@ -333,9 +333,12 @@ class SmtpUpstream:
         helo_name: str,
         on_reply: Callable[[str, str], None] | None = None,
         on_pool: Callable[[int, int], None] | None = None,
+        on_timing: Callable[[str, float], None] | None = None,
     ) -> None:
         self.config = config
         self._on_pool = on_pool
+        #: (stage, seconds): ``pool_wait`` for a slot, ``connect`` for TCP + TLS + EHLO + AUTH.
+        self._on_timing = on_timing
         self.helo_name = config.helo_name or helo_name
         address = config.hostport
         self.host, self.port = address.host, address.port
@@ -364,14 +367,21 @@ class SmtpUpstream:
         if self._on_reply:
             self._on_reply(stage, outcome)
 
+    def _timing(self, stage: str, started: float) -> None:
+        if self._on_timing:
+            self._on_timing(stage, time.perf_counter() - started)
+
     async def open(self, txn_id: str) -> SmtpSession:
         if self._closed:
             raise UpstreamUnavailable(r451_upstream_unavailable(txn_id))
+        started = time.perf_counter()
         try:
             await asyncio.wait_for(self._slots.acquire(), self.config.timeouts.connect)
         except TimeoutError:
+            self._timing("pool_wait", started)
             log.warning("txn %s: all %d upstream connections busy", txn_id, self.config.pool.max_connections)
             raise UpstreamUnavailable(r451_upstream_busy(txn_id)) from None
+        self._timing("pool_wait", started)
         self.busy += 1
         try:
             connection = self._take_idle() or await self._connect(txn_id)
@@ -409,6 +419,7 @@ class SmtpUpstream:
             username=config.username,
             password=config.password,
         )
+        started = time.perf_counter()
         try:
             await client.connect(timeout=config.timeouts.connect)
             if client.last_ehlo_response is None:  # connect() says EHLO only for STARTTLS or AUTH
@@ -435,6 +446,7 @@ class SmtpUpstream:
             )
             self.count("connect", "timeout" if timed_out else "error")
             raise UpstreamUnavailable(r451_upstream_unavailable(txn_id)) from exc
+        self._timing("connect", started)
         self.count("connect", "2xx")
         extensions = client.esmtp_extensions
         size = extensions.get("size", "")
@@ -672,7 +684,8 @@ def build_upstream(
     helo_name: str,
     on_reply: Callable[[str, str], None] | None = None,
     on_pool: Callable[[int, int], None] | None = None,
+    on_timing: Callable[[str, float], None] | None = None,
 ) -> MaildirUpstream | SmtpUpstream:
     if config.is_maildir:
         return MaildirUpstream(config.maildir_path)
-    return SmtpUpstream(config, helo_name=helo_name, on_reply=on_reply, on_pool=on_pool)
+    return SmtpUpstream(config, helo_name=helo_name, on_reply=on_reply, on_pool=on_pool, on_timing=on_timing)

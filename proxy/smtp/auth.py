@@ -25,7 +25,16 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ("USERNAME_RE", "AuthFailureTracker", "UserStore", "add_user", "hash_password", "verify_password")
+__all__ = (
+    "USERNAME_RE",
+    "AuthFailureTracker",
+    "UserStore",
+    "add_user",
+    "delete_user",
+    "hash_password",
+    "list_users",
+    "verify_password",
+)
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
 _N, _R, _P = 2**14, 8, 1
@@ -136,10 +145,36 @@ def add_user(path: str, name: str, password: str) -> bool:
             out.append(line)
     if new:
         out.append(entry)
+    _write_users(target, out)
+    return new
+
+
+def list_users(path: str) -> list[str]:
+    """The user names in the file, in its order (no hashes)."""
+    target = Path(path)
+    return list(_parse(target.read_text(encoding="utf-8"))) if target.exists() else []
+
+
+def delete_user(path: str, name: str) -> bool:
+    """Remove a user; False when there was none. The running proxy sees the change at its next
+    AUTH (the file is re-read when it changes)."""
+    target = Path(path)
+    if not target.exists():
+        return False
+    lines = target.read_text(encoding="utf-8").splitlines()
+    out = [line for line in lines if line.lstrip().startswith("#") or line.split(":", 1)[0].strip() != name]
+    if len(out) == len(lines):
+        return False
+    _write_users(target, out)
+    return True
+
+
+def _write_users(target: Path, lines: list[str]) -> None:
+    """Atomically, mode 0600: a crash leaves the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".users.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(out) + "\n")
+            handle.write("\n".join(lines) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o600)
@@ -147,7 +182,6 @@ def add_user(path: str, name: str, password: str) -> bool:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return new
 
 
 class AuthFailureTracker:

@@ -259,11 +259,9 @@ class RelayHandler:
             return R.R503_NEED_MAIL.line()
         if state.failed is not None:
             return state.failed.line()
-        txn, metrics = state.txn, self.services.metrics
         reply = self._check_recipient_syntax(state, address)
         if reply is not None:
-            klass = txn.message_class or "unknown"
-            metrics.recipients.labels(txn.listener, klass, "rejected" if reply.code >= 500 else "tempfailed").inc()
+            state.refused_recipient(reply, by="policy")
             return reply.line()
         try:
             dsn = dsn_parameters(server.raw_params, "RCPT") if server.dsn_offered else []
@@ -307,6 +305,10 @@ class RelayHandler:
         finally:
             server.in_data = False
         await state.end(delivered.outcome, client_reply=delivered.reply, upstream_reply=delivered.upstream_reply)
+        # The transaction is over and on record: let go of it (and its message, which may be
+        # 25 MB) now, not when the client next says MAIL, RSET or QUIT.
+        if self.state is state:
+            self.state = None
         if delivered.outcome == "delivered":
             server.errors = 0  # Postfix counts errors "without delivering mail"
         return delivered.reply.line()

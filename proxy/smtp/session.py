@@ -21,6 +21,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syn
 
 from policies.base import Reply
 from proxy import replies as R
+from proxy.observability.memory import release_memory
 from proxy.relay.dsn import DSN_PARAMETERS
 from proxy.schema import address_in
 from proxy.smtp.body import END_LINE, BodyCollector, BodyState, ends_data
@@ -328,11 +329,13 @@ class SendguardSMTP(SMTP):
                 self._set_post_data_state()  # type: ignore[no-untyped-call]
                 return
             content = collector.message()
+            size = len(content)
             self.envelope.content = self.envelope.original_content = content
             del content, collector  # the envelope holds the one copy from here
             status = await self._call_handler_hook("DATA")
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push("250 OK" if status is MISSING else status)
+            release_memory(size)
         finally:
             self._reading_body = False
 

@@ -100,6 +100,10 @@ class MemoryLimitStore(LimitStore):
             out.append(BucketState(key, tat, now))
         return out
 
+    async def reset(self, keys: Sequence[str]) -> int:
+        with self._lock:
+            return sum(1 for key in keys if self._buckets.pop(key, None) is not None)
+
     async def peek(self, keys: Sequence[str]) -> list[BucketState]:
         with self._lock:
             now = self.clock()

@@ -242,6 +242,14 @@ class RedisLimitStore(LimitStore):
             for key, value in zip(keys, values, strict=True)
         ]
 
+    async def reset(self, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
+        # An absent key is a full bucket; refunds of reservations made before stay harmless
+        # (a refund never lifts a bucket above full).
+        deleted = await self._call("DEL", lambda: self.client.delete(*[self.prefix + key for key in keys]))
+        return int(deleted)
+
     async def buckets(self, value: str | None = None) -> list[BucketState]:
         pattern = _glob_escape(self.prefix) + "rl:*"
         if value is not None:

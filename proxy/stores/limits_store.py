@@ -209,6 +209,10 @@ class LimitStore(abc.ABC):
     async def peek(self, keys: Sequence[str]) -> list[BucketState]:
         """The state of these buckets; a full (absent) bucket has TAT == now."""
 
+    @abc.abstractmethod
+    async def reset(self, keys: Sequence[str]) -> int:
+        """Make these buckets full again (``limits reset``); how many were not full."""
+
     async def close(self) -> None:
         return None
 

@@ -215,3 +215,34 @@ def test_serve_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", str(bad))
     assert result.returncode == 2
     assert "surprise: unknown key" in result.stderr
+
+
+def test_bare_numbers_for_durations_and_sizes_are_accepted_with_a_warning(tmp_path: Path) -> None:
+    """Issue 12: `rate_window: 24` meant hours to its writer and is read as seconds; the loader
+    keeps reading it so (a config that ran keeps running) but says so, with line and key."""
+    path = tmp_path / "bare.yaml"
+    path.write_text(
+        "listeners:\n"
+        "  - name: local\n"
+        "    address: 127.0.0.1:0\n"
+        "    max_message_size: 1000000\n"
+        "timeouts:\n"
+        "  idle: 24\n"
+        "  session: 10m\n"
+        "policies:\n"
+        "  - {name: rate_limit, limits: [{key: global, rates: [10/min], hold: 0}]}\n"  # zero is zero in any unit
+    )
+    settings = load_config(path)
+    assert settings.timeouts.idle == 24
+    assert settings.listeners[0].max_message_size == 1_000_000
+    assert settings.load_warnings == (
+        f"{path}:4: listeners[0].max_message_size: 1000000 without a unit is read as 1000000 bytes; "
+        "write the unit: 1000000B, 1000000KB or 1000000MB",
+        f"{path}:6: timeouts.idle: 24 without a unit is read as 24 seconds; write the unit: 24s, 24m or 24h",
+    )
+
+
+def test_the_shipped_configs_write_their_units() -> None:
+    root = Path(__file__).resolve().parents[2]
+    for path in [root / "config" / "sendguard.yaml", *sorted((root / "config" / "examples").glob("*.yaml"))]:
+        assert load_config(path, environ={"SENDGUARD_UPSTREAM_PASSWORD": "x"}).load_warnings == (), path

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config.settings import load_config
-from tests.conftest import Proxy, message, submit
+from proxy.config.settings import Settings, load_config
+from tests.conftest import Proxy, TLSFiles, message, submit
 from tests.fakes import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,20 +18,37 @@ SHIPPED = sorted(
         ROOT / "config" / "sendguard.yaml",
         ROOT / "config" / "docker.yaml",
         *(ROOT / "config" / "examples").glob("*.yaml"),
+        ROOT / "deploy" / "compose" / "sendguard.yaml",
     ]
 )
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_shipped_config_loads_and_is_closed(path: Path) -> None:
-    settings = load_config(
-        path,
+def with_test_certificates(path: Path, tls_files: TLSFiles, tmp_path: Path) -> Path:
+    """The config with its listeners' certificate files (mounted in a container, absent
+    here) replaced by the test CA's; everything else as shipped."""
+    config = yaml.safe_load(path.read_text())
+    for listener in config.get("listeners", []):
+        if isinstance(listener.get("tls"), dict) and listener["tls"].get("cert"):
+            listener["tls"] = {**listener["tls"], "cert": str(tls_files.cert_file), "key": str(tls_files.key_file)}
+    copy = tmp_path / path.name
+    copy.write_text(yaml.safe_dump(config, sort_keys=False))
+    return copy
+
+
+def load_shipped(path: Path, tls_files: TLSFiles, tmp_path: Path) -> Settings:
+    return load_config(
+        with_test_certificates(path, tls_files, tmp_path),
         environ={
             "SENDGUARD_UPSTREAM_PASSWORD": "x",
             "SENDGUARD_POSTGRES_DSN": "x",
             "SENDGUARD_REDIS_URL": "redis://127.0.0.1:6379/0",
         },
     )
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_loads_and_is_closed(path: Path, tls_files: TLSFiles, tmp_path: Path) -> None:
+    settings = load_shipped(path, tls_files, tmp_path)
     for listener in settings.listeners:
         assert all(network.prefixlen >= 8 for network in listener.trusted_networks)
         assert all(network.is_private or network.is_loopback for network in listener.trusted_networks)
@@ -43,7 +60,8 @@ def test_shipped_config_loads_and_is_closed(path: Path) -> None:
 def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "\nUSER sendguard\n" in text
-    assert "HEALTHCHECK" in text and "/readyz" in text
+    # The healthcheck asks /readyz at the config's http.address (tests/deploy/test_service_files.py).
+    assert 'CMD ["sendguard", "health", "--config", "/etc/sendguard/sendguard.yaml"]' in text
     assert "COPY config/docker.yaml /etc/sendguard/sendguard.yaml" in text
 
 
@@ -68,7 +86,11 @@ async def test_every_shipped_config_enforces_the_law(
     and mass mail with everyone in To is refused; config check warns about none of them."""
     monkeypatch.setenv("SENDGUARD_UPSTREAM_PASSWORD", "x")
     config = yaml.safe_load(path.read_text())
-    config["listeners"] = [{**listener, "address": "127.0.0.1:0"} for listener in config["listeners"][:1]]
+    # The first listener, on loopback (trusted by every shipped config), without TLS: this
+    # test is about the policies; who may relay is tested in tests/deploy/test_container_relay.py.
+    config["listeners"] = [
+        {**listener, "address": "127.0.0.1:0", "tls": {"mode": "none"}} for listener in config["listeners"][:1]
+    ]
     config["upstream"] = {"address": upstream.address, "tls": "none"}
     config["users_file"] = str(tmp_path / "users")
     config["audit"] = {"path": str(tmp_path / "audit.jsonl")}

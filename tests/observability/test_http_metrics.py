@@ -43,7 +43,7 @@ async def test_every_label_pair_is_present_from_the_start(proxy: Proxy) -> None:
     for klass in ("commercial", "transactional", "unknown"):
         for outcome in ("delivered", "rejected", "tempfailed", "abandoned"):
             assert sample(text, "sendguard_messages_total", listener="local", **{"class": klass}, outcome=outcome) == 0
-    assert sample(text, "sendguard_upstream_replies_total", stage="data", **{"class": "5xx"}) == 0
+    assert sample(text, "sendguard_upstream_replies_total", stage="data", **{"code_class": "5xx"}) == 0
     assert sample(text, "sendguard_config_last_reload_success") == 1
 
 
@@ -77,14 +77,22 @@ async def test_counters_move_and_never_carry_addresses(proxy: Proxy, upstream: F
         sample(text, "sendguard_messages_total", listener="local", outcome="rejected", **{"class": "transactional"})
         == 1
     )
+    # Counted when each transaction ended, with its final outcome: two delivered, and one
+    # whose message a policy refused after DATA.
     assert (
-        sample(text, "sendguard_recipients_total", listener="local", outcome="accepted", **{"class": "transactional"})
-        == 3
+        sample(text, "sendguard_recipients_total", listener="local", outcome="delivered", **{"class": "transactional"})
+        == 2
+    )
+    assert (
+        sample(
+            text, "sendguard_recipients_total", listener="local", outcome="refused_policy", **{"class": "transactional"}
+        )
+        == 1
     )
     assert (
         sample(text, "sendguard_policy_verdicts_total", policy="required_headers", action="reject", mode="enforce") == 1
     )
-    assert sample(text, "sendguard_upstream_replies_total", stage="data", **{"class": "2xx"}) == 1
+    assert sample(text, "sendguard_upstream_replies_total", stage="data", **{"code_class": "2xx"}) == 1
     assert sample(text, "sendguard_sessions_total", listener="local", outcome="accepted") == 2
     assert (sample(text, "sendguard_upstream_stage_duration_seconds_count", stage="data") or 0) >= 1
     assert (sample(text, "sendguard_policy_stage_duration_seconds_count", stage="message") or 0) >= 2

@@ -28,7 +28,7 @@ async def test_an_extra_line_after_the_final_dot_never_reaches_the_next_client(
         assert "stale" not in text
     assert len(upstream.messages) == 3
     registry = proxy.app.services.metrics.registry
-    assert registry.get_sample_value("sendguard_upstream_replies_total", {"stage": "data", "class": "error"}) == 3
+    assert registry.get_sample_value("sendguard_upstream_replies_total", {"stage": "data", "code_class": "error"}) == 3
 
 
 @pytest.mark.parametrize("stage", ["mail", "rcpt"])

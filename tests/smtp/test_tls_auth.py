@@ -201,7 +201,8 @@ async def test_upstream_with_unknown_ca_is_refused_with_451(
     assert upstream.messages == []
     registry = proxy.app.services.metrics.registry
     assert (
-        registry.get_sample_value("sendguard_upstream_replies_total", {"stage": "connect", "class": "tls_failed"}) == 1
+        registry.get_sample_value("sendguard_upstream_replies_total", {"stage": "connect", "code_class": "tls_failed"})
+        == 1
     )
 
 
