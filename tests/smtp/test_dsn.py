@@ -4,7 +4,6 @@ per-recipient copy (queued copies too); sendguard's own failure reports follow N
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 
 from tests.conftest import Proxy, RawClient, eventually, message, submit
 from tests.fakes import FakeUpstream, Faults
+from tests.relay.test_spool import rows
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 UpstreamFactory = Callable[..., Awaitable[FakeUpstream]]
@@ -150,15 +150,6 @@ async def test_bad_dsn_parameters_are_refused_with_what_is_wrong(
 SPLIT = {"policies": [{"name": "visible_recipients", "max_visible": 1, "remedy": "split"}]}
 
 
-def queue_rows(tmp_path: Path) -> list[sqlite3.Row]:
-    db = sqlite3.connect(tmp_path / "spool.db")
-    db.row_factory = sqlite3.Row
-    try:
-        return db.execute("SELECT * FROM queue ORDER BY id").fetchall()
-    finally:
-        db.close()
-
-
 async def test_each_copy_carries_its_recipients_parameters_and_notify_decides_our_reports(
     upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
@@ -202,7 +193,7 @@ async def test_each_copy_carries_its_recipients_parameters_and_notify_decides_ou
     audit = (await proxy.wait_audit(2))[-1]
     assert audit["copies"]["never@example.org"] == {"fate": "refused", "reply": "550 5.1.1 gone", "reported": False}
     assert audit["copies"]["fail@example.org"]["reported"] is True
-    copies = [r for r in queue_rows(tmp_path) if r["kind"] == "copy"]
+    copies = [r for r in rows(tmp_path) if r["kind"] == "copy"]
     assert [(r["recipient"], r["options"].split()[-3:]) for r in copies] == [
         ("later@example.org", ["ENVID=batch-7", "NOTIFY=DELAY", "ORCPT=rfc822;Later@example.org"])
     ]

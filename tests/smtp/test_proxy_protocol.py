@@ -21,6 +21,7 @@ from proxy.smtp.auth import add_user
 from tests.conftest import Proxy, RawClient, message, need_program
 from tests.dnsserver import DNSServer
 from tests.fakes import FakeUpstream
+from tests.test_external_clients import free_port
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 
@@ -47,15 +48,9 @@ def v2(client: str | None, port: int = 40000) -> bytes:
     return V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
 
 
-@pytest.fixture
-async def dns_server() -> AsyncIterator[DNSServer]:
-    server = await DNSServer().start()  # the Received field's PTR lookups stay on this machine
-    yield server
-    await server.stop()
-
-
 def balanced(dns_server: DNSServer, **listener: Any) -> dict[str, Any]:
-    """A listener behind a balancer on 127.0.0.1; its own clients are 198.51.100.0/24."""
+    """A listener behind a balancer on 127.0.0.1; its own clients are 198.51.100.0/24. The
+    Received field's PTR lookups go to the test's DNS server, never off this machine."""
     config: dict[str, Any] = {
         "name": "lb",
         "address": "127.0.0.1:0",
@@ -270,12 +265,6 @@ async def test_proxy_protocol_config_mistakes_are_refused(
 
 
 # ---- a real PROXY sender: HAProxy in TCP mode ---------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,6 @@ from tests.fakes import FakeUpstream
 from tests.reputation.test_reputation_relay import dkim_keys, publish_keys, verify_all
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
-
-
-@pytest.fixture
-async def dns_server() -> AsyncIterator[DNSServer]:
-    server = await DNSServer().start()
-    yield server
-    await server.stop()
 
 
 def header_lines(content: bytes) -> list[bytes]:
