@@ -58,6 +58,28 @@ def _fully_qualified(name: str) -> bool:
     return len(labels) >= 2 and all(labels) and name.lower() not in ("localhost.localdomain",)
 
 
+def _name_warnings(settings: Settings, hostname: str) -> list[str]:
+    """The names sendguard gives that are not fully qualified: each listener's greeting (and
+    Received "by"), and the EHLO name it gives the upstream, which Microsoft 365, Google and
+    most smarthosts check (RFC 5321 4.1.1.1: the client's fully qualified name)."""
+    warnings = []
+    for listener in settings.listeners:
+        name = listener.hostname or hostname
+        if not _fully_qualified(name):
+            warnings.append(
+                f"listener {listener.name} greets as {name!r}, not a fully qualified domain name (RFC 5321 2.3.5, "
+                "4.1.3); set hostname: for the listener to this machine's name in the DNS"
+            )
+    upstream = settings.upstream
+    helo = upstream.helo_name or hostname
+    if not upstream.is_maildir and not _fully_qualified(helo):
+        warnings.append(
+            f"sendguard says EHLO {helo!r} to the upstream, not a fully qualified domain name (RFC 5321 "
+            "4.1.1.1); providers refuse or score such mail: set upstream.helo_name to this machine's name in the DNS"
+        )
+    return warnings
+
+
 _UPSTREAM_FAILURES = {
     "tls_failed": "TLS failed (certificate or handshake)",
     "auth_failed": "our credentials were refused",
@@ -266,15 +288,8 @@ class App:
             log.warning("config: %s", warning)
         for warning in settings.load_warnings:
             log.warning("config: %s", warning)
-        for listener in settings.listeners:
-            name = listener.hostname or hostname
-            if not _fully_qualified(name):
-                log.warning(
-                    "listener %s greets as %r, not a fully qualified domain name (RFC 5321 2.3.5, 4.1.3); "
-                    "set hostname: for the listener (and upstream.helo_name) to this machine's name in the DNS",
-                    listener.name,
-                    name,
-                )
+        for warning in _name_warnings(settings, hostname):
+            log.warning("%s", warning)
         loop = asyncio.get_running_loop()
         try:
             for config in settings.listeners:
@@ -563,6 +578,8 @@ class App:
             metrics.config_last_reload_time.set_to_current_time()
             self._start_blocklist_watch(settings)
             log.info("config reloaded (%s): %s", reason, settings.digest)
+            for warning in _name_warnings(settings, self.services.hostname):
+                log.warning("%s", warning)
             self._log_inventory(settings)
             return True
 

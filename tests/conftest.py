@@ -25,6 +25,7 @@ import yaml
 
 from proxy.app import App
 from proxy.config.settings import load_config
+from tests.dnsserver import DNSServer
 from tests.fakes import FakeUpstream, LenientUpstream
 from tests.services import postgres_target, redis_target  # noqa: F401 - fixtures for every test module
 
@@ -123,6 +124,14 @@ async def upstream_factory() -> AsyncIterator[Callable[..., Awaitable[FakeUpstre
 @pytest.fixture
 async def upstream(upstream_factory: Callable[..., Awaitable[FakeUpstream]]) -> FakeUpstream:
     return await upstream_factory()
+
+
+@pytest.fixture
+async def dns_server() -> AsyncIterator[DNSServer]:
+    """A DNS server on loopback whose zone the test sets (PTR, TXT, A ...)."""
+    server = await DNSServer().start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture

@@ -21,6 +21,9 @@ class Received:
     rcpt_tos: list[str]
     content: bytes
     mail_options: list[str]
+    #: As the client wrote them (aiosmtpd upper-cases ``mail_options``), and each recipient's.
+    raw_mail_options: list[str] = field(default_factory=list)
+    rcpt_options: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -46,6 +49,16 @@ class RecordingHandler:
         self.commands: list[str] = []
         self.credentials = credentials
         self.rsets = 0
+        #: Offer DSN (RFC 3461) and take its parameters.
+        self.dsn = False
+        self._raw_mail: list[str] = []
+        self._raw_rcpt: dict[str, list[str]] = {}
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-DSN", responses[-1]] if self.dsn else responses
 
     async def _fault(self, server: SMTP, stage: str) -> None:
         if self.faults.drop_at == stage:
@@ -66,6 +79,7 @@ class RecordingHandler:
             return self.faults.mail_reply
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        self._raw_mail, self._raw_rcpt = list(getattr(server, "raw_params", [])), {}
         return self._with_extra("mail", "250 2.1.0 Ok")
 
     def _with_extra(self, stage: str, reply: str) -> str:
@@ -83,6 +97,7 @@ class RecordingHandler:
                 envelope.rcpt_tos.append(address)
             return reply
         envelope.rcpt_tos.append(address)
+        self._raw_rcpt[address] = list(getattr(server, "raw_params", []))
         return self._with_extra("rcpt", "250 2.1.5 Ok")
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -101,7 +116,12 @@ class RecordingHandler:
         assert envelope.original_content is not None
         self.messages.append(
             Received(
-                str(envelope.mail_from), list(envelope.rcpt_tos), envelope.original_content, list(envelope.mail_options)
+                str(envelope.mail_from),
+                list(envelope.rcpt_tos),
+                envelope.original_content,
+                list(envelope.mail_options),
+                self._raw_mail,
+                self._raw_rcpt,
             )
         )
         return self._with_extra("data-end", f"250 2.0.0 Ok: queued as Q{len(self.messages)}")
@@ -123,6 +143,19 @@ class FaultySMTP(SMTP):
     def __init__(self, handler: RecordingHandler, *args: Any, **kwargs: Any) -> None:
         super().__init__(handler, *args, **kwargs)
         self.recorder = handler
+        self.raw_params: list[str] = []
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        address, rest = super()._getaddr(arg)
+        self.raw_params = rest.split() if rest else []
+        return address, rest
+
+    def _getparams(self, params: Any) -> dict[str, str | bool] | None:
+        result = super()._getparams(params)
+        if result is not None and self.recorder.dsn:  # the DSN parameters are known
+            for keyword in ("RET", "ENVID", "NOTIFY", "ORCPT"):
+                result.pop(keyword, None)
+        return result
 
     async def smtp_DATA(self, arg: str) -> None:
         if self.recorder.faults.drop_at == "data-start" and self.envelope is not None and self.envelope.rcpt_tos:
@@ -148,9 +181,11 @@ class FakeUpstream:
         smtputf8: bool = True,
         eightbitmime: bool = True,
         size_limit: int | None = 33554432,
+        dsn: bool = False,
     ) -> None:
         self.faults = faults or Faults()
         self.handler = RecordingHandler(self.faults, credentials)
+        self.handler.dsn = dsn
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         self.require_starttls = require_starttls

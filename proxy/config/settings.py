@@ -67,6 +67,13 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")
 _UNIQUE_LOCAL = ipaddress.IPv6Network("fc00::/7")  # RFC 4193: private, however wide
 
 
+def _too_wide(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """A prefix that covers a large part of the Internet (wider than /8, or /32 for IPv6
+    outside the private fc00::/7)."""
+    too_wide = network.prefixlen < (8 if network.version == 4 else 32)
+    return too_wide and not (isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_UNIQUE_LOCAL))
+
+
 @dataclass(frozen=True)
 class ListenerTLS:
     mode: Literal["none", "starttls", "implicit"] = doc(
@@ -75,6 +82,16 @@ class ListenerTLS:
     cert: str | None = doc("PEM certificate chain file", default=None)
     key: str | None = doc("PEM private key file", default=None)
     required: bool = doc("starttls only: refuse MAIL before STARTTLS", default=False)
+
+
+@dataclass(frozen=True)
+class ListenerProxyProtocol:
+    trusted: tuple[IPNetwork, ...] = doc(
+        "load balancers whose PROXY header (v1 or v2) is believed; when set, every connection must start "
+        "with one and connections from other addresses are refused (empty: PROXY protocol off)",
+        default=(),
+    )
+    timeout: Duration = doc("the PROXY header must arrive within this time of the connection", default=Duration(10))
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,16 @@ class ListenerConfig:
     max_auth_failures: int = doc("failed AUTH attempts per client IP per 10 minutes before AUTH is refused", default=10)
     plaintext_auth_networks: tuple[IPNetwork, ...] = doc(
         "clients that may AUTH without TLS (nothing crosses a network from loopback)", default=LOOPBACK
+    )
+    proxy_protocol: ListenerProxyProtocol = doc(
+        "PROXY protocol from a TCP load balancer: the client address it carries counts as the client's "
+        "(trusted networks, AUTH, per-IP limits, rate limits, audit, Received)",
+        default_factory=ListenerProxyProtocol,
+    )
+    received_auth_user: bool = doc(
+        "name the AUTH user in sendguard's Received: field (Postfix's smtpd_sasl_authenticated_header; "
+        "off: it tells every recipient a login name)",
+        default=False,
     )
 
 
@@ -606,11 +633,18 @@ def _validate(settings: Settings, conv: Converter) -> None:
         for j, network in enumerate(listener.trusted_networks):
             # A trusted network lets anyone in it relay without a password: a prefix that
             # covers a large part of the Internet makes an open relay (Postfix T13: fail closed).
-            too_wide = network.prefixlen < (8 if network.version == 4 else 32)
-            if too_wide and not (isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_UNIQUE_LOCAL)):
+            if _too_wide(network):
                 err(
                     f"{base}.trusted_networks[{j}]",
                     f"{network} would make sendguard an open relay; list the networks of your own clients",
+                )
+        for j, network in enumerate(listener.proxy_protocol.trusted):
+            # Whoever may send a PROXY header chooses the client address sendguard believes,
+            # trusted networks included: list the balancers, not the Internet.
+            if _too_wide(network):
+                err(
+                    f"{base}.proxy_protocol.trusted[{j}]",
+                    f"{network} would let anyone choose the client address sendguard sees; list your load balancers",
                 )
         if listener.tls.mode != "none":
             if not listener.tls.cert or not listener.tls.key:
@@ -624,6 +658,16 @@ def _validate(settings: Settings, conv: Converter) -> None:
             err(f"{base}.tls.required", "requires tls.mode: starttls")
         if listener.tls.required and listener.tls.mode == "implicit":
             err(f"{base}.tls.required", "implicit TLS is always required; set required only with starttls")
+        if listener.proxy_protocol.trusted and listener.tls.mode == "implicit":
+            # The PROXY header comes before the TLS handshake, and the handshake is made before
+            # sendguard reads a byte of an implicit-TLS connection.
+            err(
+                f"{base}.proxy_protocol",
+                "PROXY protocol cannot be combined with implicit TLS on one listener; use starttls, "
+                "or let the load balancer terminate TLS",
+            )
+        if listener.proxy_protocol.trusted and float(listener.proxy_protocol.timeout) < 1:
+            err(f"{base}.proxy_protocol.timeout", "must be at least 1s")
         if listener.max_message_size < 1024:
             err(f"{base}.max_message_size", "must be at least 1KB")
         if listener.max_recipients < 1:

@@ -352,7 +352,7 @@ class Metrics:
         for listener in names:
             self.sessions_active.labels(listener)
             self.listener_stress.labels(listener)
-            for outcome in ("accepted", "refused_limit", "command_timeout", "idle_timeout"):
+            for outcome in ("accepted", "refused_limit", "refused_proxy", "command_timeout", "idle_timeout"):
                 self.sessions.labels(listener, outcome)
             for result in ("success", "failure", "blocked"):
                 self.auth.labels(listener, result)

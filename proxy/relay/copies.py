@@ -18,6 +18,7 @@ from policies.message import VISIBLE_RECIPIENT_FIELDS
 from proxy import replies as R
 from proxy.relay import rawmsg
 from proxy.relay.drain import attempt_budget, dsn_for, send_one
+from proxy.relay.dsn import notify_failure
 from proxy.relay.pipeline import StageDecision
 from proxy.relay.signing import sign
 from proxy.relay.spool import Queued
@@ -38,6 +39,8 @@ async def deliver_copies(
     outgoing: bytes,
     decision: StageDecision,
     keepalive: Callable[[float], None] | None = None,
+    *,
+    received: bytes = b"",
 ) -> tuple[Reply, Reply | None, str]:
     """One copy per recipient, each in its own upstream transaction.
 
@@ -71,7 +74,7 @@ async def deliver_copies(
             keepalive(attempt_budget(t.runtime))
         try:
             prepared = await _prepare_copy(
-                t, outgoing, recipient, split, extra.get(recipient, ()), footers.get(recipient)
+                t, outgoing, recipient, split, extra.get(recipient, ()), footers.get(recipient), received
             )
         except asyncio.CancelledError:
             raise
@@ -99,7 +102,8 @@ async def deliver_copies(
                     recipient=recipient,
                     content=prepared,
                     next_attempt=retry_at,
-                    options=tuple(t.relayed_options),
+                    # MAIL's and this recipient's parameters in one list (dsn.split_options).
+                    options=(*t.relayed_options, *t.rcpt_options.get(recipient, ())),
                     attempts=int(tried),
                     last_reply=reply.line(),
                 )
@@ -113,12 +117,17 @@ async def deliver_copies(
         outcome = "tempfailed" if first.is_temporary else "rejected"
         return Reply(first.code, first.status, f"{first.text} [{txn.txn_id}]"[:500]), first, outcome
     refused = [(r, reply) for r, reply in failed if not reply.is_temporary]
+    # Reported only where the sender asked to hear of failures (RFC 3461 4.1: NOTIFY=NEVER,
+    # or a NOTIFY without FAILURE, means no report for that recipient).
+    unreported = {r for r, _ in refused if not notify_failure(t.rcpt_options.get(r, ()))}
     text = f"Delivered as {len(delivered)} separate copies, one per recipient"
     if decision.held:  # copies only because some recipients were refused after DATA
         text = f"Delivered to {len(delivered)} recipient{'' if len(delivered) == 1 else 's'}, one copy each"
     if not failed:
         return Reply(250, "2.0.0", f"{text} [{txn.txn_id}]"), None, "delivered"
-    queued = await _queue(t, outgoing, retry, refused, len(failed) - len(refused))
+    queued = await _queue(
+        t, outgoing, retry, [(r, reply) for r, reply in refused if r not in unreported], len(failed) - len(refused)
+    )
     if queued is None:
         # Some copies are delivered and the others could not be queued: a 451 makes the client
         # send the whole message again, which duplicates the delivered copies. A duplicate is
@@ -180,14 +189,16 @@ async def _prepare_copy(
     split: bool,
     fields: Sequence[tuple[str, str]],
     footer: tuple[str, str] | None,
+    received: bytes = b"",
 ) -> bytes | Reply:
-    """The signed bytes of one recipient's copy, or why there are none."""
+    """The signed bytes of one recipient's copy, or why there are none. The trace field goes
+    on top of the copy's own header fields (RFC 5322 3.6.7: trace fields lead the header)."""
     copy = outgoing
     if split:
         # Every field a reader sees recipients in (visible_recipients counts the Resent-* ones
         # too), with the addresses written in their display names: the copy shows one.
         copy = rawmsg.prepend_headers(rawmsg.remove_headers(copy, VISIBLE_RECIPIENT_FIELDS), [("To", recipient)])
-    copy = rawmsg.prepend_headers(copy, fields)
+    copy = received + rawmsg.prepend_headers(copy, fields)
     if footer is not None:
         try:
             copy = await asyncio.to_thread(append_footer, copy, *footer)
@@ -198,7 +209,8 @@ async def _prepare_copy(
 
 async def _deliver_one(t: RelayTransaction, recipient: str, content: bytes) -> Reply:
     sender = t.txn.mail_from
-    stage, reply = await send_one(t.runtime.upstream, t.txn.txn_id, sender, recipient, content, t.relayed_options)
+    options = (*t.relayed_options, *t.rcpt_options.get(recipient, ()))
+    stage, reply = await send_one(t.runtime.upstream, t.txn.txn_id, sender, recipient, content, options)
     if stage != "connect":
         await t.observe(stage, reply)
     if sender and stage in ("rcpt", "data"):  # a copy's DATA reply is this recipient's

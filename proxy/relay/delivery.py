@@ -85,10 +85,13 @@ async def _relay_message(
     if t.upstream is None or t.upstream_lost:
         return refuse(R.r451_upstream_lost(txn.txn_id), "upstream connection lost")
     try:
+        hops = 1 if t.hop is not None else 0  # ours counts toward the loop limit too
         if len(content) < _INLINE_PARSE_LIMIT:
-            content, message = prepare_message(content, runtime.settings.message)
+            content, message = prepare_message(content, runtime.settings.message, own_hops=hops)
         else:  # CPU work in proportion to the size: a thread lets other sessions be answered in between
-            content, message = await asyncio.to_thread(prepare_message, content, runtime.settings.message)
+            content, message = await asyncio.to_thread(
+                prepare_message, content, runtime.settings.message, own_hops=hops
+            )
     except MessageRefused as refused:
         return refuse(refused.reply, refused.why)
     txn.message = message
@@ -125,8 +128,12 @@ async def _relay_message(
         except NoReadablePart:
             await t.upstream.abort()
             return R.R550_NO_PART_FOR_FOOTER, None, "rejected"
+    received = t.received_field()
     if decision.held or any(edit.fans_out for edit in decision.edits):
-        return await deliver_copies(t, outgoing.to_bytes(), decision, keepalive)
+        # Each copy gets the trace field on top of its own header edits (copies.py).
+        return await deliver_copies(t, outgoing.to_bytes(), decision, keepalive, received=received)
+    # Our hop's trace field on top (RFC 5321 4.4), before DKIM signs the message.
+    outgoing = outgoing.prepended(received)
     if runtime.signer.enabled:
         # The signature fields go in front of the header block; the body stays where it is.
         signed = await sign_outgoing(t, outgoing)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from policies.base import Reply, Transaction
 from proxy import replies as R
 from proxy.observability.metrics import Metrics
-from proxy.relay.dsn import build_dsn
+from proxy.relay.dsn import build_dsn, notify_failure, split_options
 from proxy.relay.runtime import Runtime
 from proxy.relay.signing import sign_bytes
 from proxy.relay.spool import Queued, Spool, SpoolEntry, retry_delay
@@ -56,11 +56,12 @@ async def send_one(
         session = await upstream.open(txn_id)
     except UpstreamUnavailable as exc:
         return "connect", exc.reply
+    mail_options, rcpt_options = split_options(options)
     try:
         stage = "mail"
-        reply = await session.mail(sender, list(options))
+        reply = await session.mail(sender, mail_options)
         if reply.is_success:
-            stage, reply = "rcpt", await session.rcpt(recipient, [])
+            stage, reply = "rcpt", await session.rcpt(recipient, rcpt_options)
         if reply.is_success:
             stage, reply = "data", await session.data(content)
             await session.finish()
@@ -194,7 +195,7 @@ class Drainer:
             return
         self.metrics.spool_deliveries.labels(entry.kind, "failed").inc()
         why = "refused" if not reply.is_temporary else f"still refused after {age:.0f}s (max_age)"
-        if entry.kind == "copy" and entry.sender:
+        if entry.kind == "copy" and entry.sender and notify_failure(entry.options):
             dsn = await dsn_for(
                 runtime,
                 self.metrics,
@@ -207,5 +208,6 @@ class Drainer:
             await self.spool.replace(entry.id, [dsn])
             log.warning("spool: %s %s at attempt %d: %s; DSN to the sender queued", where, why, attempts, reply.line())
             return
-        await self.spool.delivered(entry.id)  # nobody left to tell: a double bounce
-        log.error("spool: %s %s at attempt %d: %s; dropped (nobody to report to)", where, why, attempts, reply.line())
+        await self.spool.delivered(entry.id)  # nobody left to tell: a double bounce, or NOTIFY said not to
+        whom = "the sender asked for no failure report (NOTIFY)" if entry.sender else "nobody to report to"
+        log.error("spool: %s %s at attempt %d: %s; dropped (%s)", where, why, attempts, reply.line(), whom)

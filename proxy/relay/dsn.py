@@ -12,13 +12,98 @@ good, or for too long, to the envelope sender in a DSN, so nothing is lost silen
 from __future__ import annotations
 
 import email.utils
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from email.message import EmailMessage
 
 from policies.base import Reply
 from policies.message import split_header_block
 
-__all__ = ("build_dsn",)
+__all__ = ("DSNParameterError", "build_dsn", "dsn_parameters", "notify_failure", "split_options")
+
+# ---- the DSN parameters of MAIL and RCPT (RFC 3461) -------------------------------------------
+
+MAIL_PARAMETERS = ("RET", "ENVID")
+RCPT_PARAMETERS = ("NOTIFY", "ORCPT")
+DSN_PARAMETERS = MAIL_PARAMETERS + RCPT_PARAMETERS
+#: RFC 3461 4: xtext is printable ASCII but "+" and "=", and "+" with two upper-case hex digits.
+_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+$")
+_ADDR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")  # RFC 3461 4.2: an atom, "rfc822", "utf-8"
+_NOTIFY = ("SUCCESS", "FAILURE", "DELAY")
+
+
+class DSNParameterError(ValueError):
+    """A DSN parameter the client got wrong; ``reply`` says what (501 or 555, 5.5.4)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.line())
+        self.reply = reply
+
+
+def _bad(text: str, code: int = 501) -> DSNParameterError:
+    return DSNParameterError(Reply(code, "5.5.4", text))
+
+
+def dsn_parameters(raw: Iterable[str], command: str) -> list[str]:
+    """The DSN parameters among a MAIL (``command`` "MAIL") or RCPT command's parameters as the
+    client wrote them, checked (RFC 3461 4.1-4.4) and with keywords in upper case; the values
+    of ENVID and ORCPT keep their case (they are the sender's own identifiers). Raises
+    ``DSNParameterError``."""
+    allowed = MAIL_PARAMETERS if command == "MAIL" else RCPT_PARAMETERS
+    seen: set[str] = set()
+    out: list[str] = []
+    for parameter in raw:
+        keyword, _, value = parameter.partition("=")
+        keyword = keyword.upper()
+        if keyword not in DSN_PARAMETERS:
+            continue
+        if keyword not in allowed:
+            raise _bad(f"{keyword} is not a {command} parameter (RFC 3461)", 555)
+        if keyword in seen:
+            raise _bad(f"{keyword} given twice (RFC 3461)")
+        seen.add(keyword)
+        if keyword == "RET":
+            if value.upper() not in ("FULL", "HDRS"):
+                raise _bad("RET must be FULL or HDRS (RFC 3461 4.3)")
+            out.append(f"RET={value.upper()}")
+        elif keyword == "ENVID":
+            if len(value) > 100 or not _XTEXT.match(value):
+                raise _bad("ENVID must be xtext of at most 100 characters (RFC 3461 4.4)")
+            out.append(f"ENVID={value}")
+        elif keyword == "NOTIFY":
+            items = value.upper().split(",")
+            if items != ["NEVER"] and (len(set(items)) != len(items) or not all(i in _NOTIFY for i in items)):
+                raise _bad("NOTIFY must be NEVER, or SUCCESS, FAILURE and DELAY joined by commas (RFC 3461 4.1)")
+            out.append(f"NOTIFY={','.join(items)}")
+        else:  # ORCPT
+            addr_type, semicolon, address = value.partition(";")
+            if len(value) > 500 or not semicolon or not _ADDR_TYPE.match(addr_type) or not _XTEXT.match(address):
+                raise _bad("ORCPT must be addr-type;xtext of at most 500 characters (RFC 3461 4.2)")
+            out.append(f"ORCPT={addr_type};{address}")
+    return out
+
+
+def split_options(options: Iterable[str]) -> tuple[list[str], list[str]]:
+    """One list of parameters (as a queued copy keeps them) split into MAIL's and RCPT's: the
+    RCPT ones are NOTIFY and ORCPT, names no MAIL parameter has."""
+    mail: list[str] = []
+    rcpt: list[str] = []
+    for option in options:
+        (rcpt if option.partition("=")[0].upper() in RCPT_PARAMETERS else mail).append(option)
+    return mail, rcpt
+
+
+def notify_failure(options: Iterable[str]) -> bool:
+    """Whether the sender wants to hear of a failure for this recipient: yes unless NOTIFY says
+    NEVER or leaves FAILURE out (RFC 3461 4.1; without NOTIFY, failures are reported)."""
+    for option in options:
+        keyword, _, value = option.partition("=")
+        if keyword.upper() == "NOTIFY":
+            return "FAILURE" in value.upper().split(",")
+    return True
+
+
+# ---- the report -------------------------------------------------------------------------------
 
 
 def build_dsn(

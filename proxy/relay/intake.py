@@ -19,12 +19,14 @@ class MessageRefused(Exception):
         self.why = why
 
 
-def prepare_message(content: bytes, limits: MessageLimits) -> tuple[bytes, ParsedMessage]:
+def prepare_message(content: bytes, limits: MessageLimits, *, own_hops: int = 0) -> tuple[bytes, ParsedMessage]:
     """Check, normalise and parse a message; blocking (CPU), so the proxy runs it in a thread.
 
     Returns the bytes to relay (line endings normalised, obsolete ``To :`` field names
     canonicalised by the parse) and their one parse, so that the policies judge exactly the
-    bytes the upstream receives.
+    bytes the upstream receives. ``own_hops``: the Received fields the caller will add (the
+    proxy: its own), counted with the message's toward ``max_received`` as Postfix's cleanup
+    counts smtpd's own (hopcount_limit).
     """
     if b"\x00" in content:
         raise MessageRefused(R.R550_NUL_IN_DATA, "NUL in message")
@@ -34,7 +36,7 @@ def prepare_message(content: bytes, limits: MessageLimits) -> tuple[bytes, Parse
         content = rawmsg.normalize_newlines(content)
     if rawmsg.header_block_size(content) > limits.max_header_size:
         raise MessageRefused(R.r552_header_too_big(limits.max_header_size), "header section too large")
-    if rawmsg.count_header(content, "Received") > limits.max_received:
+    if rawmsg.count_header(content, "Received") + own_hops > limits.max_received:
         raise MessageRefused(R.R554_MAIL_LOOP, "too many Received headers")
     try:
         message = ParsedMessage(content, max_mime_depth=limits.max_mime_depth)

@@ -154,6 +154,10 @@ class Outgoing:
         """The header fields named in ``remove`` dropped, then ``add`` prepended."""
         return Outgoing(prepend_headers(remove_headers(self.head, remove), add), self.rest)
 
+    def prepended(self, fields: bytes) -> Outgoing:
+        """Whole header fields (CRLF-terminated, already safe) put on top: a trace field."""
+        return Outgoing(fields + self.head, self.rest) if fields else self
+
     def blocks(self, size: int = BLOCK_SIZE) -> Iterator[bytes | memoryview]:
         if self.head:
             yield self.head

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ from proxy.observability.metrics import Metrics
 from proxy.relay.pipeline import PolicyResult, StageDecision
 from proxy.relay.runtime import Runtime
 from proxy.relay.spool import Spool
+from proxy.relay.trace import Hop, received_field
 from proxy.relay.upstream import UpstreamSession, UpstreamUnavailable
 from proxy.reputation.backoff import sender_domains
 
@@ -77,6 +78,8 @@ class RelayTransaction:
     class_reason: str | dict[str, Any] = ""
     upstream_lost: bool = False
     relayed_options: list[str] = field(default_factory=list)
+    #: Each accepted recipient's DSN parameters as relayed (NOTIFY, ORCPT): its copy's too.
+    rcpt_options: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: Set when the message went out as one copy per recipient: each copy's outcome.
     copies: dict[str, Reply] | None = None
     #: Copies refused for now and put in the retry queue: recipient -> queue row id.
@@ -95,11 +98,16 @@ class RelayTransaction:
     ended: bool = False
     #: Called once, as the transaction ends and before its clean-up (the session forgets it).
     on_end: Callable[[], None] | None = None
+    #: The hop from the client to us, for our Received field (None: no trace field, as when
+    #: the tests drive a transaction without a session).
+    hop: Hop | None = None
 
     # ---- MAIL -----------------------------------------------------------------------------
 
     @classmethod
-    def begin(cls, runtime: Runtime, services: Reporting, txn: Transaction, *, smtputf8: bool) -> RelayTransaction:
+    def begin(
+        cls, runtime: Runtime, services: Reporting, txn: Transaction, *, smtputf8: bool, hop: Hop | None = None
+    ) -> RelayTransaction:
         """A new transaction for an envelope sender the session has accepted (syntax, relay
         authorization); the caller must ``end`` it."""
         classification = runtime.classifier.from_envelope(txn)
@@ -114,6 +122,7 @@ class RelayTransaction:
             started=time.monotonic(),
             smtputf8=smtputf8,
             class_reason=classification.reason if classification else "",
+            hop=hop,
         )
 
     async def mail(self, options: list[str]) -> Reply:
@@ -161,16 +170,32 @@ class RelayTransaction:
                     relayed.append(option)
             elif option.startswith("SIZE=") and caps.size is not None:
                 relayed.append(option)
+            elif option.startswith(("RET=", "ENVID=")):
+                # Offered only when the upstream offers DSN; should this connection's not (a
+                # reload to another upstream since the client's EHLO), they are left out: the
+                # upstream's own defaults then apply (failures reported, nothing else).
+                if caps.dsn:
+                    relayed.append(option)
+                else:
+                    log.info("txn %s: upstream does not offer DSN; %s not relayed", self.txn.txn_id, option)
         self.relayed_options = relayed
         reply = await upstream.mail(sender, relayed)
         self.services.metrics.upstream_duration.labels("mail").observe(time.perf_counter() - started)
         return reply
 
+    def received_field(self) -> bytes:
+        """Our Received field for this transaction (empty without a hop)."""
+        if self.hop is None:
+            return b""
+        return received_field(self.hop, self.txn.txn_id, self.txn.recipients)
+
     # ---- RCPT -----------------------------------------------------------------------------
 
-    async def rcpt(self, address: str) -> Reply:
+    async def rcpt(self, address: str, options: Sequence[str] = ()) -> Reply:
         """The RCPT stage for a recipient the session has accepted (syntax, limits, not a
-        duplicate): the policies, then RCPT upstream; the upstream's answer is the client's."""
+        duplicate): the policies, then RCPT upstream; the upstream's answer is the client's.
+        ``options``: its checked DSN parameters (NOTIFY, ORCPT), relayed when the upstream
+        offers DSN and kept for the recipient's own copy."""
         txn, metrics = self.txn, self.services.metrics
         decision = await self.timed_stage("rcpt", self.runtime.pipeline.check_rcpt(txn, address))
         self.results.extend(decision.results)
@@ -185,17 +210,21 @@ class RelayTransaction:
             self.refused[address] = suppressed
             self.refused_recipient(suppressed, by="policy")
             return suppressed
+        relayed: list[str] = []
         if self.upstream is None or self.upstream_lost:
             reply = R.r451_upstream_lost(txn.txn_id)
         else:
             started = time.perf_counter()
-            reply = await self.upstream.rcpt(address, [])
+            relayed = list(options) if self.upstream.capabilities.dsn else []
+            reply = await self.upstream.rcpt(address, relayed)
             metrics.upstream_duration.labels("rcpt").observe(time.perf_counter() - started)
             await self.observe("rcpt", reply)
             await self.bounce(address, reply)
             self.upstream_lost = self.upstream.lost
         if reply.is_success:
             self.seen.add(address_key(address))
+            if relayed:
+                self.rcpt_options[address] = tuple(relayed)
             txn.recipients.append(address)  # counted in _account, under the class known by then
         else:
             self.refused[address] = reply

@@ -63,6 +63,8 @@ class Capabilities:
     smtputf8: bool = True
     eightbitmime: bool = True
     size: int | None = None
+    #: RFC 3461: the upstream takes NOTIFY, ORCPT, RET and ENVID and reports as they ask.
+    dsn: bool = False
 
 
 class UpstreamUnavailable(Exception):
@@ -452,6 +454,7 @@ class SmtpUpstream:
             smtputf8="smtputf8" in extensions,
             eightbitmime="8bitmime" in extensions,
             size=int(size) if size.isdigit() and int(size) > 0 else None,
+            dsn="dsn" in extensions,
         )
         now = time.monotonic()
         return _Connection(client, created=now, last_used=now)

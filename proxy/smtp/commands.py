@@ -13,13 +13,16 @@ import re
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import Envelope, Session
 
 from policies.base import Reply, Transaction
 from proxy import replies as R
 from proxy.addresses import address_key, relayable_recipient
 from proxy.relay.delivery import deliver
+from proxy.relay.dsn import DSN_PARAMETERS, DSNParameterError, dsn_parameters
 from proxy.relay.runtime import Runtime
+from proxy.relay.trace import Hop, client_name
 from proxy.relay.transaction import RelayTransaction
 from proxy.smtp.listener import ListenerState, Services
 from proxy.smtp.session import SendguardSMTP, new_txn_id
@@ -67,6 +70,9 @@ class RelayHandler:
         #: The transaction in progress; kept after an internal error (``failed``) only to
         #: answer the rest of its commands.
         self.state: RelayTransaction | None = None
+        #: The client's verified name for the Received field, looked up once per session
+        #: (and again should the client address change, as a PROXY header can set it).
+        self._client_name: tuple[str, str | None] | None = None
 
     @property
     def current_txn_id(self) -> str | None:
@@ -76,8 +82,8 @@ class RelayHandler:
     def services(self) -> Services:
         return self.app.services
 
-    def _begin(self, txn: Transaction, *, smtputf8: bool) -> RelayTransaction:
-        state = RelayTransaction.begin(self.app.runtime, self.services, txn, smtputf8=smtputf8)
+    def _begin(self, txn: Transaction, *, smtputf8: bool, hop: Hop) -> RelayTransaction:
+        state = RelayTransaction.begin(self.app.runtime, self.services, txn, smtputf8=smtputf8, hop=hop)
 
         def forget() -> None:
             if self.state is state:
@@ -99,6 +105,16 @@ class RelayHandler:
         size = int(config.max_message_size)
         if caps is not None and caps.size:
             size = min(size, caps.size)
+        # DSN (RFC 3461) only when the upstream offers it: it then does what the parameters ask
+        # (success, delay and failure reports). Offered without it, sendguard would owe the
+        # sender "relayed" notices (RFC 3461 5.2.2) it has no way to send in lockstep.
+        dsn = caps is not None and caps.dsn
+        server.dsn_offered = dsn
+        if dsn:
+            # RFC 3461 5: ENVID and RET make MAIL up to 110 octets longer, ORCPT and NOTIFY a
+            # RCPT up to 515.
+            server.command_size_limits["MAIL"] = max(server.command_size_limits["MAIL"], 512 + 26 + 10 + 110)
+            server.command_size_limits["RCPT"] = max(server.command_size_limits["RCPT"], 512 + 515)
         out = []
         for line in responses:
             keyword = line[4:].split(" ", 1)[0].upper()
@@ -112,11 +128,23 @@ class RelayHandler:
                 continue
             if line == "250 HELP":
                 out.append("250-ENHANCEDSTATUSCODES")
+                # RFC 2920: the command loop reads one command at a time from a buffer that
+                # keeps whatever else the client sent (body.py leaves the commands after the
+                # final dot there too), so replies come one per command, in order.
+                out.append("250-PIPELINING")
+                if dsn:
+                    out.append("250-DSN")
             out.append(line)
         return out
 
+    async def handle_PROXY(self, server: SendguardSMTP, session: Session, envelope: Envelope, proxy: ProxyData) -> bool:
+        """A PROXY header on a listener with ``proxy_protocol`` (only trusted balancers get
+        this far): the address it carries is the client's."""
+        return server.accept_proxy(proxy)
+
     async def handle_HELO(self, server: SendguardSMTP, session: Session, envelope: Envelope, hostname: str) -> str:
         await self.abandon("reset")
+        server.dsn_offered = False  # no extensions after HELO (RFC 5321 4.1.1.1)
         session.host_name = hostname
         return f"250 {server.hostname}"
 
@@ -174,7 +202,13 @@ class RelayHandler:
         sender = "" if address == "<>" else address
         if _CONTROL.search(sender) or len(sender) > 320 or not _utf8(sender):
             return R.R501_BAD_SENDER.line()
-        options = [o.upper() for o in mail_options]
+        try:
+            dsn = dsn_parameters(server.raw_params, "MAIL") if server.dsn_offered else []
+        except DSNParameterError as bad:
+            return bad.reply.line()
+        # The DSN parameters as the client wrote them (ENVID keeps its case), the others as
+        # aiosmtpd hands them over.
+        options = [o.upper() for o in mail_options if o.partition("=")[0].upper() not in DSN_PARAMETERS] + dsn
         smtputf8 = "SMTPUTF8" in options
         if not smtputf8 and not sender.isascii():
             return R.R553_SMTPUTF8_REQUIRED.line()
@@ -190,11 +224,31 @@ class RelayHandler:
             tls=session.ssl is not None or self.listener.config.tls.mode == "implicit",
             mail_from=sender,
         )
-        reply = await self._begin(txn, smtputf8=smtputf8).mail(options)
+        hop = await self._hop(server, session, txn)
+        reply = await self._begin(txn, smtputf8=smtputf8, hop=hop).mail(options)
         if reply.is_success:
             envelope.mail_from = address
             envelope.mail_options.extend(mail_options)
         return reply.line()
+
+    async def _hop(self, server: SendguardSMTP, session: Session, txn: Transaction) -> Hop:
+        """What our Received field says of this client (RFC 5321 4.4)."""
+        ip = server.client_ip
+        if self._client_name is None or self._client_name[0] != ip:
+            self._client_name = (ip, await client_name(self.app.runtime.resolver, ip))
+        version, cipher, bits = server.tls_info()
+        return Hop(
+            client_ip=ip,
+            client_name=self._client_name[1],
+            helo=session.host_name,
+            by=server.hostname,
+            esmtp=bool(session.extended_smtp),
+            tls_version=version,
+            tls_cipher=cipher,
+            tls_bits=bits,
+            authenticated=txn.auth_user is not None,
+            auth_user=txn.auth_user if self.listener.config.received_auth_user else None,
+        )
 
     # ---- RCPT -----------------------------------------------------------------------------
 
@@ -210,12 +264,16 @@ class RelayHandler:
         if reply is not None:
             state.refused_recipient(reply, by="policy")
             return reply.line()
+        try:
+            dsn = dsn_parameters(server.raw_params, "RCPT") if server.dsn_offered else []
+        except DSNParameterError as bad:
+            return bad.reply.line()
         # aiosmtpd hands over the addr-spec with needless quotes dropped ("bob2"@x is bob2@x,
         # proxy.addresses.envelope_address reads it the same way for sendguard check); two
         # spellings of one mailbox (case, trailing dot, IDN) are one recipient.
         if address_key(address) in state.seen:
             return R.R250_DUPLICATE_RECIPIENT.line()  # relayed once (Postfix dedups in cleanup too)
-        reply = await state.rcpt(address)
+        reply = await state.rcpt(address, dsn)
         if reply.is_success:
             envelope.rcpt_tos.append(address)
         return reply.line()

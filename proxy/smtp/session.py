@@ -16,11 +16,13 @@ import re
 import secrets
 from typing import Any, Protocol
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syntax
 
 from policies.base import Reply
 from proxy import replies as R
 from proxy.observability.memory import release_memory
+from proxy.relay.dsn import DSN_PARAMETERS
 from proxy.schema import address_in
 from proxy.smtp.body import END_LINE, BodyCollector, BodyState, ends_data
 from proxy.smtp.listener import ListenerState, Services
@@ -95,6 +97,13 @@ class SendguardSMTP(SMTP):
         self.client_ip = ""
         self.in_data = False
         self.close_after_reply = False
+        #: DSN (RFC 3461) was offered in the last EHLO: its parameters are then known.
+        self.dsn_offered = False
+        #: The parameters of the MAIL or RCPT command being handled, as the client wrote them
+        #: (aiosmtpd hands the handler upper-cased ones; ENVID and ORCPT values keep case).
+        self.raw_params: list[str] = []
+        #: A listener with PROXY protocol: connected from a balancer, its header not yet read.
+        self._awaiting_proxy = False
         super().__init__(
             handler,
             data_size_limit=int(config.max_message_size),
@@ -105,6 +114,9 @@ class SendguardSMTP(SMTP):
             tls_context=listener.tls_context if config.tls.mode == "starttls" else None,
             require_starttls=config.tls.required,
             timeout=idle_timeout,
+            # aiosmtpd reads the PROXY header (v1 or v2) before the greeting and hands it to
+            # handle_PROXY, which calls accept_proxy below.
+            proxy_protocol_timeout=float(config.proxy_protocol.timeout) if config.proxy_protocol.trusted else None,
             auth_required=False,
             auth_require_tls=True,
             loop=asyncio.get_running_loop(),
@@ -120,6 +132,35 @@ class SendguardSMTP(SMTP):
             return
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else ""
+        if self.listener.config.proxy_protocol.trusted:
+            # The client is known only from the PROXY header (accept_proxy); only the balancers
+            # may send one: anyone else could claim any address (a trusted one, say).
+            if not address_in(self.client_ip, self.listener.config.proxy_protocol.trusted):
+                log.warning(
+                    "refusing connection from %s on %s: not a trusted PROXY protocol sender",
+                    self.client_ip,
+                    self.listener.name,
+                )
+                self._refuse(None, "refused_proxy")
+            else:
+                self._awaiting_proxy = True
+            return
+        self._admit()
+
+    def accept_proxy(self, proxy: ProxyData) -> bool:
+        """The PROXY header from a trusted balancer: the client address it carries is the
+        client's from here on. A LOCAL (v2) or UNKNOWN (v1) header, a balancer's own health
+        check, keeps the balancer's address (as the protocol asks). False: close."""
+        if not proxy.valid:
+            return False  # counted as it closes, with the headers that never came or were broken
+        self._awaiting_proxy = False
+        if proxy.src_addr is not None:
+            log.debug("PROXY from %s: client %s", self.client_ip, proxy.src_addr)
+            self.client_ip = str(proxy.src_addr)
+        return self._admit(in_loop=True)
+
+    def _admit(self, *, in_loop: bool = False) -> bool:
+        """Admit the client at ``client_ip`` (its session limits), or refuse it with a 421."""
         # Loopback clients may AUTH without TLS (nothing crosses a network); others only
         # over TLS. An implicit-TLS connection is encrypted from its first byte.
         implicit = self.listener.config.tls.mode == "implicit"
@@ -140,13 +181,8 @@ class SendguardSMTP(SMTP):
         if refused is not None:
             # Refuse before the greeting (RFC 5321 3.1: a 421 greeting) and close.
             log.warning("refusing session from %s on %s: %s", self.client_ip, listener.name, refused.text)
-            metrics.sessions.labels(listener.name, "refused_limit").inc()
-            if self._handler_coroutine is not None:
-                self._handler_coroutine.cancel()
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(refused.line().encode("ascii") + b"\r\n")
-            transport.close()
-            return
+            self._refuse(refused, "refused_limit", in_loop=in_loop)
+            return False
         self._counted_ip = self.client_ip
         listener.active += 1
         listener.per_ip[self.client_ip] += 1
@@ -155,8 +191,27 @@ class SendguardSMTP(SMTP):
         metrics.sessions_active.labels(listener.name).inc()
         self._session_timer = self.loop.call_later(self._session_timeout, self._session_expired)
         listener.update_stress(metrics)
+        return True
+
+    def _refuse(self, reply: Reply | None, outcome: str, *, in_loop: bool = False) -> None:
+        """Close before the greeting, with ``reply`` (a 421) when there is one to give.
+        ``in_loop``: called from the command loop itself (handle_PROXY), which then ends."""
+        self.services.metrics.sessions.labels(self.listener.name, outcome).inc()
+        if not in_loop and self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()  # the command loop must never greet this client
+        transport = self.transport
+        assert isinstance(transport, asyncio.WriteTransport)
+        if reply is not None:
+            transport.write(reply.line().encode("ascii") + b"\r\n")
+        transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._awaiting_proxy:
+            # From a balancer, but no valid PROXY header in time (aiosmtpd closes on a bad one
+            # without asking the handler): never greeted, never counted as a session.
+            self._awaiting_proxy = False
+            log.warning("closed connection from %s on %s: no valid PROXY header", self.client_ip, self.listener.name)
+            self.services.metrics.sessions.labels(self.listener.name, "refused_proxy").inc()
         if self._counted_ip is not None:
             listener = self.listener
             listener.active -= 1
@@ -189,7 +244,7 @@ class SendguardSMTP(SMTP):
         """Idle for too long: say so before closing (as Postfix does), unless a relay is in
         flight (its reply is what the client waits for)."""
         transport = self.transport
-        if transport is not None and not transport.is_closing() and not self.in_data:
+        if transport is not None and not transport.is_closing() and not self.in_data and not self._awaiting_proxy:
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(R.R421_IDLE_TIMEOUT.line().encode("ascii") + b"\r\n")
             self.services.metrics.sessions.labels(self.listener.name, "idle_timeout").inc()
@@ -314,6 +369,34 @@ class SendguardSMTP(SMTP):
             collector.feed(piece)
             before = (before + piece)[-2:]
         return None
+
+    # ---- MAIL and RCPT parameters ---------------------------------------------------------
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        address, rest = super()._getaddr(arg)
+        self.raw_params = rest.split() if rest else []
+        return address, rest
+
+    def _getparams(self, params: Any) -> dict[str, str | bool] | None:
+        """aiosmtpd's parameter check, with the DSN parameters known while DSN is offered
+        (``proxy.smtp.commands`` checks them); otherwise they are "555 not recognized"."""
+        result = super()._getparams(params)
+        if result is not None and self.dsn_offered:
+            for keyword in DSN_PARAMETERS:
+                result.pop(keyword, None)
+        return result
+
+    def tls_info(self) -> tuple[str | None, str | None, int | None]:
+        """The TLS version, cipher and secret bits of this connection (STARTTLS or implicit),
+        for the Received field; Nones without TLS."""
+        transport = self.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None:
+            return None, None, None
+        cipher = ssl_object.cipher()
+        if not cipher:
+            return ssl_object.version(), None, None
+        return ssl_object.version(), cipher[0], cipher[2]
 
     def close_with(self, reply: Reply) -> None:
         transport = self.transport

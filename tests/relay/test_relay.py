@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 import aiosmtplib
 import pytest
 
+from proxy.relay.rawmsg import remove_headers
 from tests.conftest import Proxy, RawClient, message
 from tests.fakes import FakeUpstream, Faults
 
@@ -168,7 +169,8 @@ async def test_missing_date_and_message_id_are_added_not_refused(proxy: Proxy, u
     errors, _ = await send(proxy.port, "alice@example.com", ["bob@example.org"], bare)
     assert errors == {}
     content = upstream.messages[0].content
-    assert content.startswith(b"Date: ")
+    assert content.startswith(b"Received: ")  # our trace field first, then the added fields
+    assert remove_headers(content, ["Received"]).startswith(b"Date: ")
     assert b"\r\nMessage-ID: <" in content and b"@example.com>\r\n" in content
 
 

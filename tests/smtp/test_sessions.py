@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import Proxy, RawClient
+from tests.conftest import Proxy, RawClient, submit
 from tests.fakes import FakeUpstream
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
@@ -133,9 +134,45 @@ async def test_the_greeting_uses_the_configured_name_and_a_short_one_is_warned_a
         "auth": "none",
         "hostname": hostname,
     }
-    proxy = await proxy_factory(upstream.address, {"listeners": [listener]})
+    proxy = await proxy_factory(
+        upstream.address, {"listeners": [listener], "upstream": {"helo_name": "relay.example.com"}}
+    )
     client = await RawClient.connect(proxy.port, greeting=False)
     code, text = await client.reply()
     assert (code, text.split(" ")[0]) == (220, hostname)
     await client.close()
     assert any("not a fully qualified domain name" in r.getMessage() for r in caplog.records) == warned
+
+
+@pytest.mark.parametrize(
+    ("helo_name", "maildir", "warned"),
+    [
+        ("localhost", False, True),
+        ("relay", False, True),
+        ("localhost.localdomain", False, True),
+        ("relay.example.com", False, False),
+        ("localhost", True, False),  # a Maildir hears no EHLO
+    ],
+)
+async def test_the_upstream_ehlo_name_is_the_configured_one_and_a_short_one_is_warned_about(
+    upstream: FakeUpstream,
+    proxy_factory: ProxyFactory,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    helo_name: str,
+    maildir: bool,
+    warned: bool,
+) -> None:
+    """Issue 10: upstream.helo_name is the name in sendguard's EHLO; one that is not fully
+    qualified is warned about at start (providers check it)."""
+    caplog.set_level("WARNING")
+    address = f"maildir:{tmp_path / 'maildir'}" if maildir else upstream.address
+    listener = {"name": "local", "address": "127.0.0.1:0", "hostname": "mx.example.com"}
+    proxy = await proxy_factory(address, {"listeners": [listener], "upstream": {"helo_name": helo_name}})
+    says_ehlo = [r.getMessage() for r in caplog.records if "says EHLO" in r.getMessage()]
+    assert bool(says_ehlo) == warned, says_ehlo
+    if warned:
+        assert f"says EHLO {helo_name!r} to the upstream" in says_ehlo[0] and "upstream.helo_name" in says_ehlo[0]
+    if not maildir:
+        assert (await submit(proxy.port))[0] == 250
+        assert [s.session.host_name for s in upstream.sessions if s.session is not None] == [helo_name]
