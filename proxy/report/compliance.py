@@ -46,6 +46,9 @@ COMPLAINT_THRESHOLDS = {"target": 0.001, "limit": 0.003}
 BOUNCE_THRESHOLDS = {"target": 0.05, "limit": 0.10}
 #: Gmail: an unsubscribe is honoured within 48 hours; Yahoo: within 2 days.
 HONOUR_WITHIN = timedelta(hours=48)
+#: How far before the period a complaint's message is looked for (feedback reports arrive
+#: within days of the mail; Gmail computes its rate daily).
+COMPLAINT_LOOKBACK = timedelta(days=7)
 #: Per sender domain, under this many recipients a rate says little; the row says so.
 MIN_VOLUME = 100
 
@@ -108,8 +111,11 @@ class OptOutTrack:
     next_time: datetime | None = None
     next_txn: str | None = None
     next_sender: str | None = None
-    result: str | None = None  # refused, refused_other, renewed_consent, outside_scope, not_honoured
+    result: str | None = None  # refused, refused_other, renewed_consent, not_honoured
     detail: str | None = None
+    #: A complaint: the sender domain complained about (its own, or that of the last
+    #: commercial message delivered to the address before it).
+    complained_about: str | None = None
 
     @property
     def lag(self) -> timedelta | None:
@@ -165,7 +171,6 @@ class _Rates:
     tried: int = 0
     hard_bounces: int = 0
     delivered: int = 0
-    complaints: int = 0
 
 
 @dataclass
@@ -208,6 +213,7 @@ class ComplianceReport:
     opt_outs: list[OptOutTrack] = field(default_factory=list)
     suppressions: Counter[str] = field(default_factory=Counter)
     _pending: dict[str, list[OptOutTrack]] = field(default_factory=lambda: defaultdict(list))
+    _unattributed: dict[str, list[OptOutTrack]] = field(default_factory=lambda: defaultdict(list))
 
     # ---- the consent store ------------------------------------------------------------------
 
@@ -218,12 +224,16 @@ class ComplianceReport:
                 continue
             if self.sender_domain and event.sender not in (ANY, self.sender_domain):
                 continue
-            if event.method == "complaint":
-                domain = event.sender if event.sender != ANY else (self.sender_domain or ANY)
-                self.rates[domain].complaints += 1
             if event.kind == SUPPRESSED:
                 self.suppressions[event.method] += 1
             track = OptOutTrack(event)
+            if event.method == "complaint":
+                if event.sender != ANY:
+                    track.complained_about = event.sender
+                elif event.subject_kind != DOMAIN:
+                    # A feedback report names the recipient, often not the sender: the
+                    # complaint is about the last commercial mail delivered to it.
+                    self._unattributed[event.subject].append(track)
             self.opt_outs.append(track)
             key = f"@{event.subject}" if event.subject_kind == DOMAIN else event.subject
             self._pending[key].append(track)
@@ -241,9 +251,14 @@ class ComplianceReport:
                 self.unsubscribe_events += 1
             return
         in_period = moment in self.period
-        fates = recipient_fates(entry) if (in_period or (self._pending and moment >= self.period.start)) else []
-        if entry.get("class") == "commercial" and self._pending and moment >= self.period.start:
+        commercial = entry.get("class") == "commercial"
+        following = commercial and bool(self._pending) and moment >= self.period.start
+        attributing = commercial and bool(self._unattributed) and moment >= self.period.start - COMPLAINT_LOOKBACK
+        fates = recipient_fates(entry) if (in_period or following or attributing) else []
+        if following:
             self._follow_opt_outs(entry, moment, fates)
+        if attributing:
+            self._attribute_complaints(entry, moment, fates)
         if not in_period:
             return
         self.lines_in_period += 1
@@ -251,7 +266,6 @@ class ComplianceReport:
         self._count_pause(entry, moment)
         domain = sender_domain_of(entry.get("sender"))
         day = self.by_day[moment.date()]
-        commercial = entry.get("class") == "commercial"
         delivered_any = False
         for fate in fates:
             if fate.fate == "delivered":
@@ -322,6 +336,14 @@ class ComplianceReport:
             pause.first = min(pause.first or moment, moment)
             pause.last = max(pause.last or moment, moment)
             pause.example = reason  # the latest wording: the state the period ended in
+
+    def _attribute_complaints(self, entry: dict[str, Any], moment: datetime, fates: list[RecipientFate]) -> None:
+        for fate in fates:
+            if fate.fate != "delivered":
+                continue
+            for track in self._unattributed.get(fate.recipient.lower(), ()):
+                if track.event.effective_at >= moment:
+                    track.complained_about = sender_domain_of(entry.get("sender"))
 
     def _follow_opt_outs(self, entry: dict[str, Any], moment: datetime, fates: list[RecipientFate]) -> None:
         sender = sender_domain_of(entry.get("sender"))
@@ -437,7 +459,7 @@ class ComplianceReport:
                 "min_volume": MIN_VOLUME,
                 "honour_within_hours": HONOUR_WITHIN.total_seconds() / 3600,
             },
-            "rates": [self._rate_row(domain, rates) for domain, rates in sorted(self.rates.items()) if domain],
+            "rates": self._rate_rows(),
             "pauses": [
                 {
                     "source": source,
@@ -450,10 +472,17 @@ class ComplianceReport:
             ],
         }
 
+    def _rate_rows(self) -> list[dict[str, Any]]:
+        complaints: Counter[str] = Counter(
+            track.complained_about or ANY for track in self.opt_outs if track.event.method == "complaint"
+        )
+        domains = sorted((set(self.rates) | set(complaints)) - {""})
+        return [self._rate_row(domain, self.rates.get(domain, _Rates()), complaints[domain]) for domain in domains]
+
     @staticmethod
-    def _rate_row(domain: str, rates: _Rates) -> dict[str, Any]:
+    def _rate_row(domain: str, rates: _Rates, complaints: int) -> dict[str, Any]:
         bounce = rates.hard_bounces / rates.tried if rates.tried else None
-        complaint = rates.complaints / rates.delivered if rates.delivered else None
+        complaint = complaints / rates.delivered if rates.delivered else None
         return {
             "sender_domain": domain,
             "recipients_tried": rates.tried,
@@ -461,7 +490,7 @@ class ComplianceReport:
             "bounce_rate": round(bounce, 6) if bounce is not None else None,
             "bounce_status": _status(bounce, BOUNCE_THRESHOLDS, rates.tried),
             "commercial_delivered": rates.delivered,
-            "complaints": rates.complaints,
+            "complaints": complaints,
             "complaint_rate": round(complaint, 6) if complaint is not None else None,
             "complaint_status": _status(complaint, COMPLAINT_THRESHOLDS, rates.delivered),
         }

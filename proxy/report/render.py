@@ -45,6 +45,23 @@ _ENV = Environment(
     lstrip_blocks=True,
 )
 
+
+def _duration(seconds: Any) -> str:
+    """Seconds as a person reads them: 42 s, 12 min, 5.5 h, 3.0 d."""
+    if seconds is None:
+        return "–"
+    value = float(seconds)
+    if value < 120:
+        return f"{value:.0f} s"
+    if value < 7200:
+        return f"{value / 60:.0f} min"
+    if value < 172800:
+        return f"{value / 3600:.1f} h"
+    return f"{value / 86400:.1f} d"
+
+
+_ENV.filters["duration"] = _duration
+
 PALETTE = {"delivered": "#2f7d4f", "refused": "#b3412f", "transactional": "#7d8ea3", "neutral": "#3d6ea8"}
 
 

@@ -284,3 +284,24 @@ def test_outside_text_stays_text_in_html_and_csv() -> None:
     rows = list(csv.reader(io.StringIO(render(data, "csv"))))
     assert rows[0] == ["section", "key", "detail", "value"]
     assert all(not cell.startswith(("=", "+", "-", "@")) for row in rows for cell in row)
+
+
+@pytest.mark.parametrize(
+    ("delivered_before", "sender", "domain"),
+    [
+        pytest.param(DAY - timedelta(days=3), "*", "shop.example", id="the-last-mail-before-it"),
+        pytest.param(None, "*", "*", id="no-mail-found"),
+        pytest.param(None, "other.example", "other.example", id="named-by-the-report"),
+        pytest.param(DAY + timedelta(hours=1), "*", "*", id="mail-after-the-complaint-is-not-its-cause"),
+    ],
+)
+def test_a_complaint_counts_against_the_sender_complained_about(
+    delivered_before: datetime | None, sender: str, domain: str
+) -> None:
+    report = ComplianceReport(PERIOD)
+    event = ConsentEvent(OPTED_OUT, "address", "ann@example.org", DAY, "complaint", sender=sender, id=3)
+    report.add_consent_events([event])
+    if delivered_before is not None:
+        report.add(line(at=delivered_before, policies=[consent("ann@example.org", "opt_in", at=delivered_before)]))
+    rows = {r["sender_domain"]: r["complaints"] for r in report.as_dict()["rates"]}
+    assert rows[domain] == 1 and sum(rows.values()) == 1
