@@ -11,6 +11,7 @@ crash or a full disk must not hide the rest of the period.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -85,7 +86,10 @@ class AuditFiles:
         return [{"path": str(p), "size": os.path.getsize(p) if p.exists() else 0} for p in self.files]
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_time(text: str) -> datetime | None:
+    """An ISO 8601 time (UTC when it has no zone). Cached: the audit log's times are to the
+    second, so a busy log repeats each one many times, and each line's is read twice."""
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -181,7 +185,6 @@ def recipient_fates(entry: dict[str, Any]) -> list[RecipientFate]:
     recipients = entry.get("recipients")
     copies = entry.get("copies") if isinstance(entry.get("copies"), dict) else None
     outcome = entry.get("outcome")
-    upstream = parse_reply(entry.get("upstream_reply"))
     for recipient in recipients if isinstance(recipients, list) else ():
         recipient = str(recipient)
         copy = copies.get(recipient) if copies is not None else None
@@ -203,7 +206,7 @@ def recipient_fates(entry: dict[str, Any]) -> list[RecipientFate]:
                     reply=entry.get("reply"),
                 )
             )
-        elif upstream is not None and upstream.code >= 400:
+        elif (upstream := parse_reply(entry.get("upstream_reply"))) is not None and upstream.code >= 400:
             fates.append(RecipientFate(recipient, "refused_upstream", reply=upstream.text))
         else:
             decided = per_recipient.get(recipient) or message_level
