@@ -106,8 +106,13 @@ async def build_report(
         else:
             assert period is not None
             report = ComplianceReport(period, sender, dead_statuses=settings.bounces.statuses)
+            # Only the period's opt-outs and suppressions are kept; the store is read page by page.
             report.add_consent_events(
-                [event async for event in store.export() if event.kind in ("opted_out", "suppressed")]
+                [
+                    event
+                    async for event in store.export()
+                    if event.kind in ("opted_out", "suppressed") and event.effective_at in period
+                ]
             )
             for entry in files:
                 report.add(entry)
@@ -141,5 +146,5 @@ def _write_private(path: Path, text: str) -> None:
     """The report names people: owner and group may read it (as the audit log), not others."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:  # CSV's CRLF as written
         handle.write(text)
