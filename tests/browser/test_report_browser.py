@@ -7,7 +7,6 @@ was made so)."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 
 from proxy.report.render import render
-from tests.browser.test_unsubscribe_browser import CHROMIUM_ARGS, chromium_path
+from tests.browser.test_unsubscribe_browser import browser  # noqa: F401 - the Chromium fixture, shared
 from tests.report.sample import month_report
 
 TABLES = ("#basis-table", "#opt-in-evidence", "#refusals-table", "#opt-outs-table", "#rates-table", "#pauses-table")
@@ -23,23 +22,23 @@ CHARTS = ("daily", "basis", "refusals", "rates")
 
 
 @pytest.fixture
-async def page() -> AsyncIterator[Any]:
-    executable = chromium_path()
-    from playwright.async_api import async_playwright
+async def page(browser: Any) -> AsyncIterator[Any]:  # noqa: F811 - the imported fixture
+    context = await browser.new_context(viewport={"width": 1100, "height": 900})
+    opened = await context.new_page()
+    fetched: list[str] = []
 
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = await browser.new_context(viewport={"width": 1100, "height": 900})
-            opened = await context.new_page()
-            fetched: list[str] = []
-            # The report must open with no network: anything but the file itself is refused.
-            await opened.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else (
-                fetched.append(route.request.url), route.abort())[-1])  # fmt: skip
-            opened.fetched = fetched
-            yield opened
-        finally:
-            await browser.close()
+    async def offline(route: Any) -> None:
+        # The report must open with no network: anything but the file itself is refused.
+        if route.request.url.startswith("file:"):
+            await route.continue_()
+        else:
+            fetched.append(route.request.url)
+            await route.abort()
+
+    await opened.route("**/*", offline)
+    opened.fetched = fetched
+    yield opened
+    await context.close()
 
 
 @pytest.mark.timeout(120)
@@ -121,4 +120,3 @@ async def test_the_evidence_pack_page(page: Any, tmp_path: Path) -> None:
     assert await page.locator("#after-table .ok").inner_text() == "refused"
     await page.screenshot(path=str(tmp_path / "evidence.png"), full_page=True)
     assert page.fetched == []
-    assert shutil.which("chromium") or os.path.exists("/usr/bin/chromium")
