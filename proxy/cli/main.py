@@ -26,6 +26,7 @@ from proxy.cli.health import add_health_parser, run_health
 from proxy.cli.limits import add_limits_parser, run_limits
 from proxy.cli.pauses import add_pauses_parser, run_pauses
 from proxy.cli.queue import add_queue_parser, run_queue
+from proxy.cli.report import add_report_parser, run_report
 from proxy.cli.upstream import add_upstream_parser, run_upstream
 from proxy.config.settings import ConfigError, Settings, load_config, parse_upstream_address
 from proxy.observability.logsetup import configure_logging, stop_logging
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_health_parser(commands)  # health: the running process's /readyz (container healthchecks)
     add_upstream_parser(commands)  # upstream check: connect, TLS, certificate, AUTH, EHLO, SIZE
     add_pauses_parser(commands)  # pauses list, lift
+    add_report_parser(commands)  # report: compliance report for a period, evidence pack for an address
     return parser
 
 
@@ -145,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_upstream(args)
         if args.command == "pauses":
             return run_pauses(args, load_config(args.config))
+        if args.command == "report":
+            return run_report(args, load_config(args.config))
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_BAD_INPUT
