@@ -1,0 +1,252 @@
+"""Webhooks: opt-outs, suppressions, complaints and pauses pushed to the configured URLs.
+
+Every event becomes one outbox row per endpoint (``state.py``: in the consent store's
+database, so it survives restarts and several instances share it) before anything is sent;
+the ``Deliverer`` sends due rows, one attempt at a time per row, and retries with
+exponential backoff up to ``max_age``.
+
+The signature (documented in the README) lets the receiver check both origin and freshness::
+
+    Sendguard-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>
+
+``t`` is the time of the attempt, so a receiver refuses anything older than its replay window
+(``verify_signature``: 5 minutes), and the ``id`` in the body is the same on every attempt,
+for the receiver to drop a repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from proxy.api.config import WebhooksConfig
+from proxy.api.state import ApiState, OutboxRow, dumps
+from proxy.stores.consent import OPTED_OUT, SUPPRESSED, ConsentEvent
+from proxy.stores.pauses import Pause
+
+__all__ = (
+    "REPLAY_WINDOW",
+    "SIGNATURE_HEADER",
+    "Deliverer",
+    "Notifier",
+    "WebhookMetrics",
+    "sign",
+    "verify_signature",
+)
+
+log = logging.getLogger("sendguard.webhooks")
+
+SIGNATURE_HEADER = "Sendguard-Signature"
+REPLAY_WINDOW = 300.0
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    mac = hmac.new(secret.encode("utf-8"), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify_signature(
+    secret: str, header: str, body: bytes, *, now: float | None = None, window: float = REPLAY_WINDOW
+) -> bool:
+    """What a receiver does: the MAC over timestamp and body, and the timestamp within the window."""
+    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
+    try:
+        timestamp = int(fields["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs((now if now is not None else time.time()) - timestamp) > window:
+        return False
+    expected = sign(secret, body, timestamp).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, fields.get("v1", ""))
+
+
+class WebhookMetrics:
+    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, WebhookMetrics]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.outbox = Gauge(
+            "sendguard_webhook_outbox",
+            "Webhook deliveries in the outbox: pending (not yet delivered) and failed (given up after max_age)",
+            ["state"],
+            registry=registry,
+        )
+        self.attempts = Counter(
+            "sendguard_webhook_attempts_total",
+            "Webhook delivery attempts by result (delivered, retry, failed)",
+            ["result"],
+            registry=registry,
+        )
+        self.enqueued = Counter(
+            "sendguard_webhook_events_total", "Events put in the webhook outbox, by event", ["event"], registry=registry
+        )
+        for state in ("pending", "failed"):
+            self.outbox.labels(state)
+        for result in ("delivered", "retry", "failed"):
+            self.attempts.labels(result)
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry) -> WebhookMetrics:
+        existing = cls._by_registry.get(registry)
+        if existing is None:
+            existing = cls._by_registry[registry] = cls(registry)
+        return existing
+
+
+def event_name(event: ConsentEvent) -> str | None:
+    """The webhook event of a consent event, or None for one nobody is told of."""
+    if event.kind not in (OPTED_OUT, SUPPRESSED):
+        return None
+    return "complaint" if event.method == "complaint" else event.kind
+
+
+class Notifier:
+    """Turns what happened into outbox rows. Called after the fact is on record; a failure to
+    queue is logged and counted, never raised into the opt-out or the mail that caused it."""
+
+    def __init__(self, state: ApiState, config: Callable[[], WebhooksConfig], metrics: WebhookMetrics) -> None:
+        self.state = state
+        self.config = config
+        self.metrics = metrics
+        #: (scope, value, source) -> until of the last pause told: a backoff rule that re-pauses
+        #: on every refusal would otherwise send one webhook per refused message.
+        self._paused: dict[tuple[str, str, str], float] = {}
+
+    async def consent_events(self, events: Sequence[ConsentEvent]) -> None:
+        for event in events:
+            name = event_name(event)
+            if name is not None:
+                await self.emit(name, {"record": event.as_dict()})
+
+    async def pause(self, pause: Pause) -> None:
+        key = (pause.scope, pause.value, pause.source)
+        now = time.time()
+        if self._paused.get(key, 0.0) > now:
+            return
+        self._paused = {k: until for k, until in self._paused.items() if until > now}
+        self._paused[key] = pause.until
+        await self.emit(
+            "paused",
+            {
+                "scope": pause.scope,
+                "value": pause.value,
+                "until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pause.until)),
+                "reason": pause.reason,
+                "source": pause.source,
+                "message_class": pause.message_class,
+            },
+        )
+
+    async def emit(self, name: str, data: dict[str, Any]) -> None:
+        endpoints = [e for e in self.config().endpoints if name in e.events]
+        if not endpoints:
+            return
+        now = time.time()
+        body = dumps(
+            {
+                "id": str(uuid.uuid4()),
+                "type": name,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+                "data": data,
+            }
+        )
+        try:
+            await self.state.enqueue([(endpoint.url, name, body) for endpoint in endpoints], now)
+        except Exception:
+            log.exception("webhook %s could not be queued", name)
+            return
+        self.metrics.enqueued.labels(name).inc()
+
+
+class Deliverer:
+    """Sends due outbox rows; one per process, and any number of processes may share an outbox."""
+
+    def __init__(
+        self,
+        state: ApiState,
+        config: Callable[[], WebhooksConfig],
+        metrics: WebhookMetrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state = state
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    await self.round(session)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("webhook delivery round failed")
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), float(self.config().interval))
+
+    async def round(self, session: aiohttp.ClientSession) -> int:
+        """Send what is due now; return how many attempts were made."""
+        config = self.config()
+        rows = await self.state.claim_due(self.clock(), float(config.timeout) + 5.0, 20)
+        if rows:
+            await asyncio.gather(*(self._attempt(session, config, row) for row in rows))
+        counts = await self.state.counts()
+        for state in ("pending", "failed"):
+            self.metrics.outbox.labels(state).set(counts.get(state, 0))
+        return len(rows)
+
+    async def _attempt(self, session: aiohttp.ClientSession, config: WebhooksConfig, row: OutboxRow) -> None:
+        endpoint = next((e for e in config.endpoints if e.url == row.endpoint), None)
+        if endpoint is None:
+            await self._failed(row, "the endpoint is no longer configured", give_up=True)
+            return
+        body = row.body.encode("utf-8")
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(endpoint.secret, body, int(self.clock())),
+            "Sendguard-Event": row.event,
+            "User-Agent": "sendguard-webhooks",
+        }
+        try:
+            timeout = aiohttp.ClientTimeout(total=float(config.timeout))
+            async with session.post(row.endpoint, data=body, headers=headers, timeout=timeout) as response:
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            await self._failed(row, f"{type(exc).__name__}: {exc}"[:300])
+            return
+        if 200 <= status < 300:
+            await self.state.delivered(row.id)
+            self.metrics.attempts.labels("delivered").inc()
+        else:
+            await self._failed(row, f"HTTP {status}")
+
+    async def _failed(self, row: OutboxRow, error: str, *, give_up: bool = False) -> None:
+        config = self.config()
+        now = self.clock()
+        delay = min(float(config.retry_min) * 2**row.attempts, float(config.retry_max))
+        give_up = give_up or now + delay - row.created_at > float(config.max_age)
+        await self.state.retry(row.id, now + delay, error, give_up=give_up)
+        self.metrics.attempts.labels("failed" if give_up else "retry").inc()
+        if give_up:
+            log.error("webhook %s #%d to %s given up: %s", row.event, row.id, row.endpoint, error)
+        else:
+            log.warning(
+                "webhook %s #%d to %s failed (%s); next try in %.0fs", row.event, row.id, row.endpoint, error, delay
+            )
