@@ -322,7 +322,9 @@ class App:
             return
         self.api_state = await open_api_state(settings.stores.consent)
         metrics = WebhookMetrics.for_registry(self.services.metrics.registry)
-        self.notifier = Notifier(self.api_state, lambda: self.runtime.settings.webhooks, metrics)
+        self.notifier = Notifier(
+            self.api_state, lambda: self.runtime.settings.webhooks, metrics, consent=lambda: self.runtime.consent
+        )
         self._observe(self.runtime)
         if settings.api.address is not None:
             context = ApiContext(
@@ -334,7 +336,9 @@ class App:
                 audit=self.services.audit,
             )
             self.api_server = ApiServer(context)
-        self._deliverer = Deliverer(self.api_state, lambda: self.runtime.settings.webhooks, metrics)
+        self._deliverer = Deliverer(
+            self.api_state, lambda: self.runtime.settings.webhooks, metrics, sweep=self.notifier.sweep
+        )
         self._deliverer_task = asyncio.get_running_loop().create_task(self._deliverer.run())
 
     def _observe(self, runtime: Runtime) -> None:

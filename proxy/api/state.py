@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from proxy.stores.consent import ConsentStoreConfig
 from proxy.stores.migrations import Migration, apply_postgres, apply_sqlite
 
-__all__ = ("ApiState", "Claim", "OutboxRow", "open_api_state")
+__all__ = ("ApiState", "Claim", "OutboxRow", "QueuedRow", "open_api_state")
 
 T = TypeVar("T")
 
@@ -47,6 +47,7 @@ _V1_SQLITE = (
         id            INTEGER PRIMARY KEY AUTOINCREMENT,
         endpoint      TEXT    NOT NULL,
         event         TEXT    NOT NULL,
+        source        TEXT,               -- consent:<id> for a consent event: queued once per endpoint
         body          TEXT    NOT NULL,   -- the exact bytes signed and sent, every attempt
         created_at    REAL    NOT NULL,
         next_at       REAL    NOT NULL,
@@ -57,6 +58,8 @@ _V1_SQLITE = (
     )
     """,
     "CREATE INDEX webhook_outbox_due ON webhook_outbox (state, next_at)",
+    "CREATE UNIQUE INDEX webhook_outbox_once ON webhook_outbox (source, endpoint)",
+    "CREATE TABLE webhook_cursor (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL)",
 )
 _V1_POSTGRES = (
     """
@@ -75,6 +78,7 @@ _V1_POSTGRES = (
         id            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         endpoint      TEXT             NOT NULL,
         event         TEXT             NOT NULL,
+        source        TEXT,
         body          TEXT             NOT NULL,
         created_at    DOUBLE PRECISION NOT NULL,
         next_at       DOUBLE PRECISION NOT NULL,
@@ -85,6 +89,8 @@ _V1_POSTGRES = (
     )
     """,
     "CREATE INDEX webhook_outbox_due ON webhook_outbox (state, next_at)",
+    "CREATE UNIQUE INDEX webhook_outbox_once ON webhook_outbox (source, endpoint)",
+    "CREATE TABLE webhook_cursor (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL)",
 )
 API_MIGRATIONS: tuple[Migration, ...] = (
     Migration("api", 1, "api_idempotency and webhook_outbox", _V1_SQLITE, _V1_POSTGRES),
@@ -98,6 +104,14 @@ class Claim:
     state: str  # "new": go ahead; "done": replay status/body; "busy": the first is in flight; "mismatch"
     status: int | None = None
     body: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRow:
+    endpoint: str
+    event: str
+    body: str
+    source: str | None = None  # consent:<id>: the same event is queued once, whoever queues it
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +141,16 @@ class ApiState(abc.ABC):
     async def purge_keys(self, older_than: float) -> int: ...
 
     @abc.abstractmethod
-    async def enqueue(self, rows: Sequence[tuple[str, str, str]], now: float) -> None:
-        """(endpoint URL, event name, body) rows, due now."""
+    async def enqueue(self, rows: Sequence[QueuedRow], now: float) -> None:
+        """Rows due now; a row whose (source, endpoint) is queued already is left out."""
+
+    @abc.abstractmethod
+    async def cursor(self) -> int:
+        """The last consent event id the sweep has seen; set to the newest on first use, so
+        that turning webhooks on does not send the whole history."""
+
+    @abc.abstractmethod
+    async def advance(self, last_id: int) -> None: ...
 
     @abc.abstractmethod
     async def claim_due(self, now: float, lease: float, limit: int) -> list[OutboxRow]: ...
@@ -238,12 +260,32 @@ class SQLiteApiState(ApiState):
 
         return await self._call(self._tx, work)
 
-    async def enqueue(self, rows: Sequence[tuple[str, str, str]], now: float) -> None:
+    async def enqueue(self, rows: Sequence[QueuedRow], now: float) -> None:
         await self._call(
             self._tx,
             lambda conn: conn.executemany(
-                "INSERT INTO webhook_outbox (endpoint, event, body, created_at, next_at) VALUES (?, ?, ?, ?, ?)",
-                [(endpoint, event, body, now, now) for endpoint, event, body in rows],
+                "INSERT INTO webhook_outbox (endpoint, event, source, body, created_at, next_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(row.endpoint, row.event, row.source, row.body, now, now) for row in rows],
+            ),
+        )
+
+    async def cursor(self) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT last_id FROM webhook_cursor WHERE name = 'consent'").fetchone()
+            if row is not None:
+                return int(row[0])
+            newest = int(conn.execute("SELECT coalesce(max(id), 0) FROM consent_events").fetchone()[0])
+            conn.execute("INSERT INTO webhook_cursor (name, last_id) VALUES ('consent', ?)", (newest,))
+            return newest
+
+        return await self._call(self._tx, work)
+
+    async def advance(self, last_id: int) -> None:
+        await self._call(
+            self._tx,
+            lambda conn: conn.execute(
+                "UPDATE webhook_cursor SET last_id = max(last_id, ?) WHERE name = 'consent'", (last_id,)
             ),
         )
 
@@ -322,25 +364,34 @@ class PostgresApiState(ApiState):
             name="sendguard-api",
             kwargs={"application_name": "sendguard-api"},
         )
+        self._ready = False
+        self._ready_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, dsn: str, connect_timeout: float) -> PostgresApiState:
+        """Open the pool; the tables are made on first use, so that a PostgreSQL that is down
+        at start does not stop sendguard (as with the consent store)."""
         state = cls(dsn, connect_timeout)
         await state._pool.open(wait=False)
-        try:
-            async with state._pool.connection() as conn:
-                await apply_postgres(conn, API_MIGRATIONS)
-        except BaseException:
-            await state._pool.close()
-            raise
         return state
 
+    async def _ensure(self) -> None:
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if not self._ready:
+                async with self._pool.connection() as conn:
+                    await apply_postgres(conn, API_MIGRATIONS)
+                self._ready = True
+
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        await self._ensure()
         async with self._pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(sql, params)
             return list(await cursor.fetchall()) if cursor.description else []
 
     async def claim(self, token: str, key: str, request_hash: str, now: float) -> Claim:
+        await self._ensure()
         async with self._pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(
                 "INSERT INTO api_idempotency (token, key, request_hash, created_at) VALUES (%s, %s, %s, %s) "
@@ -373,12 +424,28 @@ class PostgresApiState(ApiState):
         )
         return int(rows[0][0])
 
-    async def enqueue(self, rows: Sequence[tuple[str, str, str]], now: float) -> None:
+    async def enqueue(self, rows: Sequence[QueuedRow], now: float) -> None:
+        await self._ensure()
         async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
             await cursor.executemany(
-                "INSERT INTO webhook_outbox (endpoint, event, body, created_at, next_at) VALUES (%s, %s, %s, %s, %s)",
-                [(endpoint, event, body, now, now) for endpoint, event, body in rows],
+                "INSERT INTO webhook_outbox (endpoint, event, source, body, created_at, next_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                [(row.endpoint, row.event, row.source, row.body, now, now) for row in rows],
             )
+
+    async def cursor(self) -> int:
+        await self._fetch(
+            "INSERT INTO webhook_cursor (name, last_id) SELECT 'consent', coalesce(max(id), 0) FROM consent_events "
+            "ON CONFLICT (name) DO NOTHING",
+            (),
+        )
+        rows = await self._fetch("SELECT last_id FROM webhook_cursor WHERE name = 'consent'", ())
+        return int(rows[0][0])
+
+    async def advance(self, last_id: int) -> None:
+        await self._fetch(
+            "UPDATE webhook_cursor SET last_id = greatest(last_id, %s) WHERE name = 'consent'", (last_id,)
+        )
 
     async def claim_due(self, now: float, lease: float, limit: int) -> list[OutboxRow]:
         # SKIP LOCKED: two instances polling together take different rows, never wait on each

@@ -5,6 +5,15 @@ database, so it survives restarts and several instances share it) before anythin
 the ``Deliverer`` sends due rows, one attempt at a time per row, and retries with
 exponential backoff up to ``max_age``.
 
+Consent events reach the outbox two ways, and are queued once (the row's ``source`` is
+``consent:<id>``, unique per endpoint): at once, from the store's observer, when this process
+records them; and from the sweep, which follows the append-only log by id from a cursor kept
+in the same database. The sweep is what makes it safe: an opt-out committed just before a
+crash, one recorded by ``sendguard consent revoke`` or by another instance, is told all the
+same. On PostgreSQL the sweep stays ``SWEEP_LAG_POSTGRES`` behind the newest record, because
+identity values are handed out before commit: a lower id may become visible after a higher
+one. Bulk imports (method ``import``) are not told: the system that sent them knows them.
+
 The signature (documented in the README) lets the receiver check both origin and freshness::
 
     Sendguard-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>
@@ -24,15 +33,16 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from typing import Any, ClassVar
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proxy.api.config import WebhooksConfig
-from proxy.api.state import ApiState, OutboxRow, dumps
-from proxy.stores.consent import OPTED_OUT, SUPPRESSED, ConsentEvent
+from proxy.api.state import ApiState, OutboxRow, QueuedRow, dumps
+from proxy.stores.consent import OPTED_OUT, SUPPRESSED, ConsentEvent, ConsentStore, utcnow
 from proxy.stores.pauses import Pause
 
 __all__ = (
@@ -49,6 +59,8 @@ log = logging.getLogger("sendguard.webhooks")
 
 SIGNATURE_HEADER = "Sendguard-Signature"
 REPLAY_WINDOW = 300.0
+SWEEP_LAG_POSTGRES = 10.0
+SWEEP_BATCH = 500
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
@@ -105,7 +117,7 @@ class WebhookMetrics:
 
 def event_name(event: ConsentEvent) -> str | None:
     """The webhook event of a consent event, or None for one nobody is told of."""
-    if event.kind not in (OPTED_OUT, SUPPRESSED):
+    if event.kind not in (OPTED_OUT, SUPPRESSED) or event.method == "import":
         return None
     return "complaint" if event.method == "complaint" else event.kind
 
@@ -114,19 +126,81 @@ class Notifier:
     """Turns what happened into outbox rows. Called after the fact is on record; a failure to
     queue is logged and counted, never raised into the opt-out or the mail that caused it."""
 
-    def __init__(self, state: ApiState, config: Callable[[], WebhooksConfig], metrics: WebhookMetrics) -> None:
+    def __init__(
+        self,
+        state: ApiState,
+        config: Callable[[], WebhooksConfig],
+        metrics: WebhookMetrics,
+        consent: Callable[[], ConsentStore | None] = lambda: None,
+    ) -> None:
         self.state = state
         self.config = config
         self.metrics = metrics
+        self.consent = consent
         #: (scope, value, source) -> until of the last pause told: a backoff rule that re-pauses
         #: on every refusal would otherwise send one webhook per refused message.
         self._paused: dict[tuple[str, str, str], float] = {}
 
     async def consent_events(self, events: Sequence[ConsentEvent]) -> None:
+        """The store's observer: queue at once what this process recorded."""
+        rows = [row for event in events for row in self._rows_for(event)]
+        await self._enqueue(rows)
+
+    async def sweep(self) -> int:
+        """Queue what the log holds past the cursor (see the module docstring); return how many
+        events were read."""
+        store = self.consent()
+        if store is None or not self.config().endpoints:
+            return 0
+        start = await self.state.cursor()
+        events = await store.since(start, SWEEP_BATCH)
+        lag = SWEEP_LAG_POSTGRES if store.backend == "postgres" else 0.0
+        horizon = utcnow() - timedelta(seconds=lag)
+        last, rows = start, []
         for event in events:
-            name = event_name(event)
-            if name is not None:
-                await self.emit(name, {"record": event.as_dict()})
+            if event.recorded_at is not None and event.recorded_at > horizon:
+                break  # too fresh on PostgreSQL: a lower id may still commit
+            assert event.id is not None
+            last = event.id
+            rows.extend(self._rows_for(event))
+        if rows:
+            await self._enqueue(rows)
+        if last > start:
+            await self.state.advance(last)
+        return last - start
+
+    def _rows_for(self, event: ConsentEvent) -> list[QueuedRow]:
+        name = event_name(event)
+        if name is None or event.id is None:
+            return []
+        body = self._body(f"consent-{event.id}", name, {"record": event.as_dict()})
+        return [
+            QueuedRow(endpoint.url, name, body, f"consent:{event.id}")
+            for endpoint in self.config().endpoints
+            if name in endpoint.events
+        ]
+
+    @staticmethod
+    def _body(event_id: str, name: str, data: dict[str, Any]) -> str:
+        return dumps(
+            {
+                "id": event_id,
+                "type": name,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "data": data,
+            }
+        )
+
+    async def _enqueue(self, rows: Sequence[QueuedRow]) -> None:
+        if not rows:
+            return
+        try:
+            await self.state.enqueue(rows, time.time())
+        except Exception:
+            log.exception("webhook(s) %s could not be queued", ", ".join(sorted({row.event for row in rows})))
+            return
+        for row in rows:
+            self.metrics.enqueued.labels(row.event).inc()
 
     async def pause(self, pause: Pause) -> None:
         key = (pause.scope, pause.value, pause.source)
@@ -148,24 +222,9 @@ class Notifier:
         )
 
     async def emit(self, name: str, data: dict[str, Any]) -> None:
-        endpoints = [e for e in self.config().endpoints if name in e.events]
-        if not endpoints:
-            return
-        now = time.time()
-        body = dumps(
-            {
-                "id": str(uuid.uuid4()),
-                "type": name,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-                "data": data,
-            }
-        )
-        try:
-            await self.state.enqueue([(endpoint.url, name, body) for endpoint in endpoints], now)
-        except Exception:
-            log.exception("webhook %s could not be queued", name)
-            return
-        self.metrics.enqueued.labels(name).inc()
+        """Queue an event that is not in the consent log (a pause) for every endpoint that wants it."""
+        body = self._body(str(uuid.uuid4()), name, data)
+        await self._enqueue([QueuedRow(e.url, name, body) for e in self.config().endpoints if name in e.events])
 
 
 class Deliverer:
@@ -178,11 +237,13 @@ class Deliverer:
         metrics: WebhookMetrics,
         *,
         clock: Callable[[], float] = time.time,
+        sweep: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.state = state
         self.config = config
         self.metrics = metrics
         self.clock = clock
+        self.sweep = sweep
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -204,6 +265,11 @@ class Deliverer:
     async def round(self, session: aiohttp.ClientSession) -> int:
         """Send what is due now; return how many attempts were made."""
         config = self.config()
+        if self.sweep is not None:
+            try:
+                await self.sweep()
+            except Exception as exc:  # the log cannot be read now: what is queued still goes
+                log.warning("webhook sweep of the consent log failed: %s", exc)
         rows = await self.state.claim_due(self.clock(), float(config.timeout) + 5.0, 20)
         if rows:
             await asyncio.gather(*(self._attempt(session, config, row) for row in rows))

@@ -138,6 +138,11 @@ class ConsentStore(abc.ABC):
     async def count(self) -> int:
         return await self._bounded(self._count())
 
+    async def since(self, after_id: int, limit: int) -> list[ConsentEvent]:
+        """Up to ``limit`` events with an id above ``after_id``, in id order (a reader that
+        follows the log, such as the webhooks' sweep, keeps the last id it saw)."""
+        return await self._bounded(self._page(after_id, limit))
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 

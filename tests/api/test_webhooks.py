@@ -6,13 +6,14 @@ up at max_age, the metrics, and PostgreSQL's one attempt at a time across instan
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from proxy.api.state import PostgresApiState, SQLiteApiState
+from proxy.api.state import PostgresApiState, QueuedRow, SQLiteApiState
 from proxy.api.webhooks import SIGNATURE_HEADER, sign, verify_signature
 from tests.api.harness import SECRET, Api, Receiver, stores_section, until
 from tests.conftest import submit
@@ -37,6 +38,7 @@ async def test_what_is_told_and_how_it_is_signed(api_factory: Any, receiver: Rec
     api: Api = await api_factory(hooks(receiver))
     table = [
         ("/v1/events", {"address": BOB, "event": "opted_in", "method": "api"}, None),
+        ("/v1/events", {"address": "eve@example.org", "event": "opted_out", "method": "import"}, None),
         ("/v1/opt-outs", {"address": BOB, "topic": "newsletter"}, "opted_out"),
         ("/v1/suppressions", {"address": "ann@example.org", "reason": "CRM: closed account"}, "suppressed"),
         ("/v1/suppressions", {"address": "cid@example.org", "method": "complaint", "reason": "FBL"}, "complaint"),
@@ -146,7 +148,7 @@ async def test_postgres_outbox_one_attempt_at_a_time_across_instances(
     two = await PostgresApiState.open(postgres_target.dsn, 5)
     try:
         now = time.time()
-        await one.enqueue([(receiver.url, "opted_out", f'{{"n": {n}}}') for n in range(40)], now)
+        await one.enqueue([QueuedRow(receiver.url, "paused", f'{{"n": {n}}}') for n in range(40)], now)
         claims = await asyncio.gather(*(state.claim_due(now, 30, 7) for state in (one, two, one, two, one, two, one)))
         ids = [row.id for claim in claims for row in claim]
         assert len(ids) == len(set(ids)) == 40  # every row once, none twice
@@ -169,10 +171,30 @@ async def test_sqlite_outbox_claims_each_row_once(tmp_path: Path) -> None:
     one, two = await SQLiteApiState.open(path), await SQLiteApiState.open(path)
     try:
         now = time.time()
-        await one.enqueue([("http://127.0.0.1:1/h", "paused", "{}") for _ in range(30)], now)
+        await one.enqueue([QueuedRow("http://127.0.0.1:1/h", "paused", "{}") for _ in range(30)], now)
         claims = await asyncio.gather(*(state.claim_due(now, 30, 4) for state in (one, two) * 5))
         ids = [row.id for claim in claims for row in claim]
         assert len(ids) == len(set(ids)) == 30
     finally:
         await one.close()
         await two.close()
+
+
+async def test_an_opt_out_recorded_elsewhere_is_told_once(api_factory: Any, receiver: Receiver) -> None:
+    """``sendguard consent revoke`` in its own process (no observer there): the sweep of the log
+    finds it; the API's own opt-out is found by both ways and still told once."""
+    api: Api = await api_factory(hooks(receiver))
+    await until(lambda: api.proxy.app.api_state is not None)
+    await asyncio.sleep(0.2)  # the first sweep has set the cursor
+    command = [sys.executable, "-m", "proxy", "consent", "revoke", "--config", str(api.proxy.config_path)]
+    done = await asyncio.create_subprocess_exec(
+        *command, "cli@example.org", "--method", "admin", "--source", "ticket 42", stdout=asyncio.subprocess.PIPE
+    )
+    await done.communicate()
+    assert done.returncode == 0
+    await api.call("POST", "/v1/opt-outs", body={"address": BOB})
+    await until(lambda: len(receiver.received) >= 2)
+    await asyncio.sleep(0.3)
+    told = sorted(e["data"]["record"]["address"] for e in receiver.events())
+    assert told == sorted([BOB, "cli@example.org"])
+    assert all(e["id"].startswith("consent-") for e in receiver.events())
