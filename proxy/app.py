@@ -340,6 +340,17 @@ class App:
             self.api_state, lambda: self.runtime.settings.webhooks, metrics, sweep=self.notifier.sweep
         )
         self._deliverer_task = asyncio.get_running_loop().create_task(self._deliverer.run())
+        self._spawn(self._api_housekeeping(self.api_state))
+
+    async def _api_housekeeping(self, state: ApiState) -> None:
+        """Forget idempotency keys older than api.idempotency_ttl (and delivered webhooks a day
+        after that), hourly: the tables stay the size of a day's traffic."""
+        while True:
+            try:
+                await state.purge_keys(time.time() - float(self.runtime.settings.api.idempotency_ttl))
+            except Exception as exc:
+                log.warning("api housekeeping failed: %s", exc)
+            await asyncio.sleep(3600)
 
     def _observe(self, runtime: Runtime) -> None:
         """Let the notifier hear of the opt-outs, suppressions and pauses this generation's

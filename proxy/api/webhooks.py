@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from proxy.api.config import WebhooksConfig
+from proxy.api.config import WEBHOOK_EVENTS, WebhooksConfig
 from proxy.api.state import ApiState, OutboxRow, QueuedRow, dumps
 from proxy.stores.consent import OPTED_OUT, SUPPRESSED, ConsentEvent, ConsentStore, utcnow
 from proxy.stores.pauses import Pause
@@ -106,6 +106,8 @@ class WebhookMetrics:
             self.outbox.labels(state)
         for result in ("delivered", "retry", "failed"):
             self.attempts.labels(result)
+        for event in WEBHOOK_EVENTS:
+            self.enqueued.labels(event)
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry) -> WebhookMetrics:
