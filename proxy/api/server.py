@@ -57,6 +57,8 @@ __all__ = ("ApiContext", "ApiServer", "build_api_app", "dumps_document")
 log = logging.getLogger("sendguard.api")
 
 _FIELDS = frozenset(CSV_COLUMNS)
+_BODY: web.RequestKey[bytes] = web.RequestKey("body", bytes)
+IMPORT_PATH = "/v1/imports"
 MAX_PROBLEMS = 100
 _TOKEN_KEY: web.AppKey[ApiToken] = web.AppKey("token", ApiToken)
 
@@ -153,7 +155,9 @@ async def _idempotent(
     key = request.headers["Idempotency-Key"].strip()
     if not 1 <= len(key) <= 200 or not key.isprintable():
         raise ApiError(400, "Idempotency-Key must be 1-200 printable characters")
-    body = await request.read()  # cached by aiohttp: the handler reads the same bytes
+    config = ctx.config()
+    limit = int(config.max_import if request.path == IMPORT_PATH else config.max_body)
+    body = await _read_bounded(request, limit)  # kept on the request: the handler reads the same bytes
     request_hash = hashlib.sha256(f"{request.method} {request.path}\n".encode() + body).hexdigest()
     try:
         claim = await ctx.state.claim(token.name, key, request_hash, time.time())
@@ -249,12 +253,27 @@ def _row_from_json(data: Any, fixed: dict[str, str]) -> dict[str, str]:
     return row
 
 
-async def _json_body(request: web.Request, limit: int) -> Any:
+async def _read_bounded(request: web.Request, limit: int) -> bytes:
+    """The body, read block by block: past ``limit`` bytes it stops with 413 at once, before
+    the rest is read (a declared Content-Length over it is refused without reading)."""
+    if _BODY in request:
+        return request[_BODY]
+    too_large = ApiError(413, f"a body here is at most {limit} bytes; split a larger import")
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"the body is larger than {limit} bytes")
-    body = await request.read()
-    if len(body) > limit:
-        raise ApiError(413, f"the body is larger than {limit} bytes")
+        raise too_large
+    blocks: list[bytes] = []
+    size = 0
+    async for block in request.content.iter_chunked(64 * 1024):
+        size += len(block)
+        if size > limit:
+            raise too_large
+        blocks.append(block)
+    request[_BODY] = body = b"".join(blocks)
+    return body
+
+
+async def _json_body(request: web.Request, limit: int) -> Any:
+    body = await _read_bounded(request, limit)
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -299,7 +318,8 @@ class ApiServer:
 def build_api_app(ctx: ApiContext) -> web.Application:
     from proxy.api.openapi import openapi_document
 
-    # client_max_size bounds what aiohttp buffers for read(); imports stream past it themselves.
+    # Bodies are read by _read_bounded with the route's own limit; this only bounds anything
+    # aiohttp itself would buffer.
     app = web.Application(client_max_size=int(ctx.config().max_body) + 1)
 
     async def record(request: web.Request, token: ApiToken, fixed: dict[str, str]) -> web.Response:
@@ -350,9 +370,7 @@ def build_api_app(ctx: ApiContext) -> web.Application:
         kind = request.content_type
         if kind not in ("application/x-ndjson", "application/jsonl", "text/csv"):
             raise ApiError(415, "send application/x-ndjson (one JSON object a line) or text/csv")
-        if request.content_length is not None and request.content_length > limit:
-            raise ApiError(413, f"an import is at most {limit} bytes (api.max_import); split it")
-        events, problems = await _read_import(request, kind, limit)
+        events, problems = _parse_import(await _read_bounded(request, limit), kind)
         if problems:
             more = f" (first {MAX_PROBLEMS} shown)" if len(problems) > MAX_PROBLEMS else ""
             raise ApiError(
@@ -371,7 +389,7 @@ def build_api_app(ctx: ApiContext) -> web.Application:
     app.router.add_post("/v1/events", _route(ctx, "write", post_event))
     app.router.add_post("/v1/opt-outs", _route(ctx, "write", post_opt_out))
     app.router.add_post("/v1/suppressions", _route(ctx, "write", post_suppression))
-    app.router.add_post("/v1/imports", _route(ctx, "write", post_import))
+    app.router.add_post(IMPORT_PATH, _route(ctx, "write", post_import))
     app.router.add_get("/v1/addresses/{address}/status", _route(ctx, "read", get_status))
     app.router.add_get("/v1/addresses/{address}/history", _route(ctx, "read", get_history))
     return app
@@ -382,40 +400,18 @@ def dumps_document(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2, sort_keys=False) + "\n"
 
 
-async def _read_lines(request: web.Request, limit: int) -> list[str]:
-    """The body's lines, read block by block; past ``limit`` bytes it stops with 413 at once."""
-    lines: list[str] = []
-    size = 0
-    pending = b""
-    async for block in request.content.iter_chunked(64 * 1024):
-        size += len(block)
-        if size > limit:
-            raise ApiError(413, f"an import is at most {limit} bytes (api.max_import); split it")
-        pending += block
-        *complete, pending = pending.split(b"\n")
-        lines.extend(_decode(line) for line in complete)
-    if pending:
-        lines.append(_decode(pending))
-    return lines
-
-
-def _decode(line: bytes) -> str:
+def _parse_import(body: bytes, kind: str) -> tuple[list[ConsentEvent], list[CsvProblem]]:
     try:
-        return line.decode("utf-8").rstrip("\r")
+        text = body.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"the import is not UTF-8: {exc}") from exc
-
-
-async def _read_import(request: web.Request, kind: str, limit: int) -> tuple[list[ConsentEvent], list[CsvProblem]]:
-    lines = await _read_lines(request, limit)
     events: list[ConsentEvent] = []
     problems: list[CsvProblem] = []
     if kind == "text/csv":
-        # csv wants the line ends back (quoted fields may span lines).
-        for item in iter_csv(io.StringIO("\n".join(lines))):
+        for item in iter_csv(io.StringIO(text, newline="")):
             (problems if isinstance(item, CsvProblem) else events).append(item)  # type: ignore[arg-type]
         return events, problems
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

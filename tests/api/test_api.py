@@ -354,3 +354,21 @@ def test_webhook_config_errors() -> None:
             load_config_text(base + endpoint + "\n", "w.yaml")
         assert problem in str(caught.value)
         assert "w.yaml:4" in str(caught.value)
+
+
+async def test_an_import_retried_with_its_key_records_once(api_factory: Any) -> None:
+    api: Api = await api_factory({"api": api_section(max_import="32KB", max_body="8KB")})
+    headers = {"Content-Type": "text/csv", "Idempotency-Key": "export-2026-12-03"}
+    first = await api.call("POST", "/v1/imports", data=CSV_OK.encode(), headers=headers)
+    again = await api.call("POST", "/v1/imports", data=CSV_OK.encode(), headers=headers)
+    assert first[:2] == again[:2] == (200, {"imported": 2})
+    assert again[2]["Idempotent-Replayed"] == "true"
+    store = api.proxy.app.runtime.consent
+    assert store is not None
+    assert await store.count() == 2
+    # Larger than a JSON body may be, within what an import may be: the key's path reads it all.
+    rows = "".join(f"p{n}@example.org,opted_in,web_form,newsletter,https://shop.example/f\r\n" for n in range(400))
+    big = ("address,event,method,topic,source\r\n" + rows).encode()
+    assert 32 * 1024 > len(big) > 8 * 1024
+    status, answer, _ = await api.call("POST", "/v1/imports", data=big, headers=headers | {"Idempotency-Key": "big"})
+    assert (status, answer) == (200, {"imported": 400})
