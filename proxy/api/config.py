@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import hmac
 import re
 import secrets
 import urllib.parse
@@ -64,9 +63,6 @@ class ApiToken:
             raise ValueError("hash must be sha256: and 64 hex digits (sendguard api token NAME prints one)")
         if not self.scopes:
             raise ValueError("a token needs at least one scope (read, write)")
-
-    def matches(self, token: str) -> bool:
-        return hmac.compare_digest(self.hash, hash_token(token))
 
 
 @dataclass(frozen=True)

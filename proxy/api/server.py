@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -34,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.api.config import ApiConfig, ApiToken
+from proxy.api.config import ApiConfig, ApiToken, hash_token
 from proxy.api.state import ApiState
 from proxy.stores.consent import (
     CSV_COLUMNS,
@@ -100,7 +101,8 @@ def _authenticate(request: web.Request, config: ApiConfig) -> ApiToken:
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "send Authorization: Bearer <token>", WWW_Authenticate='Bearer realm="sendguard"')
     # Compare against every configured hash: the time taken does not say which one is close.
-    found = [entry for entry in config.tokens if entry.matches(token.strip())]
+    digest = hash_token(token.strip())
+    found = [entry for entry in config.tokens if hmac.compare_digest(entry.hash, digest)]
     if not found:
         raise ApiError(401, "unknown token", WWW_Authenticate='Bearer realm="sendguard", error="invalid_token"')
     return found[0]

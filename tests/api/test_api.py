@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from proxy.api.openapi import openapi_document
 from proxy.api.server import build_api_app, dumps_document
@@ -372,3 +373,15 @@ async def test_an_import_retried_with_its_key_records_once(api_factory: Any) -> 
     assert 32 * 1024 > len(big) > 8 * 1024
     status, answer, _ = await api.call("POST", "/v1/imports", data=big, headers=headers | {"Idempotency-Key": "big"})
     assert (status, answer) == (200, {"imported": 400})
+
+
+async def test_tokens_follow_a_reload(api_factory: Any) -> None:
+    api: Api = await api_factory()
+    route = "/v1/addresses/{address}/status"
+    assert (await api.call("GET", f"/v1/addresses/{BOB}/status", token=READER, route=route))[0] == 200
+    config = yaml.safe_load(api.proxy.config_path.read_text())
+    config["api"]["tokens"] = [t for t in config["api"]["tokens"] if t["name"] != "dashboard"]
+    api.proxy.config_path.write_text(yaml.safe_dump(config))
+    assert await api.proxy.app.reload()
+    assert (await api.call("GET", f"/v1/addresses/{BOB}/status", token=READER, route=route))[0] == 401
+    assert (await api.call("GET", f"/v1/addresses/{BOB}/status", token=WRITER, route=route))[0] == 200
