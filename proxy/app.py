@@ -21,7 +21,7 @@ from proxy.api.server import ApiContext, ApiServer
 from proxy.api.state import ApiState, open_api_state
 from proxy.api.webhooks import Deliverer, Notifier, WebhookMetrics
 from proxy.config.settings import ConfigError, ListenerConfig, Settings, load_config
-from proxy.observability.http import build_http_app
+from proxy.observability.http import build_http_app, start_site
 from proxy.observability.logsetup import AuditLog
 from proxy.observability.memory import tune_allocator
 from proxy.observability.metrics import Metrics
@@ -409,19 +409,9 @@ class App:
     async def _start_http(self, settings: Settings) -> None:
         address = settings.http.address
         assert address is not None
-        runner = web.AppRunner(build_http_app(self.services.metrics, self), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise OSError(exc.errno, f"cannot listen on {address} for HTTP: {exc.strerror}") from exc
-        self._http_runner = runner
-        server = site._server
-        if isinstance(server, asyncio.base_events.Server) and server.sockets:
-            sockname = server.sockets[0].getsockname()
-            self.http_bound = (sockname[0], sockname[1])
+        self._http_runner, self.http_bound = await start_site(
+            build_http_app(self.services.metrics, self), address, "HTTP"
+        )
 
     def _log_inventory(self, settings: Settings) -> None:
         for name, (host, port) in self.bound.items():

@@ -71,20 +71,21 @@ _IDEMPOTENCY = {
     "gets the first answer (header Idempotent-Replayed: true)",
     "schema": {"type": "string", "minLength": 1, "maxLength": 200},
 }
-_ADDRESS = {
-    "name": "address",
-    "in": "path",
-    "required": True,
-    "description": "user@example.com",
-    "schema": {"type": "string"},
-}
-_AT = {
-    "name": "at",
-    "in": "query",
-    "required": False,
-    "description": "as the store knew it then (ISO 8601)",
-    "schema": {"type": "string"},
-}
+
+
+def _parameter(name: str, where: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    required = where == "path"
+    return {
+        "name": name,
+        "in": where,
+        "required": required,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
+_ADDRESS = _parameter("address", "path", "user@example.com")
+_AT = _parameter("at", "query", "as the store knew it then (ISO 8601)")
 
 
 def _record(summary: str, kind: str | None) -> dict[str, Any]:
@@ -243,18 +244,8 @@ def openapi_document() -> dict[str, Any]:
                     "security": [{"bearer": ["read"]}],
                     "parameters": [
                         _ADDRESS,
-                        {
-                            "name": "topic",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "string", "default": "*"},
-                        },
-                        {
-                            "name": "sender",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "string", "default": "*"},
-                        },
+                        _parameter("topic", "query", "the message's topic", {"type": "string", "default": "*"}),
+                        _parameter("sender", "query", "the From domain", {"type": "string", "default": "*"}),
                         _AT,
                     ],
                     "responses": {"200": _json("Status", "the basis"), "422": _error("not an address")} | _COMMON,

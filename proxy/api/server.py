@@ -37,6 +37,7 @@ from aiohttp import web
 
 from proxy.api.config import ApiConfig, ApiToken, hash_token
 from proxy.api.state import ApiState
+from proxy.observability.http import start_site
 from proxy.stores.consent import (
     CSV_COLUMNS,
     OPTED_OUT,
@@ -296,19 +297,7 @@ class ApiServer:
     async def start(self) -> None:
         address = self.ctx.config().address
         assert address is not None
-        runner = web.AppRunner(build_api_app(self.ctx), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise OSError(exc.errno, f"cannot listen on {address} for the consent API: {exc.strerror}") from exc
-        self._runner = runner
-        server = site._server
-        if isinstance(server, asyncio.base_events.Server) and server.sockets:
-            host, port = server.sockets[0].getsockname()[:2]
-            self.bound = (str(host), int(port))
+        self._runner, self.bound = await start_site(build_api_app(self.ctx), address, "the consent API")
         log.info("consent API on %s", address)
 
     async def stop(self) -> None:
