@@ -339,6 +339,7 @@ class App:
         self._deliverer = Deliverer(
             self.api_state, lambda: self.runtime.settings.webhooks, metrics, sweep=self.notifier.sweep
         )
+        self.notifier.on_queued = self._deliverer.wake
         self._deliverer_task = asyncio.get_running_loop().create_task(self._deliverer.run())
         self._spawn(self._api_housekeeping(self.api_state))
 

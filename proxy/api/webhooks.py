@@ -139,6 +139,9 @@ class Notifier:
         self.config = config
         self.metrics = metrics
         self.consent = consent
+        #: Called once rows are queued (the deliverer's wake): told within milliseconds, not
+        #: at the next interval.
+        self.on_queued: Callable[[], None] = lambda: None
         #: (scope, value, source) -> until of the last pause told: a backoff rule that re-pauses
         #: on every refusal would otherwise send one webhook per refused message.
         self._paused: dict[tuple[str, str, str], float] = {}
@@ -203,6 +206,7 @@ class Notifier:
             return
         for row in rows:
             self.metrics.enqueued.labels(row.event).inc()
+        self.on_queued()
 
     async def pause(self, pause: Pause) -> None:
         key = (pause.scope, pause.value, pause.source)
@@ -254,13 +258,13 @@ class Deliverer:
     async def run(self) -> None:
         async with aiohttp.ClientSession() as session:
             while True:
+                self._wake.clear()  # before the round: a row queued during it wakes the next one
                 try:
                     await self.round(session)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
                     log.exception("webhook delivery round failed")
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), float(self.config().interval))
 

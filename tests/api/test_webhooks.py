@@ -199,3 +199,12 @@ async def test_an_opt_out_recorded_elsewhere_is_told_once(api_factory: Any, rece
     told = sorted(e["data"]["record"]["address"] for e in receiver.events())
     assert told == sorted([BOB, "cli@example.org"])
     assert all(e["id"].startswith("consent-") for e in receiver.events())
+
+
+async def test_told_at_once_not_at_the_next_interval(api_factory: Any, receiver: Receiver) -> None:
+    api: Api = await api_factory(hooks(receiver, interval="30s"))
+    await asyncio.sleep(0.3)  # the first round has run; the next is 30 s away
+    started = time.monotonic()
+    await api.call("POST", "/v1/opt-outs", body={"address": BOB})
+    await until(lambda: len(receiver.received) == 1, timeout=5)
+    assert time.monotonic() - started < 5
