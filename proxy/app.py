@@ -17,8 +17,11 @@ from aiohttp import web
 
 from policies.base import MESSAGE_CLASSES
 from proxy import __version__
+from proxy.api.server import ApiContext, ApiServer
+from proxy.api.state import ApiState, open_api_state
+from proxy.api.webhooks import Deliverer, Notifier, WebhookMetrics
 from proxy.config.settings import ConfigError, ListenerConfig, Settings, load_config
-from proxy.observability.http import build_http_app
+from proxy.observability.http import build_http_app, start_site
 from proxy.observability.logsetup import AuditLog
 from proxy.observability.memory import tune_allocator
 from proxy.observability.metrics import Metrics
@@ -126,6 +129,12 @@ class App:
         #: One-click unsubscribe (unsubscribe: enabled): lives across reloads, like the metrics.
         self.unsubscribe: UnsubscribeService | None = None
         self.unsubscribe_servers: UnsubscribeServers | None = None
+        #: The consent API and the webhooks' outbox (api.address, webhooks.endpoints): per process.
+        self.api_state: ApiState | None = None
+        self.api_server: ApiServer | None = None
+        self.notifier: Notifier | None = None
+        self._deliverer: Deliverer | None = None
+        self._deliverer_task: asyncio.Task[None] | None = None
 
     # ---- AppHandle ------------------------------------------------------------------------
 
@@ -149,7 +158,13 @@ class App:
         """The consent store, when a configured policy or bounce suppression needs it; kept across reloads while
         stores.consent is unchanged. connect=False: a PostgreSQL that is down at start must not
         stop transactional mail; commercial mail gets 451 4.3.0 until it is back."""
-        if not (settings.needs("consent") or settings.bounces.suppress or settings.unsubscribe.enabled):
+        if not (
+            settings.needs("consent")
+            or settings.bounces.suppress
+            or settings.unsubscribe.enabled
+            or settings.api.address is not None
+            or settings.webhooks.endpoints
+        ):
             return None
         if (
             previous is not None
@@ -283,6 +298,7 @@ class App:
             )
         self._runtime = self._build_runtime(settings, consent=await self._open_consent(settings, None))
         self._runtimes.append(self._runtime)
+        await self._open_api(settings)
         self._announce(settings)
         for warning in settings.compliance_warnings():
             log.warning("config: %s", warning)
@@ -299,6 +315,8 @@ class App:
             if self.unsubscribe is not None:
                 self.unsubscribe_servers = UnsubscribeServers(self.unsubscribe)
                 await self.unsubscribe_servers.start()
+            if self.api_server is not None:
+                await self.api_server.start()
         except BaseException:
             await self.stop()
             raise
@@ -310,6 +328,56 @@ class App:
         self._start_blocklist_watch(settings)
         self._start_drainer()
         self.services.metrics.config_last_reload_time.set_to_current_time()
+
+    async def _open_api(self, settings: Settings) -> None:
+        """The API's tables (idempotency keys, the webhook outbox) in the consent database, the
+        notifier that fills the outbox, the API site and the deliverer. Their addresses and the
+        database are read at start; tokens, rates and endpoints follow reloads."""
+        if settings.api.address is None and not settings.webhooks.endpoints:
+            return
+        self.api_state = await open_api_state(settings.stores.consent)
+        metrics = WebhookMetrics.for_registry(self.services.metrics.registry)
+        self.notifier = Notifier(
+            self.api_state, lambda: self.runtime.settings.webhooks, metrics, consent=lambda: self.runtime.consent
+        )
+        self._observe(self.runtime)
+        if settings.api.address is not None:
+            context = ApiContext(
+                config=lambda: self.runtime.settings.api,
+                consent=lambda: self.runtime.consent,
+                limits=lambda: self.runtime.limits,
+                rules=lambda: _soft_opt_in_rules(self.runtime.settings),
+                state=self.api_state,
+                audit=self.services.audit,
+            )
+            self.api_server = ApiServer(context)
+        self._deliverer = Deliverer(
+            self.api_state, lambda: self.runtime.settings.webhooks, metrics, sweep=self.notifier.sweep
+        )
+        self.notifier.on_queued = self._deliverer.wake
+        self._deliverer_task = asyncio.get_running_loop().create_task(self._deliverer.run())
+        self._spawn(self._api_housekeeping(self.api_state))
+
+    async def _api_housekeeping(self, state: ApiState) -> None:
+        """Forget idempotency keys older than api.idempotency_ttl (and delivered webhooks a day
+        after that), hourly: the tables stay the size of a day's traffic."""
+        while True:
+            try:
+                await state.purge_keys(time.time() - float(self.runtime.settings.api.idempotency_ttl))
+            except Exception as exc:
+                log.warning("api housekeeping failed: %s", exc)
+            await asyncio.sleep(3600)
+
+    def _observe(self, runtime: Runtime) -> None:
+        """Let the notifier hear of the opt-outs, suppressions and pauses this generation's
+        stores record (each store once, however many generations share it)."""
+        notifier = self.notifier
+        if notifier is None:
+            return
+        if runtime.consent is not None and notifier.consent_events not in runtime.consent.observers:
+            runtime.consent.observers.append(notifier.consent_events)
+        if notifier.pause not in runtime.pauses.observers:
+            runtime.pauses.observers.append(notifier.pause)
 
     def _start_drainer(self) -> None:
         spool = self.services.spool
@@ -357,19 +425,9 @@ class App:
     async def _start_http(self, settings: Settings) -> None:
         address = settings.http.address
         assert address is not None
-        runner = web.AppRunner(build_http_app(self.services.metrics, self), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise OSError(exc.errno, f"cannot listen on {address} for HTTP: {exc.strerror}") from exc
-        self._http_runner = runner
-        server = site._server
-        if isinstance(server, asyncio.base_events.Server) and server.sockets:
-            sockname = server.sockets[0].getsockname()
-            self.http_bound = (sockname[0], sockname[1])
+        self._http_runner, self.http_bound = await start_site(
+            build_http_app(self.services.metrics, self), address, "HTTP"
+        )
 
     def _log_inventory(self, settings: Settings) -> None:
         for name, (host, port) in self.bound.items():
@@ -568,6 +626,7 @@ class App:
                 log.warning("spool.path changed; the retry queue moves at the next restart")
             self._runtime = runtime
             self._runtimes.append(runtime)
+            self._observe(runtime)
             self.settings = settings
             self._announce(settings)
             self._spawn(self._retire(old))
@@ -680,6 +739,17 @@ class App:
         if self.unsubscribe_servers is not None:
             await self.unsubscribe_servers.stop()
             self.unsubscribe_servers = None
+        if self.api_server is not None:
+            await self.api_server.stop()
+            self.api_server = None
+        if self._deliverer_task is not None:
+            self._deliverer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._deliverer_task
+            self._deliverer_task = None
+        if self.api_state is not None:
+            await self.api_state.close()
+            self.api_state = None
         resources = {id(r): r for runtime in self._runtimes for r in runtime.resources()}
         self._runtimes.clear()
         await self._close_unused(list(resources.values()))

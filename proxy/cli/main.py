@@ -20,6 +20,7 @@ from policies.base import Action, Reply, Transaction
 from policies.message import ParsedMessage
 from proxy import __version__
 from proxy.addresses import address_key, envelope_address, relayable_recipient
+from proxy.api.config import add_api_parser, run_api_command
 from proxy.cli import dns as dns_cli
 from proxy.cli.consent import add_consent_parser, run_consent_command
 from proxy.cli.health import add_health_parser, run_health
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_limits_parser(commands)
     add_queue_parser(commands)  # queue list, retry, drop
     add_unsubscribe_parser(commands)  # unsubscribe keygen
+    add_api_parser(commands)  # api token
     add_consent_parser(commands)  # consent import, export, show, add, customer, revoke, suppress ...
     add_health_parser(commands)  # health: the running process's /readyz (container healthchecks)
     add_upstream_parser(commands)  # upstream check: connect, TLS, certificate, AUTH, EHLO, SIZE
@@ -141,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_consent_command(args)
         if args.command == "unsubscribe":
             return run_unsubscribe_command(args)
+        if args.command == "api":
+            return run_api_command(args)
         if args.command == "health":
             return run_health(args)
         if args.command == "upstream":

@@ -29,6 +29,7 @@ import yaml
 
 from policies import REGISTRY
 from policies.base import MESSAGE_CLASSES, Policy
+from proxy.api.config import ApiConfig, WebhooksConfig
 from proxy.reputation.backoff import BackoffConfig
 from proxy.reputation.bounces import BounceConfig
 from proxy.reputation.dkim import DKIMConfig, dkim_config_problems
@@ -425,6 +426,11 @@ class Settings:
         "one-click unsubscribe links (RFC 8058) and the recipient's own pages", default_factory=UnsubscribeConfig
     )
     reload: ReloadConfig = doc("config reloading", default_factory=ReloadConfig)
+    api: ApiConfig = doc("the consent API for CRMs and sign-up forms (off by default)", default_factory=ApiConfig)
+    webhooks: WebhooksConfig = doc(
+        "opt-outs, suppressions, complaints and pauses pushed to URLs, from a durable outbox",
+        default_factory=WebhooksConfig,
+    )
     #: Set by the loader: where the file came from and a hash of its text.
     source: str = field(default="", metadata={"internal": True})
     digest: str = field(default="", metadata={"internal": True})
@@ -753,6 +759,7 @@ def _validate(settings: Settings, conv: Converter) -> None:
     for path, message in dkim_config_problems(settings.dkim):
         err(f"dkim.{path}", message)
     _validate_unsubscribe(settings, conv)
+    _validate_api(settings, conv)
     names_seen: set[str] = set()
     for i, backoff_rule in enumerate(settings.backoff.rules):
         if backoff_rule.name in names_seen:
@@ -795,3 +802,20 @@ def _validate_unsubscribe(settings: Settings, conv: Converter) -> None:
         file = getattr(unsubscribe, attr)
         if file and not os.path.isfile(file):
             err(f"unsubscribe.{attr}", f"file not found: {file}")
+
+
+def _validate_api(settings: Settings, conv: Converter) -> None:
+    """The API's address against the other listeners: never the metrics one."""
+    address = settings.api.address
+    if address is None or not address.port:  # port 0 (tests) binds a fresh port each time
+        return
+    here = (address.host, address.port)
+    http = settings.http.address
+    if http is not None and here == (http.host, http.port):
+        conv.error_at("api.address", "must differ from http.address: /metrics must not take consent writes")
+        return
+    others = {(listener.address.host, listener.address.port) for listener in settings.listeners}
+    if settings.unsubscribe.enabled:
+        others.add((settings.unsubscribe.listen.host, settings.unsubscribe.listen.port))
+    if here in others:
+        conv.error_at("api.address", f"{address} is already used by another listener")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Protocol
 
@@ -9,8 +10,9 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from proxy.observability.metrics import Metrics
+from proxy.schema import HostPort
 
-__all__ = ("HealthSource", "build_http_app")
+__all__ = ("HealthSource", "build_http_app", "start_site")
 
 
 class HealthSource(Protocol):
@@ -53,3 +55,22 @@ def build_http_app(metrics: Metrics, health: HealthSource) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
+
+
+async def start_site(app: web.Application, address: HostPort, what: str) -> tuple[web.AppRunner, tuple[str, int]]:
+    """Serve ``app`` on ``address``; the runner and the address bound (port 0 picks one). A
+    failure to listen names the address and what it was for."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(exc.errno, f"cannot listen on {address} for {what}: {exc.strerror}") from exc
+    server = site._server
+    bound = (address.host, address.port)
+    if isinstance(server, asyncio.base_events.Server) and server.sockets:
+        sockname = server.sockets[0].getsockname()
+        bound = (str(sockname[0]), int(sockname[1]))
+    return runner, bound

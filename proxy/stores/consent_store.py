@@ -9,7 +9,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import ClassVar, TypeVar
 
@@ -32,6 +33,10 @@ from proxy.stores.consent_events import (
 __all__ = ("ConsentStore", "ConsentStoreError")
 
 T = TypeVar("T")
+log = logging.getLogger("sendguard.consent")
+
+#: Told of every event ``add`` recorded (the webhooks' outbox); bulk imports are not told.
+Observer = Callable[[Sequence[ConsentEvent]], Awaitable[None]]
 
 
 class ConsentStoreError(Exception):
@@ -47,6 +52,7 @@ class ConsentStore(abc.ABC):
     def __init__(self, timeout: float, where: str) -> None:
         self.timeout = float(timeout)
         self.where = where  # for messages: a path, or host:port/database (never a password)
+        self.observers: list[Observer] = []
 
     # -- public API
 
@@ -57,7 +63,13 @@ class ConsentStore(abc.ABC):
         # Nothing takes effect after it is recorded: an opt-in stamped a few minutes ahead (a
         # skewed clock) must not outrank an opt-out recorded after it.
         events = tuple(dataclasses.replace(e, effective_at=min(e.effective_at, now)) for e in events)
-        return await self._bounded(self._insert(events, now))
+        stored = await self._bounded(self._insert(events, now))
+        for observer in self.observers:
+            try:
+                await observer(stored)
+            except Exception:  # the event is on record; telling others must not undo that answer
+                log.exception("an observer of recorded consent events failed")
+        return stored
 
     async def import_events(self, events: Iterable[ConsentEvent], *, keep_recorded_at: bool = False) -> int:
         """Record many events in one transaction: all of them, or none when anything fails.
@@ -125,6 +137,11 @@ class ConsentStore(abc.ABC):
 
     async def count(self) -> int:
         return await self._bounded(self._count())
+
+    async def since(self, after_id: int, limit: int) -> list[ConsentEvent]:
+        """Up to ``limit`` events with an id above ``after_id``, in id order (a reader that
+        follows the log, such as the webhooks' sweep, keeps the last id it saw)."""
+        return await self._bounded(self._page(after_id, limit))
 
     @abc.abstractmethod
     async def close(self) -> None: ...

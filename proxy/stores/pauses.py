@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 
 from proxy.stores.limits_store import LimitStoreConfig
+
+log = logging.getLogger("sendguard.pauses")
 
 __all__ = ("Pause", "PauseStore", "MemoryPauseStore", "RedisPauseStore", "open_pause_store")
 
@@ -52,6 +55,8 @@ class PauseStore(abc.ABC):
         self._clock = clock or time.time
         self._snapshot: list[Pause] = []
         self._snapshot_at = float("-inf")
+        #: Told of every pause set through this store (the webhooks' outbox).
+        self.observers: list[Callable[[Pause], Awaitable[None]]] = []
 
     def now(self) -> float:
         return float(self._clock())
@@ -66,6 +71,11 @@ class PauseStore(abc.ABC):
     async def pause(self, pause: Pause) -> None:
         await self._store(pause)
         self._snapshot_at = float("-inf")  # this instance sees its own pause at once
+        for observer in self.observers:
+            try:
+                await observer(pause)
+            except Exception:  # the pause holds; telling others must not undo it
+                log.exception("an observer of pauses failed")
 
     async def lift(self, scope: str, value: str, source: str) -> None:
         await self._delete(scope, value, source)

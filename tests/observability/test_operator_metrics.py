@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
 
+from proxy.api.webhooks import WebhookMetrics
 from proxy.unsubscribe import UnsubscribeMetrics
 from tests.conftest import Proxy, message, submit
 from tests.fakes import FakeUpstream, Faults
@@ -163,6 +164,7 @@ async def test_the_readme_metric_table_is_what_metrics_shows(
     # The unsubscribe families exist with unsubscribe: enabled; their own registry shows them.
     extra = CollectorRegistry()
     UnsubscribeMetrics(extra)
+    WebhookMetrics(extra)  # likewise with webhooks.endpoints or api.address
     scraped.update(_families(generate_latest(extra).decode()))
     documented = _readme_table()
     assert len(documented) >= 40
