@@ -160,6 +160,9 @@ def base_config(tmp_path: Path, upstream_address: str) -> dict[str, Any]:
         "http": {"address": "127.0.0.1:0"},
         "reload": {"watch": False},
         "logging": {"format": "json", "level": "info"},
+        # A test's proxy stops at teardown: wait at most 5 s (not 30) for work in flight, such
+        # as a retry-queue attempt, so a loaded machine stays inside the per-test timeout.
+        "timeouts": {"shutdown": "5s"},
     }
 
 
