@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,6 +28,7 @@ from proxy.stores.consent import (
     ADDRESS,
     CSV_COLUMNS,
     CSV_EXPORT_ONLY,
+    EVENT_KINDS,
     METHODS,
     NO_SOFT_OPT_IN,
     OPTED_IN,
@@ -40,16 +40,15 @@ from proxy.stores.consent import (
     ConsentStore,
     ConsentStoreConfig,
     ConsentStoreError,
-    CsvProblem,
     SoftOptInRules,
     event_to_row,
     format_time,
-    iter_csv,
     new_event,
     open_consent_store,
     parse_subject,
     parse_time,
 )
+from proxy.stores.consent_formats import FORMATS, ImportOptions, ImportReader, parse_mapping
 
 __all__ = ("add_consent_parser", "load_consent_config", "main", "run_consent", "run_consent_command")
 
@@ -78,8 +77,16 @@ CSV columns (first line names them; only address and event are required):
   upstream_reply    suppressed after a bounce: the upstream's reply
   note              free text
   id, recorded_at   written by export; id is ignored, recorded_at only kept with --keep-recorded-at
-Every line is checked first and every problem is reported with its line number; the file is
-imported in one transaction, all of it or nothing.
+Exports of mailing tools are read as the tools write them with --format mailchimp (one file
+per status: subscribed, unsubscribed, cleaned), brevo (semicolon-separated) or laposta; names,
+phone numbers and other columns that are not consent evidence are never read. --map reads
+a column into one of the fields above (or ignore drops it); --method, --source, --topic and
+--sender fill what a row leaves empty.
+
+The file is read once, in one transaction: every row is checked as it is written, and any
+problem rolls back the whole file once every row has been read, so it is imported all of it
+or nothing. The summary counts the rows by outcome and lists the first problems with their
+line numbers; long imports report progress on standard error.
 """
 
 
@@ -146,8 +153,21 @@ def add_consent_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     imp.add_argument("file", help="the CSV file (UTF-8; - for standard input)")
+    imp.add_argument("--format", choices=FORMATS, default="generic", help="whose export the file is (default generic)")
+    imp.add_argument(
+        "--map",
+        action="append",
+        metavar="COLUMN=FIELD",
+        help="read COLUMN into FIELD (a column above, or ignore); repeatable",
+    )
+    imp.add_argument("--delimiter", help="field separator: , ; or tab (default: from the first line)")
+    imp.add_argument("--method", help="method where a row gives none (formats: default import)")
+    imp.add_argument("--source", help="source where a row gives none (formats: default '<format> export FILE')")
+    imp.add_argument("--topic", help="topic where a row gives none (default *)")
+    imp.add_argument("--sender", help="sender where a row gives none (default *)")
     imp.add_argument("--keep-recorded-at", action="store_true", help="keep the recorded_at column (moving a store)")
-    imp.add_argument("--dry-run", action="store_true", help="check the file, write nothing")
+    imp.add_argument("--dry-run", action="store_true", help="check the file, write nothing, print the summary")
+    imp.add_argument("--quiet", action="store_true", help="no progress lines on standard error")
 
     exp = commands.add_parser("export", parents=[common], help="write every event as CSV or JSON lines")
     exp.add_argument("file", nargs="?", help="output file (default: standard output)")
@@ -238,15 +258,11 @@ async def run_consent(args: argparse.Namespace, *, out: TextIO | None = None, er
             print(f"  {issue}", file=err)
         return EXIT_BAD_INPUT
     command = args.consent_command
-    if command == "import":
-        problems = _precheck_import(args, err)
-        if problems is None or problems:
-            return EXIT_BAD_INPUT
-        if args.dry_run:
-            print(f"{args.file}: OK, nothing written (--dry-run)", file=out)
-            return EXIT_OK
     try:
         event = _event_from_args(args) if command in _RECORDERS else None
+        options = _import_options(args) if command == "import" else None
+        if options is not None and args.dry_run:
+            return await _import(None, args, options, out, err)
     except ConsentInputError as exc:
         print(f"sendguard: {exc}", file=err)
         return EXIT_BAD_INPUT
@@ -261,7 +277,8 @@ async def run_consent(args: argparse.Namespace, *, out: TextIO | None = None, er
             print(f"recorded {stored.kind} for {stored.label} as record #{stored.id}", file=out)
             return EXIT_OK
         if command == "import":
-            return await _import(store, args, out, err)
+            assert options is not None
+            return await _import(store, args, options, out, err)
         if command == "export":
             return await _export(store, args, out, err)
         if command == "show":
@@ -339,51 +356,73 @@ def _open_input(name: str) -> TextIO:
     return open(name, encoding="utf-8-sig", newline="")
 
 
-def _precheck_import(args: argparse.Namespace, err: TextIO) -> list[CsvProblem] | None:
-    """First pass over the file: every problem, with line numbers. None: unreadable."""
-    if args.file == "-" and not args.dry_run:
-        # Standard input cannot be read twice; check and import from one buffered copy.
-        args.buffered = sys.stdin.read()
+def _import_options(args: argparse.Namespace) -> ImportOptions:
+    source = args.source
+    if source is None and args.format != "generic":
+        # Where the proof lives, when the export says nothing: the tool and the file.
+        source = f"{args.format} export {Path(args.file).name if args.file != '-' else '(standard input)'}"
+    delimiter = args.delimiter
+    if delimiter is not None:
+        delimiter = "\t" if delimiter in ("\\t", "tab", "TAB") else delimiter
+        if len(delimiter) != 1:
+            raise ConsentInputError(f"--delimiter must be one character (or 'tab'), not {args.delimiter!r}")
+    return ImportOptions(
+        format=args.format,
+        delimiter=delimiter,
+        mapping=parse_mapping(args.map or []),
+        method=args.method,
+        source=source,
+        topic=args.topic,
+        sender=args.sender,
+        keep_recorded_at=args.keep_recorded_at,
+    )
+
+
+def _progress_printer(err: TextIO) -> Callable[[ImportReader], None]:
+    def report(reader: ImportReader) -> None:
+        print(f"  ... {reader.rows:,} rows read ({reader.rate:,.0f}/s)", file=err, flush=True)
+
+    return report
+
+
+async def _import(
+    store: ConsentStore | None, args: argparse.Namespace, options: ImportOptions, out: TextIO, err: TextIO
+) -> int:
+    """One pass: each row is checked as it is written, inside the store's one transaction; any
+    problem rolls the whole file back once every row has been read (so every problem is
+    reported). ``store`` None: the dry run, which opens no store at all."""
     try:
-        stream = _reopen(args)
+        stream = _open_input(args.file)
     except OSError as exc:
         print(f"sendguard: cannot read {args.file}: {exc.strerror or exc}", file=err)
-        return None
-    problems: list[CsvProblem] = []
+        return EXIT_BAD_INPUT
+    reader = ImportReader(stream, options, progress=None if args.quiet else _progress_printer(err))
+    failed: ConsentInputError | None = None
     try:
-        for item in iter_csv(stream, keep_recorded_at=args.keep_recorded_at):
-            if isinstance(item, CsvProblem):
-                problems.append(item)
-    except (csv.Error, UnicodeDecodeError) as exc:
-        problems.append(CsvProblem(0, f"not a readable CSV file: {exc}"))
+        if store is None:
+            reader.read_all()
+        else:
+            try:
+                await store.import_events(reader.events(), keep_recorded_at=args.keep_recorded_at, checked=True)
+            except ConsentInputError as exc:
+                failed = exc
     finally:
         if stream is not sys.stdin:
             stream.close()
-    if problems:
-        print(f"sendguard: {args.file} has {len(problems)} problem(s); nothing was imported:", file=err)
-        for problem in problems:
-            print(f"  {args.file}:{problem.line}: {problem.message}", file=err)
-    return problems
-
-
-def _reopen(args: argparse.Namespace) -> TextIO:
-    buffered = getattr(args, "buffered", None)
-    if buffered is not None:
-        return io.StringIO(buffered)
-    return _open_input(args.file)
-
-
-async def _import(store: ConsentStore, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    stream = _reopen(args)
-    try:
-        events = (
-            item for item in iter_csv(stream, keep_recorded_at=args.keep_recorded_at) if isinstance(item, ConsentEvent)
-        )
-        count = await store.import_events(events, keep_recorded_at=args.keep_recorded_at)
-    finally:
-        if stream is not sys.stdin:
-            stream.close()
-    print(f"imported {count} event(s) from {args.file}", file=out)
+    summary = reader.summary()
+    if reader.problem_count or failed is not None:
+        print(f"sendguard: {args.file}: nothing was imported" + (" (--dry-run)" if store is None else ""), file=err)
+        for line in summary:
+            print(f"  {line}", file=err)
+        if failed is not None and not reader.problem_count:
+            print(f"  {failed}", file=err)
+        return EXIT_BAD_INPUT
+    if store is None:
+        print(f"{args.file}: OK, nothing written (--dry-run)", file=out)
+    else:
+        print(f"imported {sum(reader.counts[k] for k in EVENT_KINDS):,} event(s) from {args.file}", file=out)
+    for line in summary:
+        print(f"  {line}", file=out)
     return EXIT_OK
 
 

@@ -19,6 +19,7 @@ that read the events are in ``consent_basis``, CSV files in ``consent_csv``, the
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -120,6 +121,13 @@ def utcnow() -> datetime:
 
 def parse_time(text: str) -> datetime:
     """ISO 8601 date or date-time; ``Z`` or an offset; a time without offset is taken as UTC."""
+    return _parse_time(text)
+
+
+# Cached: an import repeats the same times (a form's batch, a tool's day-stamped rows) a lot,
+# and datetimes are immutable. Errors are not cached; they are rare.
+@functools.lru_cache(maxsize=65536)
+def _parse_time(text: str) -> datetime:
     value = text.strip()
     if not value:
         raise ConsentInputError("a time is required (ISO 8601, e.g. 2024-05-01 or 2024-05-01T10:00:00Z)")
@@ -174,6 +182,7 @@ class Subject:
         return self.value if self.kind == ADDRESS else f"@{self.value}"
 
 
+@functools.lru_cache(maxsize=65536)  # an import has far fewer domains than addresses
 def _normalize_domain(text: str, what: str) -> str:
     domain = text.strip().rstrip(".").lower()
     if not _DOMAIN.match(domain):
@@ -196,6 +205,7 @@ def parse_subject(text: str) -> Subject:
     return Subject(ADDRESS, f"{local.lower()}@{_normalize_domain(domain, 'the domain of')}", original)
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_topic(text: str | None) -> str:
     """A topic is a short token (``newsletter``, ``offers.shoes``) or ``*`` for every topic."""
     topic = (text or ANY).strip().lower() or ANY
@@ -206,6 +216,7 @@ def normalize_topic(text: str | None) -> str:
     return topic
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_sender(text: str | None) -> str:
     """The sender holding the relation: its From domain (``shop.example``), or ``*`` for any sender."""
     sender = (text or ANY).strip().lower() or ANY
@@ -231,7 +242,8 @@ def _clean_text(value: str | None) -> str | None:
     """Free text as one line: control characters (CR, LF in a multi-line SMTP reply) become spaces."""
     if value is None:
         return None
-    cleaned = _CONTROL.sub(" ", value).strip()
+    # isprintable() is False for every control character: the common case skips the regex.
+    cleaned = value.strip() if value.isprintable() else _CONTROL.sub(" ", value).strip()
     return cleaned[:MAX_TEXT] if cleaned else None
 
 
@@ -413,11 +425,8 @@ def event_problems(event: ConsentEvent, now: datetime) -> list[str]:
             problems.append(f"{shown} must carry a time zone")
         elif moment is not None and moment > now + FUTURE_SKEW:
             problems.append(f"{shown} {format_time(moment)} is in the future")
-    if event.ip is not None:
-        try:
-            ipaddress.ip_address(event.ip)
-        except ValueError:
-            problems.append(f"ip {event.ip!r} is not an IP address")
+    if event.ip is not None and not _is_ip(event.ip):
+        problems.append(f"ip {event.ip!r} is not an IP address")
     if event.confirmed_at is not None:
         if kind != OPTED_IN:
             problems.append("confirmed_at belongs to opted_in events (double opt-in) only")
@@ -448,6 +457,15 @@ def event_problems(event: ConsentEvent, now: datetime) -> list[str]:
             "record the addresses one by one"
         )
     return problems
+
+
+@functools.lru_cache(maxsize=65536)  # a form's imports share a few server or proxy addresses
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 #: The table's columns besides ``id``, in the order the backends read and write them.

@@ -41,6 +41,7 @@ _PLACEHOLDERS = ", ".join("?" for _ in STORED_COLUMNS)
 _INSERT = f"INSERT INTO consent_events ({_COLUMNS}) VALUES ({_PLACEHOLDERS})"  # noqa: S608
 
 
+@functools.lru_cache(maxsize=4096)  # an import writes one recorded_at and few distinct times
 def _to_text(moment: datetime) -> str:
     """Fixed-width UTC text (``2024-05-01T10:00:00.000000+00:00``): comparing strings compares times."""
     utc = moment if moment.tzinfo is UTC else as_utc(moment)

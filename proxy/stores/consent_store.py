@@ -59,18 +59,22 @@ class ConsentStore(abc.ABC):
         events = tuple(dataclasses.replace(e, effective_at=min(e.effective_at, now)) for e in events)
         return await self._bounded(self._insert(events, now))
 
-    async def import_events(self, events: Iterable[ConsentEvent], *, keep_recorded_at: bool = False) -> int:
+    async def import_events(
+        self, events: Iterable[ConsentEvent], *, keep_recorded_at: bool = False, checked: bool = False
+    ) -> int:
         """Record many events in one transaction: all of them, or none when anything fails.
 
         The events are consumed as they are written (a million need not sit in memory); one
         that breaks the rules aborts the transaction with ``ConsentInputError``. Not bounded by
-        ``timeout``: a large import takes longer than a lookup.
+        ``timeout``: a large import takes longer than a lookup. ``checked``: the events come
+        straight from ``new_event`` (which ran the same checks a moment ago), so the rules are
+        not run a second time; a third of a large import's time went there.
         """
         now = utcnow()
 
-        def checked() -> Iterator[ConsentEvent]:
+        def vetted() -> Iterator[ConsentEvent]:
             for number, event in enumerate(events, 1):
-                problems = event_problems(event, now)
+                problems = [] if checked else event_problems(event, now)
                 if event.recorded_at is not None and event.recorded_at > now + FUTURE_SKEW:
                     problems.append("recorded_at is in the future")
                 if problems:
@@ -84,7 +88,7 @@ class ConsentStore(abc.ABC):
                 yield event
 
         try:
-            return await self._insert_bulk(checked(), now)
+            return await self._insert_bulk(vetted(), now)
         except (ConsentStoreError, ConsentInputError, asyncio.CancelledError):
             raise
         except Exception as exc:
