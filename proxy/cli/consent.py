@@ -139,7 +139,7 @@ def load_consent_config(path: str) -> tuple[ConsentStoreConfig, SoftOptInRules]:
 def add_consent_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``consent`` and its commands to the ``sendguard`` sub-command set."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "consent", help="consent records: import, export, show, add, revoke, suppress"
+        "consent", help="consent records: import, export, show, add, revoke, suppress, erase"
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", required=True, help="YAML config file (its stores.consent section)")
@@ -229,6 +229,18 @@ def add_consent_parser(subparsers: Any) -> argparse.ArgumentParser:
     unsuppress.add_argument("address")
     unsuppress.add_argument("--reason", required=True)
 
+    erase = commands.add_parser(
+        "erase",
+        parents=[common],
+        help="erase an address's personal data (AVG art. 17); commercial mail to it stays refused",
+        description="Every record about the address becomes a tombstone: the address is replaced by a keyed "
+        "hash (stores.consent.erasure_key), its IP, user agent, source, relation, reason, reply and note are "
+        "removed; kind, topic, sender, method and times stay. A suppression under the same hash keeps "
+        "refusing commercial mail to the address. Its domain's records (a business relation) stay.",
+    )
+    erase.add_argument("address", help="user@example.com")
+    erase.add_argument("--via", default="admin", help="how the request came in, for the record (default admin)")
+
     commands.add_parser("count", parents=[common], help="number of events in the store")
     return parser
 
@@ -285,6 +297,14 @@ async def run_consent(args: argparse.Namespace, *, out: TextIO | None = None, er
             return await _show(store, args, rules, out, err)
         if command == "count":
             print(await store.count(), file=out)
+            return EXIT_OK
+        if command == "erase":
+            erasure = await store.erase(args.address, requested_via=args.via)
+            print(
+                f"erased {erasure.suppression.subject}: {erasure.erased} event(s) made anonymous at "
+                f"{format_time(erasure.at)}; commercial mail to it stays refused (record #{erasure.suppression.id})",
+                file=out,
+            )
             return EXIT_OK
         raise AssertionError(f"unknown consent command {command!r}")
     except ConsentInputError as exc:
@@ -471,11 +491,17 @@ async def _show(store: ConsentStore, args: argparse.Namespace, rules: SoftOptInR
     basis: Basis | None = None
     if subject.kind == ADDRESS:
         basis = await store.basis(subject.value, args.topic, args.sender, at=at, rules=rules)
+    erasures = [
+        {"at": format_time(e.recorded_at), "record": e.id, "reason": e.reason}
+        for e in events
+        if e.kind == SUPPRESSED and e.method == "erasure"
+    ]
     if args.json:
         document = {
             "subject": str(subject),
             "at": format_time(at),
             "events": [event.as_dict() for event in events],
+            "erasures": erasures,
             "basis": basis.as_dict() if basis is not None else None,
         }
         print(json.dumps(document, indent=2, ensure_ascii=False), file=out)
@@ -483,6 +509,8 @@ async def _show(store: ConsentStore, args: argparse.Namespace, rules: SoftOptInR
     scope = f" and its domain @{subject.domain}" if subject.kind == ADDRESS else ""
     when = f" as known at {format_time(at)}" if at else ""
     print(f"{subject}{scope}: {len(events)} event(s){when}", file=out)
+    for erasure in erasures:
+        print(f"ERASED at {erasure['at']} (record #{erasure['record']}): {erasure['reason']}", file=out)
     for event in events:
         print("  " + _describe(event), file=out)
     if basis is not None:
@@ -513,6 +541,8 @@ def _describe(event: ConsentEvent) -> str:
         if row[name]:
             parts.append(f"{name}={json.dumps(row[name], ensure_ascii=False) if ' ' in row[name] else row[name]}")
     parts.append(f"(recorded {format_time(event.recorded_at)})")
+    if event.erased_at is not None:
+        parts.append(f"[personal data erased {format_time(event.erased_at)}]")
     return " ".join(parts)
 
 

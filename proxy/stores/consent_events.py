@@ -20,6 +20,8 @@ that read the events are in ``consent_basis``, CSV files in ``consent_csv``, the
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -32,6 +34,8 @@ __all__ = (
     "ANY",
     "CUSTOMER",
     "DOMAIN",
+    "ERASED_ORIGINAL",
+    "ERASED_PREFIX",
     "EVENT_KINDS",
     "FUTURE_SKEW",
     "METHODS",
@@ -46,6 +50,7 @@ __all__ = (
     "as_utc",
     "event_from_stored",
     "event_problems",
+    "erasure_subject",
     "event_to_row",
     "format_time",
     "new_event",
@@ -77,7 +82,7 @@ METHODS: Mapping[str, tuple[str, ...]] = {
     OPTED_IN: ("web_form", "double_opt_in", "paper", "api", "admin", "import"),
     CUSTOMER: ("sale", "api", "admin", "import"),
     OPTED_OUT: ("one_click", "link", "reply", "complaint", "preference_center", "admin", "api", "import"),
-    SUPPRESSED: ("hard_bounce", "complaint", "manual", "api", "import"),
+    SUPPRESSED: ("hard_bounce", "complaint", "manual", "api", "import", "erasure"),
     UNSUPPRESSED: ("admin",),
 }
 DEFAULT_METHOD: Mapping[str, str] = {CUSTOMER: "sale", UNSUPPRESSED: "admin"}
@@ -247,6 +252,20 @@ def _clean_text(value: str | None) -> str | None:
     return cleaned[:MAX_TEXT] if cleaned else None
 
 
+# ---- erasure ---------------------------------------------------------------------------------
+
+#: An erased row's subject: this prefix and the keyed hash of the normalised address. The hash
+#: lets the store still find, and refuse, the address it was given; without the key it says
+#: nothing about who it was (a plain hash of an address is reversed by trying addresses).
+ERASED_PREFIX = "erased:"
+ERASED_ORIGINAL = "erased"
+
+
+def erasure_subject(key: bytes, address: str) -> str:
+    """``erased:`` and HMAC-SHA256(key, normalised address) in hex (71 characters)."""
+    return ERASED_PREFIX + hmac.new(key, address.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 # ---- events ----------------------------------------------------------------------------------
 
 
@@ -279,6 +298,7 @@ class ConsentEvent:
     note: str | None = None
     id: int | None = None
     recorded_at: datetime | None = None
+    erased_at: datetime | None = None  # set by ConsentStore.erase: the row is a tombstone since then
 
     @property
     def level(self) -> int:
@@ -308,6 +328,8 @@ class ConsentEvent:
         out.update((name, value) for name, value in event_to_row(self).items() if value != "")
         if self.objection_offered is not None:
             out["objection_offered"] = self.objection_offered
+        if self.erased_at is not None:
+            out["erased_at"] = format_time(self.erased_at)
         return out
 
     def evidence(self) -> dict[str, Any]:
@@ -490,6 +512,7 @@ STORED_COLUMNS: tuple[str, ...] = (
     "reason",
     "upstream_reply",
     "note",
+    "erased_at",
 )
 
 
@@ -516,6 +539,7 @@ def stored_values(event: ConsentEvent, recorded_at: datetime) -> tuple[Any, ...]
         event.reason,
         event.upstream_reply,
         event.note,
+        event.erased_at,
     )
 
 

@@ -17,11 +17,14 @@ from proxy.stores.consent_basis import NO_SOFT_OPT_IN, Basis, SoftOptInRules, ev
 from proxy.stores.consent_events import (
     ADDRESS,
     ANY,
+    ERASED_ORIGINAL,
     FUTURE_SKEW,
+    SUPPRESSED,
     ConsentEvent,
     ConsentInputError,
     Subject,
     as_utc,
+    erasure_subject,
     event_problems,
     normalize_sender,
     normalize_topic,
@@ -29,7 +32,22 @@ from proxy.stores.consent_events import (
     utcnow,
 )
 
-__all__ = ("ConsentStore", "ConsentStoreError")
+__all__ = ("ConsentStore", "ConsentStoreError", "Erasure")
+
+#: The reason written on the suppression an erasure leaves; ``consent show`` and the
+#: recipient's page recognise an erasure by its method.
+ERASURE_REASON = "erased on request (AVG art. 17): the personal data of {count} earlier event(s) removed"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Erasure:
+    """What ``ConsentStore.erase`` did: how many rows became tombstones, and the suppression
+    (keyed hash as its subject) that keeps refusing commercial mail to the address."""
+
+    erased: int
+    at: datetime
+    suppression: ConsentEvent
+
 
 T = TypeVar("T")
 
@@ -47,6 +65,9 @@ class ConsentStore(abc.ABC):
     def __init__(self, timeout: float, where: str) -> None:
         self.timeout = float(timeout)
         self.where = where  # for messages: a path, or host:port/database (never a password)
+        # The secret of the erasure tombstones' keyed hash (stores.consent.erasure_key). Without
+        # it nothing can be erased, and erased rows are not found by their address.
+        self.erasure_key: bytes | None = None
 
     # -- public API
 
@@ -95,10 +116,59 @@ class ConsentStore(abc.ABC):
             raise self._wrap(exc) from exc
 
     async def history(self, subject: str | Subject, *, at: datetime | None = None) -> list[ConsentEvent]:
-        """Every event of a subject, oldest first; for an address, its domain's events too."""
+        """Every event of a subject, oldest first; for an address, its domain's events too, and
+        the tombstones of its erasure (read back as the address asked for, ``erased_at`` set, so
+        the rules treat the erasure's suppression as the address's own)."""
         parsed = subject if isinstance(subject, Subject) else parse_subject(subject)
         bound = as_utc(at) if at is not None else None
-        return await self._bounded(self._select(parsed.keys, bound))
+        keys = parsed.keys
+        tombstone = None
+        if parsed.kind == ADDRESS and self.erasure_key is not None:
+            tombstone = erasure_subject(self.erasure_key, parsed.value)
+            keys = (*keys, (ADDRESS, tombstone))
+        events = await self._bounded(self._select(keys, bound))
+        if tombstone is None:
+            return events
+        return [
+            dataclasses.replace(event, subject=parsed.value) if event.subject == tombstone else event
+            for event in events
+        ]
+
+    async def erase(self, address: str, *, requested_via: str = "admin") -> Erasure:
+        """Erase an address (AVG art. 17) in one transaction: every row about it becomes its
+        tombstone (the keyed hash instead of the address, no IP, user agent, source, relation,
+        reason, reply or note; kind, topic, sender, method and times kept), and one suppression
+        under the same hash is appended, so commercial mail to the address stays refused. The
+        domain's rows are about a business, not this person, and stay. Erasing again erases
+        what was recorded since, and appends another suppression."""
+        subject = parse_subject(address)
+        if subject.kind != ADDRESS:
+            raise ConsentInputError("erasure is for one person's address, not a domain")
+        if self.erasure_key is None:
+            raise ConsentInputError(
+                "erasure needs stores.consent.erasure_key (a secret, e.g. ${SENDGUARD_ERASURE_KEY}): "
+                "the keyed hash that keeps refusing the address is made with it"
+            )
+        tombstone = erasure_subject(self.erasure_key, subject.value)
+        now = utcnow()
+        suppression = ConsentEvent(
+            kind=SUPPRESSED,
+            subject_kind=ADDRESS,
+            subject=tombstone,
+            subject_original=ERASED_ORIGINAL,
+            effective_at=now,
+            method="erasure",
+            reason="",
+            note=f"requested via {requested_via}",
+        )
+        # Not bounded by the lookup timeout: the clean-up after it (VACUUM) takes its time.
+        try:
+            erased, stored = await self._erase(subject.value, tombstone, suppression, now)
+        except (ConsentStoreError, ConsentInputError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise self._wrap(exc) from exc
+        return Erasure(erased, now, dataclasses.replace(stored, subject=subject.value))
 
     async def basis(
         self,
@@ -141,6 +211,15 @@ class ConsentStore(abc.ABC):
     @abc.abstractmethod
     async def _insert_bulk(self, events: Iterable[ConsentEvent], now: datetime) -> int:
         """Write every event of the iterable in one transaction; return how many."""
+
+    @abc.abstractmethod
+    async def _erase(
+        self, address: str, tombstone: str, suppression: ConsentEvent, now: datetime
+    ) -> tuple[int, ConsentEvent]:
+        """In one transaction: turn the address's rows into tombstones, append the suppression
+        (its reason filled from ``ERASURE_REASON`` with the count); the count and the stored
+        suppression. Old row versions must not stay readable (SQLite secure_delete and a WAL
+        checkpoint; PostgreSQL VACUUM)."""
 
     @abc.abstractmethod
     async def _select(self, keys: Sequence[tuple[str, str]], at: datetime | None) -> list[ConsentEvent]: ...
