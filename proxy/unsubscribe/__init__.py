@@ -39,7 +39,7 @@ import math
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -282,6 +282,10 @@ class UnsubscribeService:
     ) -> None:
         self._consent = consent
         self.audit = audit  # proxy.observability.logsetup.AuditLog (anything with .write(dict))
+        # Feedback reports (ARF) that reach the mailto listener, handled by the process
+        # (proxy/reputation/complaints.py through App): the reply, or None when not a report.
+        self.complaints: Callable[[bytes, str], Awaitable[str | None]] | None = None
+        self.complaints_address: str | None = None  # complaints.address: the listener takes it too
         self.metrics = UnsubscribeMetrics.for_registry(registry or CollectorRegistry())
         self.rules = rules
         self.config = config

@@ -603,7 +603,9 @@ class UnsubscribeServers:
             self.http_bound = (str(host), int(port))
         if config.mailto is not None and config.mailto.listen is not None:
             try:
-                self._mailto = await start_mailto_listener(self.service, config.mailto.listen)
+                self._mailto = await start_mailto_listener(
+                    self.service, config.mailto.listen, self.service.complaints_address
+                )
             except BaseException:
                 await self.stop()
                 raise

@@ -59,12 +59,14 @@ async def relay(
 
 async def send(relay: Relay, content: bytes, recipients: list[str]) -> tuple[int, str]:
     """The proxy's answer; a suppressed address is refused at RCPT already (its refusal needs no
-    message content), others after DATA."""
+    message content), a paused sender at MAIL, others after DATA."""
     try:
         return await send_data(relay, content, recipients)
     except aiosmtplib.SMTPRecipientsRefused as error:
         (refusal,) = error.recipients
         return refusal.code, refusal.message
+    except aiosmtplib.SMTPSenderRefused as error:  # a paused sender is refused at MAIL
+        return error.code, error.message
 
 
 async def stored_text(section: dict[str, Any], tmp_path: Path) -> str:
