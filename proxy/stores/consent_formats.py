@@ -140,6 +140,19 @@ def _flag(text: str) -> bool:
 Translator = Callable[[Row], Row]
 
 
+def _mailchimp_ended(row: Row, kind: str, prefix: str, reason: str) -> Row:
+    """A row of Mailchimp's unsubscribed (``UNSUB_*``) or cleaned (``CLEAN_*``) file."""
+    campaign = row.get(f"{prefix}_campaign_title", "").strip()
+    return {
+        "address": row["email address"],
+        "event": kind,
+        "at": _time_or_empty(row.get(f"{prefix}_time", "")),
+        "method": "import",
+        "reason": reason,
+        "note": f"Mailchimp campaign: {campaign}" if campaign else "",
+    }
+
+
 def _mailchimp(header: list[str]) -> tuple[Translator | None, list[str]]:
     if "email address" not in header:
         return None, ["a Mailchimp export has an 'Email Address' column; this file has none (see --format)"]
@@ -147,29 +160,14 @@ def _mailchimp(header: list[str]) -> tuple[Translator | None, list[str]]:
 
         def unsubscribed(row: Row) -> Row:
             reason = " ".join(p for p in (row.get("unsub_reason", ""), row.get("unsub_reason_other", "")) if p.strip())
-            campaign = row.get("unsub_campaign_title", "").strip()
-            return {
-                "address": row["email address"],
-                "event": OPTED_OUT,
-                "at": _time_or_empty(row.get("unsub_time", "")),
-                "method": "import",
-                "reason": reason or "unsubscribed in Mailchimp",
-                "note": f"Mailchimp campaign: {campaign}" if campaign else "",
-            }
+            return _mailchimp_ended(row, OPTED_OUT, "unsub", reason or "unsubscribed in Mailchimp")
 
         return unsubscribed, []
     if "clean_time" in header:
 
         def cleaned(row: Row) -> Row:
-            campaign = row.get("clean_campaign_title", "").strip()
-            return {
-                "address": row["email address"],
-                "event": SUPPRESSED,
-                "at": _time_or_empty(row.get("clean_time", "")),
-                "method": "import",
-                "reason": "cleaned by Mailchimp (hard bounce or repeated soft bounces)",
-                "note": f"Mailchimp campaign: {campaign}" if campaign else "",
-            }
+            reason = "cleaned by Mailchimp (hard bounce or repeated soft bounces)"
+            return _mailchimp_ended(row, SUPPRESSED, "clean", reason)
 
         return cleaned, []
 
