@@ -132,14 +132,18 @@ async def test_an_erasure_leaves_no_personal_data_and_still_refuses(store: Conse
 
 
 async def test_consent_given_again_after_an_erasure_counts_once_the_block_is_lifted(store: ConsentStore) -> None:
-    await record_bob(store)
-    await store.erase(BOB)
+    dave = "dave@example.org"
+    await store.add(opt_in(dave, topic="news", ip="198.51.100.8"))
+    assert (await store.basis(dave, "news")).allowed
+    await store.erase(dave)
     later = utcnow()  # after the erasure
-    await store.add(opt_in(BOB, later, topic="news", source="https://shop.example/signup"))
-    assert not (await store.basis(BOB, "news")).allowed, "the erasure's suppression still stands"
-    await store.add(ev("unsuppressed", BOB, later + timedelta(seconds=1), reason="signed up again after erasure"))
-    assert (await store.basis(BOB, "news")).allowed
-    assert (await store.erase(BOB)).erased == 2, "a second erasure takes what was recorded since"
+    await store.add(ev("unsuppressed", dave, later, reason="asked to be mailed again"))
+    lifted = await store.basis(dave, "news")
+    assert not lifted.allowed, "an erased opt-in proves nothing any more: its evidence is gone"
+    await store.add(opt_in(dave, later + timedelta(seconds=1), topic="news", source="https://shop.example/signup"))
+    assert (await store.basis(dave, "news")).allowed
+    assert (await store.erase(dave)).erased == 2, "a second erasure takes what was recorded since"
+    assert not (await store.basis(dave, "news")).allowed
 
 
 @dataclass(frozen=True)
