@@ -202,13 +202,14 @@ class PostgresConsentStore(ConsentStore):
         return written
 
     async def _erase(
-        self, address: str, tombstone: str, suppression: ConsentEvent, now: datetime
+        self, addresses: Sequence[str], tombstone: str, suppression: ConsentEvent, now: datetime
     ) -> tuple[int, ConsentEvent]:
         await self._ensure_ready()
         async with self._pool.connection() as conn:
             async with conn.transaction():
-                cursor = await conn.execute(ERASE_SQL, (tombstone, now, address))
-                erased = cursor.rowcount
+                erased = 0
+                for address in addresses:
+                    erased += (await conn.execute(ERASE_SQL, (tombstone, now, address))).rowcount
                 event = dataclasses.replace(suppression, reason=ERASURE_REASON.format(count=erased))
                 row = await (await conn.execute(_INSERT, stored_values(event, now))).fetchone()
                 assert row is not None

@@ -216,13 +216,13 @@ class SQLiteConsentStore(ConsentStore):
         return written
 
     async def _erase(
-        self, address: str, tombstone: str, suppression: ConsentEvent, now: datetime
+        self, addresses: Sequence[str], tombstone: str, suppression: ConsentEvent, now: datetime
     ) -> tuple[int, ConsentEvent]:
         def run() -> tuple[int, int]:
             conn = self._db
             conn.execute("BEGIN IMMEDIATE")
             try:
-                erased = conn.execute(ERASE_SQL, (tombstone, _to_text(now), address)).rowcount
+                erased = sum(conn.execute(ERASE_SQL, (tombstone, _to_text(now), a)).rowcount for a in addresses)
                 event = dataclasses.replace(suppression, reason=ERASURE_REASON.format(count=erased))
                 cursor = conn.execute(_INSERT, _to_row(stored_values(event, now)))
                 conn.execute("COMMIT")

@@ -163,7 +163,10 @@ class ConsentStore(abc.ABC):
         )
         # Not bounded by the lookup timeout: the clean-up after it (VACUUM) takes its time.
         try:
-            erased, stored = await self._erase(subject.value, tombstone, suppression, now)
+            # Every spelling the address's records may be stored under (its keys), not only
+            # the normalised one: an erasure must reach them all.
+            spellings = tuple(value for kind, value in subject.keys if kind == ADDRESS)
+            erased, stored = await self._erase(spellings, tombstone, suppression, now)
         except (ConsentStoreError, ConsentInputError, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -214,12 +217,12 @@ class ConsentStore(abc.ABC):
 
     @abc.abstractmethod
     async def _erase(
-        self, address: str, tombstone: str, suppression: ConsentEvent, now: datetime
+        self, addresses: Sequence[str], tombstone: str, suppression: ConsentEvent, now: datetime
     ) -> tuple[int, ConsentEvent]:
-        """In one transaction: turn the address's rows into tombstones, append the suppression
-        (its reason filled from ``ERASURE_REASON`` with the count); the count and the stored
-        suppression. Old row versions must not stay readable (SQLite secure_delete and a WAL
-        checkpoint; PostgreSQL VACUUM)."""
+        """In one transaction: turn the rows of the address (each stored spelling of it) into
+        tombstones, append the suppression (its reason filled from ``ERASURE_REASON`` with the
+        count); the count and the stored suppression. Old row versions must not stay readable
+        (SQLite secure_delete and a WAL checkpoint; PostgreSQL VACUUM)."""
 
     @abc.abstractmethod
     async def _select(self, keys: Sequence[tuple[str, str]], at: datetime | None) -> list[ConsentEvent]: ...
