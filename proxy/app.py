@@ -35,6 +35,7 @@ from proxy.replies import R421_SHUTTING_DOWN
 from proxy.reputation.backoff import Backoff
 from proxy.reputation.blocklists import BlocklistWatcher
 from proxy.reputation.bounces import Bounces
+from proxy.reputation.complaints import Complaints
 from proxy.reputation.dkim import Signer
 from proxy.reputation.resolver import build_resolver
 from proxy.smtp.auth import UserStore
@@ -45,6 +46,7 @@ from proxy.stores.consent import NO_SOFT_OPT_IN, ConsentStore, SoftOptInRules, o
 from proxy.stores.limits import open_limit_store
 from proxy.stores.pauses import Pause, open_pause_store
 from proxy.unsubscribe import UnsubscribeService
+from proxy.unsubscribe.tokens import TokenError
 from proxy.unsubscribe.web import UnsubscribeServers
 
 __all__ = ("App", "serve")
@@ -257,6 +259,7 @@ class App:
             resolver=resolver,
             generation=self._generation,
             consent=consent,
+            complaints=Complaints(settings.complaints, consent, pauses, metrics),
         )
 
     def _announce(self, settings: Settings) -> None:
@@ -270,6 +273,22 @@ class App:
         )
         metrics.declare_dkim_domains(key.domain for key in settings.dkim.keys)
         metrics.set_config(settings.digest)
+
+    async def _complaint_report(self, content: bytes, peer: str) -> str | None:
+        """A message to the mailto listener that may be a feedback report: the running
+        generation's complaint handling reads it (None: not a report)."""
+        runtime, service = self._runtime, self.unsubscribe
+        if runtime is None or runtime.complaints is None or service is None:
+            return None
+
+        def read_token(text: str) -> tuple[str, str] | None:
+            try:
+                token = service.read(text, allow_expired=True)
+            except TokenError:
+                return None
+            return token.recipient, token.sender
+
+        return await runtime.complaints.receive(content, peer, read_token)
 
     def track(self, coro: Coroutine[Any, Any, None]) -> None:
         """A session's clean-up (its last audit line) running after the client left: stop()
@@ -296,6 +315,8 @@ class App:
                 registry=self._services.metrics.registry,
                 rules=_soft_opt_in_rules(settings),
             )
+            self.unsubscribe.complaints = self._complaint_report
+            self.unsubscribe.complaints_address = settings.complaints.address
         self._runtime = self._build_runtime(settings, consent=await self._open_consent(settings, None))
         self._runtimes.append(self._runtime)
         await self._open_api(settings)

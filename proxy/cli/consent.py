@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,6 +28,7 @@ from proxy.stores.consent import (
     ADDRESS,
     CSV_COLUMNS,
     CSV_EXPORT_ONLY,
+    EVENT_KINDS,
     METHODS,
     NO_SOFT_OPT_IN,
     OPTED_IN,
@@ -40,16 +40,15 @@ from proxy.stores.consent import (
     ConsentStore,
     ConsentStoreConfig,
     ConsentStoreError,
-    CsvProblem,
     SoftOptInRules,
     event_to_row,
     format_time,
-    iter_csv,
     new_event,
     open_consent_store,
     parse_subject,
     parse_time,
 )
+from proxy.stores.consent_formats import FORMATS, ImportOptions, ImportReader, parse_mapping
 
 __all__ = ("add_consent_parser", "load_consent_config", "main", "run_consent", "run_consent_command")
 
@@ -78,8 +77,16 @@ CSV columns (first line names them; only address and event are required):
   upstream_reply    suppressed after a bounce: the upstream's reply
   note              free text
   id, recorded_at   written by export; id is ignored, recorded_at only kept with --keep-recorded-at
-Every line is checked first and every problem is reported with its line number; the file is
-imported in one transaction, all of it or nothing.
+Exports of mailing tools are read as the tools write them with --format mailchimp (one file
+per status: subscribed, unsubscribed, cleaned), brevo (semicolon-separated) or laposta; names,
+phone numbers and other columns that are not consent evidence are never read. --map reads
+a column into one of the fields above (or ignore drops it); --method, --source, --topic and
+--sender fill what a row leaves empty.
+
+The file is read once, in one transaction: every row is checked as it is written, and any
+problem rolls back the whole file once every row has been read, so it is imported all of it
+or nothing. The summary counts the rows by outcome and lists the first problems with their
+line numbers; long imports report progress on standard error.
 """
 
 
@@ -132,7 +139,7 @@ def load_consent_config(path: str) -> tuple[ConsentStoreConfig, SoftOptInRules]:
 def add_consent_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``consent`` and its commands to the ``sendguard`` sub-command set."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "consent", help="consent records: import, export, show, add, revoke, suppress"
+        "consent", help="consent records: import, export, show, add, revoke, suppress, erase"
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", required=True, help="YAML config file (its stores.consent section)")
@@ -146,8 +153,21 @@ def add_consent_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     imp.add_argument("file", help="the CSV file (UTF-8; - for standard input)")
+    imp.add_argument("--format", choices=FORMATS, default="generic", help="whose export the file is (default generic)")
+    imp.add_argument(
+        "--map",
+        action="append",
+        metavar="COLUMN=FIELD",
+        help="read COLUMN into FIELD (a column above, or ignore); repeatable",
+    )
+    imp.add_argument("--delimiter", help="field separator: , ; or tab (default: from the first line)")
+    imp.add_argument("--method", help="method where a row gives none (formats: default import)")
+    imp.add_argument("--source", help="source where a row gives none (formats: default '<format> export FILE')")
+    imp.add_argument("--topic", help="topic where a row gives none (default *)")
+    imp.add_argument("--sender", help="sender where a row gives none (default *)")
     imp.add_argument("--keep-recorded-at", action="store_true", help="keep the recorded_at column (moving a store)")
-    imp.add_argument("--dry-run", action="store_true", help="check the file, write nothing")
+    imp.add_argument("--dry-run", action="store_true", help="check the file, write nothing, print the summary")
+    imp.add_argument("--quiet", action="store_true", help="no progress lines on standard error")
 
     exp = commands.add_parser("export", parents=[common], help="write every event as CSV or JSON lines")
     exp.add_argument("file", nargs="?", help="output file (default: standard output)")
@@ -209,6 +229,18 @@ def add_consent_parser(subparsers: Any) -> argparse.ArgumentParser:
     unsuppress.add_argument("address")
     unsuppress.add_argument("--reason", required=True)
 
+    erase = commands.add_parser(
+        "erase",
+        parents=[common],
+        help="erase an address's personal data (AVG art. 17); commercial mail to it stays refused",
+        description="Every record about the address becomes a tombstone: the address is replaced by a keyed "
+        "hash (stores.consent.erasure_key), its IP, user agent, source, relation, reason, reply and note are "
+        "removed; kind, topic, sender, method and times stay. A suppression under the same hash keeps "
+        "refusing commercial mail to the address. Its domain's records (a business relation) stay.",
+    )
+    erase.add_argument("address", help="user@example.com")
+    erase.add_argument("--via", default="admin", help="how the request came in, for the record (default admin)")
+
     commands.add_parser("count", parents=[common], help="number of events in the store")
     return parser
 
@@ -238,15 +270,11 @@ async def run_consent(args: argparse.Namespace, *, out: TextIO | None = None, er
             print(f"  {issue}", file=err)
         return EXIT_BAD_INPUT
     command = args.consent_command
-    if command == "import":
-        problems = _precheck_import(args, err)
-        if problems is None or problems:
-            return EXIT_BAD_INPUT
-        if args.dry_run:
-            print(f"{args.file}: OK, nothing written (--dry-run)", file=out)
-            return EXIT_OK
     try:
         event = _event_from_args(args) if command in _RECORDERS else None
+        options = _import_options(args) if command == "import" else None
+        if options is not None and args.dry_run:
+            return await _import(None, args, options, out, err)
     except ConsentInputError as exc:
         print(f"sendguard: {exc}", file=err)
         return EXIT_BAD_INPUT
@@ -261,13 +289,22 @@ async def run_consent(args: argparse.Namespace, *, out: TextIO | None = None, er
             print(f"recorded {stored.kind} for {stored.label} as record #{stored.id}", file=out)
             return EXIT_OK
         if command == "import":
-            return await _import(store, args, out, err)
+            assert options is not None
+            return await _import(store, args, options, out, err)
         if command == "export":
             return await _export(store, args, out, err)
         if command == "show":
             return await _show(store, args, rules, out, err)
         if command == "count":
             print(await store.count(), file=out)
+            return EXIT_OK
+        if command == "erase":
+            erasure = await store.erase(args.address, requested_via=args.via)
+            print(
+                f"erased {erasure.suppression.subject}: {erasure.erased} event(s) made anonymous at "
+                f"{format_time(erasure.at)}; commercial mail to it stays refused (record #{erasure.suppression.id})",
+                file=out,
+            )
             return EXIT_OK
         raise AssertionError(f"unknown consent command {command!r}")
     except ConsentInputError as exc:
@@ -339,51 +376,73 @@ def _open_input(name: str) -> TextIO:
     return open(name, encoding="utf-8-sig", newline="")
 
 
-def _precheck_import(args: argparse.Namespace, err: TextIO) -> list[CsvProblem] | None:
-    """First pass over the file: every problem, with line numbers. None: unreadable."""
-    if args.file == "-" and not args.dry_run:
-        # Standard input cannot be read twice; check and import from one buffered copy.
-        args.buffered = sys.stdin.read()
+def _import_options(args: argparse.Namespace) -> ImportOptions:
+    source = args.source
+    if source is None and args.format != "generic":
+        # Where the proof lives, when the export says nothing: the tool and the file.
+        source = f"{args.format} export {Path(args.file).name if args.file != '-' else '(standard input)'}"
+    delimiter = args.delimiter
+    if delimiter is not None:
+        delimiter = "\t" if delimiter in ("\\t", "tab", "TAB") else delimiter
+        if len(delimiter) != 1:
+            raise ConsentInputError(f"--delimiter must be one character (or 'tab'), not {args.delimiter!r}")
+    return ImportOptions(
+        format=args.format,
+        delimiter=delimiter,
+        mapping=parse_mapping(args.map or []),
+        method=args.method,
+        source=source,
+        topic=args.topic,
+        sender=args.sender,
+        keep_recorded_at=args.keep_recorded_at,
+    )
+
+
+def _progress_printer(err: TextIO) -> Callable[[ImportReader], None]:
+    def report(reader: ImportReader) -> None:
+        print(f"  ... {reader.rows:,} rows read ({reader.rate:,.0f}/s)", file=err, flush=True)
+
+    return report
+
+
+async def _import(
+    store: ConsentStore | None, args: argparse.Namespace, options: ImportOptions, out: TextIO, err: TextIO
+) -> int:
+    """One pass: each row is checked as it is written, inside the store's one transaction; any
+    problem rolls the whole file back once every row has been read (so every problem is
+    reported). ``store`` None: the dry run, which opens no store at all."""
     try:
-        stream = _reopen(args)
+        stream = _open_input(args.file)
     except OSError as exc:
         print(f"sendguard: cannot read {args.file}: {exc.strerror or exc}", file=err)
-        return None
-    problems: list[CsvProblem] = []
+        return EXIT_BAD_INPUT
+    reader = ImportReader(stream, options, progress=None if args.quiet else _progress_printer(err))
+    failed: ConsentInputError | None = None
     try:
-        for item in iter_csv(stream, keep_recorded_at=args.keep_recorded_at):
-            if isinstance(item, CsvProblem):
-                problems.append(item)
-    except (csv.Error, UnicodeDecodeError) as exc:
-        problems.append(CsvProblem(0, f"not a readable CSV file: {exc}"))
+        if store is None:
+            reader.read_all()
+        else:
+            try:
+                await store.import_events(reader.events(), keep_recorded_at=args.keep_recorded_at, checked=True)
+            except ConsentInputError as exc:
+                failed = exc
     finally:
         if stream is not sys.stdin:
             stream.close()
-    if problems:
-        print(f"sendguard: {args.file} has {len(problems)} problem(s); nothing was imported:", file=err)
-        for problem in problems:
-            print(f"  {args.file}:{problem.line}: {problem.message}", file=err)
-    return problems
-
-
-def _reopen(args: argparse.Namespace) -> TextIO:
-    buffered = getattr(args, "buffered", None)
-    if buffered is not None:
-        return io.StringIO(buffered)
-    return _open_input(args.file)
-
-
-async def _import(store: ConsentStore, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    stream = _reopen(args)
-    try:
-        events = (
-            item for item in iter_csv(stream, keep_recorded_at=args.keep_recorded_at) if isinstance(item, ConsentEvent)
-        )
-        count = await store.import_events(events, keep_recorded_at=args.keep_recorded_at)
-    finally:
-        if stream is not sys.stdin:
-            stream.close()
-    print(f"imported {count} event(s) from {args.file}", file=out)
+    summary = reader.summary()
+    if reader.problem_count or failed is not None:
+        print(f"sendguard: {args.file}: nothing was imported" + (" (--dry-run)" if store is None else ""), file=err)
+        for line in summary:
+            print(f"  {line}", file=err)
+        if failed is not None and not reader.problem_count:
+            print(f"  {failed}", file=err)
+        return EXIT_BAD_INPUT
+    if store is None:
+        print(f"{args.file}: OK, nothing written (--dry-run)", file=out)
+    else:
+        print(f"imported {sum(reader.counts[k] for k in EVENT_KINDS):,} event(s) from {args.file}", file=out)
+    for line in summary:
+        print(f"  {line}", file=out)
     return EXIT_OK
 
 
@@ -432,11 +491,17 @@ async def _show(store: ConsentStore, args: argparse.Namespace, rules: SoftOptInR
     basis: Basis | None = None
     if subject.kind == ADDRESS:
         basis = await store.basis(subject.value, args.topic, args.sender, at=at, rules=rules)
+    erasures = [
+        {"at": format_time(e.recorded_at), "record": e.id, "reason": e.reason}
+        for e in events
+        if e.kind == SUPPRESSED and e.method == "erasure"
+    ]
     if args.json:
         document = {
             "subject": str(subject),
             "at": format_time(at),
             "events": [event.as_dict() for event in events],
+            "erasures": erasures,
             "basis": basis.as_dict() if basis is not None else None,
         }
         print(json.dumps(document, indent=2, ensure_ascii=False), file=out)
@@ -444,6 +509,8 @@ async def _show(store: ConsentStore, args: argparse.Namespace, rules: SoftOptInR
     scope = f" and its domain @{subject.domain}" if subject.kind == ADDRESS else ""
     when = f" as known at {format_time(at)}" if at else ""
     print(f"{subject}{scope}: {len(events)} event(s){when}", file=out)
+    for erasure in erasures:
+        print(f"ERASED at {erasure['at']} (record #{erasure['record']}): {erasure['reason']}", file=out)
     for event in events:
         print("  " + _describe(event), file=out)
     if basis is not None:
@@ -474,6 +541,8 @@ def _describe(event: ConsentEvent) -> str:
         if row[name]:
             parts.append(f"{name}={json.dumps(row[name], ensure_ascii=False) if ' ' in row[name] else row[name]}")
     parts.append(f"(recorded {format_time(event.recorded_at)})")
+    if event.erased_at is not None:
+        parts.append(f"[personal data erased {format_time(event.erased_at)}]")
     return " ".join(parts)
 
 

@@ -32,6 +32,7 @@ from policies.base import MESSAGE_CLASSES, Policy
 from proxy.api.config import ApiConfig, WebhooksConfig
 from proxy.reputation.backoff import BackoffConfig
 from proxy.reputation.bounces import BounceConfig
+from proxy.reputation.complaints import ComplaintConfig
 from proxy.reputation.dkim import DKIMConfig, dkim_config_problems
 from proxy.reputation.resolver import DNSConfig
 from proxy.schema import (
@@ -412,6 +413,10 @@ class Settings:
     backoff: BackoffConfig = doc("pause sending when the upstream pushes back", default_factory=BackoffConfig)
     bounces: BounceConfig = doc(
         "suppress dead addresses; pause senders that bounce too much", default_factory=BounceConfig
+    )
+    complaints: ComplaintConfig = doc(
+        "feedback reports (ARF): opt the recipient out; pause senders that draw too many complaints",
+        default_factory=ComplaintConfig,
     )
     dkim: DKIMConfig = doc("DKIM signing, the last change before the upstream", default_factory=DKIMConfig)
     dns: DNSConfig = doc("resolver, sending IPs and domains, blocklist watch", default_factory=DNSConfig)

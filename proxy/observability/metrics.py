@@ -280,6 +280,20 @@ class Metrics:
             "Senders whose commercial mail was paused for their hard-bounce rate",
             registry=r,
         )
+        self.complaints = Counter(
+            "sendguard_complaints_total",
+            "Feedback reports (ARF) received: recorded (the recipient opted out), no_recipient (none could be "
+            "found in the report), not_abuse (another feedback type), unreadable, store_error",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("recorded", "no_recipient", "not_abuse", "unreadable", "store_error"):
+            self.complaints.labels(outcome)
+        self.complaint_pauses = Counter(
+            "sendguard_complaint_pauses_total",
+            "Senders whose commercial mail was paused for their complaint rate",
+            registry=r,
+        )
         self.bounce_bursts = Counter(
             "sendguard_bounce_bursts_total",
             "Hard bounces of many addresses within seconds: taken for an upstream fault, not dead "

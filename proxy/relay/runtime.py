@@ -22,6 +22,7 @@ from proxy.relay.pipeline import Pipeline
 from proxy.relay.upstream import MaildirUpstream, SmtpUpstream
 from proxy.reputation.backoff import Backoff
 from proxy.reputation.bounces import Bounces
+from proxy.reputation.complaints import Complaints
 from proxy.reputation.dkim import Signer
 from proxy.stores.consent import ConsentStore
 from proxy.stores.limits import LimitStore
@@ -49,6 +50,7 @@ class Runtime:
     resolver: dns.asyncresolver.Resolver
     generation: int
     consent: ConsentStore | None = None  # opened only when a configured policy needs it
+    complaints: Complaints | None = None  # feedback reports, read by the unsubscribe mailto listener
     in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -45,6 +45,7 @@ from proxy.stores.consent_events import (
     ConsentInputError,
     Subject,
     as_utc,
+    erasure_subject,
     event_from_stored,
     event_to_row,
     format_time,
@@ -57,7 +58,7 @@ from proxy.stores.consent_events import (
     stored_values,
     utcnow,
 )
-from proxy.stores.consent_store import ConsentStore, ConsentStoreError
+from proxy.stores.consent_store import ConsentStore, ConsentStoreError, Erasure
 
 __all__ = (
     "ADDRESS",
@@ -67,6 +68,7 @@ __all__ = (
     "CUSTOMER",
     "DOMAIN",
     "EVENT_KINDS",
+    "Erasure",
     "METHODS",
     "NO_SOFT_OPT_IN",
     "OPTED_IN",
@@ -86,6 +88,7 @@ __all__ = (
     "as_utc",
     "active_suppression",
     "blanket_refusal",
+    "erasure_subject",
     "evaluate",
     "event_from_row",
     "event_from_stored",
@@ -118,6 +121,11 @@ class ConsentStoreConfig:
     pool_min: int = doc("postgres: connections kept open", default=1)
     pool_max: int = doc("postgres: connections at most", default=10)
     timeout: Duration = doc("time limit of one lookup or write; beyond it the check fails (451)", default=Duration(2))
+    erasure_key: str | None = doc(
+        "secret of the keyed hash (HMAC-SHA256) that replaces an erased address (sendguard consent erase), "
+        "at least 32 characters, e.g. ${SENDGUARD_ERASURE_KEY}; never change it: erased addresses are found by it",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         if self.backend == "postgres" and not self.dsn:
@@ -128,6 +136,8 @@ class ConsentStoreConfig:
             raise ValueError("timeout must be positive")
         if self.backend == "sqlite" and not self.path:
             raise ValueError("backend sqlite needs a path")
+        if self.erasure_key is not None and len(self.erasure_key) < 32:
+            raise ValueError("erasure_key must be at least 32 characters (sendguard unsubscribe keygen makes one)")
 
 
 async def open_consent_store(config: ConsentStoreConfig, *, connect: bool = True) -> ConsentStore:
@@ -141,13 +151,17 @@ async def open_consent_store(config: ConsentStoreConfig, *, connect: bool = True
         from proxy.stores.consent_postgres import PostgresConsentStore
 
         assert config.dsn is not None
-        return await PostgresConsentStore.open(
+        store: ConsentStore = await PostgresConsentStore.open(
             config.dsn,
             lookup_timeout=config.timeout,
             pool_min=config.pool_min,
             pool_max=config.pool_max,
             connect=connect,
         )
-    from proxy.stores.consent_sqlite import SQLiteConsentStore
+    else:
+        from proxy.stores.consent_sqlite import SQLiteConsentStore
 
-    return await SQLiteConsentStore.open(config.path, lookup_timeout=config.timeout)
+        store = await SQLiteConsentStore.open(config.path, lookup_timeout=config.timeout)
+    if config.erasure_key is not None:
+        store.erasure_key = config.erasure_key.encode("utf-8")
+    return store

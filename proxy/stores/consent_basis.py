@@ -180,7 +180,11 @@ def _opted_out_basis(record: ConsentEvent, address: str, topic: str, sender: str
 def _visible(events: Sequence[ConsentEvent], at: datetime | None) -> list[ConsentEvent]:
     """The events in effective order; with ``at``, only those recorded by then. Without it,
     everything recorded so far counts, even a row stamped a moment ahead by another
-    instance's clock (an opt-out must never wait for clocks to agree)."""
+    instance's clock (an opt-out must never wait for clocks to agree).
+
+    An erased opt-in or customer relation is no basis any more: its evidence is gone, so it
+    can no longer be proven (AVG art. 7(1)); erased objections and suppressions still count."""
+    events = [e for e in events if e.erased_at is None or e.kind not in (OPTED_IN, CUSTOMER)]
     if at is None:
         return sorted(events, key=lambda e: e.order)
     bound = as_utc(at)

@@ -58,9 +58,9 @@ _NO = {"no", "n", "false", "0", "nee"}
 def event_from_row(row: Mapping[str, str | None], *, now: datetime | None = None) -> ConsentEvent:
     """One CSV row (column name -> text) to a checked event."""
 
-    def get(name: str) -> str | None:
-        value = row.get(name)
-        return value.strip() if value and value.strip() else None
+    # One pass over the row: the stripped, non-empty values (an import calls this per line).
+    values = {name: text for name, value in row.items() if value and (text := value.strip())}
+    get = values.get
 
     flag_text = (get("objection_offered") or "").lower()
     objection: bool | None = None

@@ -19,6 +19,9 @@ that read the events are in ``consent_basis``, CSV files in ``consent_csv``, the
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import hmac
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -33,6 +36,8 @@ __all__ = (
     "ANY",
     "CUSTOMER",
     "DOMAIN",
+    "ERASED_ORIGINAL",
+    "ERASED_PREFIX",
     "EVENT_KINDS",
     "FUTURE_SKEW",
     "METHODS",
@@ -47,6 +52,7 @@ __all__ = (
     "as_utc",
     "event_from_stored",
     "event_problems",
+    "erasure_subject",
     "event_to_row",
     "format_time",
     "new_event",
@@ -78,7 +84,7 @@ METHODS: Mapping[str, tuple[str, ...]] = {
     OPTED_IN: ("web_form", "double_opt_in", "paper", "api", "admin", "import"),
     CUSTOMER: ("sale", "api", "admin", "import"),
     OPTED_OUT: ("one_click", "link", "reply", "complaint", "preference_center", "admin", "api", "import"),
-    SUPPRESSED: ("hard_bounce", "complaint", "manual", "api", "import"),
+    SUPPRESSED: ("hard_bounce", "complaint", "manual", "api", "import", "erasure"),
     UNSUPPRESSED: ("admin",),
 }
 DEFAULT_METHOD: Mapping[str, str] = {CUSTOMER: "sale", UNSUPPRESSED: "admin"}
@@ -122,6 +128,13 @@ def utcnow() -> datetime:
 
 def parse_time(text: str) -> datetime:
     """ISO 8601 date or date-time; ``Z`` or an offset; a time without offset is taken as UTC."""
+    return _parse_time(text)
+
+
+# Cached: an import repeats the same times (a form's batch, a tool's day-stamped rows) a lot,
+# and datetimes are immutable. Errors are not cached; they are rare.
+@functools.lru_cache(maxsize=65536)
+def _parse_time(text: str) -> datetime:
     value = text.strip()
     if not value:
         raise ConsentInputError("a time is required (ISO 8601, e.g. 2024-05-01 or 2024-05-01T10:00:00Z)")
@@ -186,6 +199,7 @@ class Subject:
         return self.value if self.kind == ADDRESS else f"@{self.value}"
 
 
+@functools.lru_cache(maxsize=65536)  # an import has far fewer domains than addresses
 def _normalize_domain(text: str, what: str) -> str:
     domain = text.strip().rstrip(".").lower()
     if not _DOMAIN.match(domain):
@@ -211,6 +225,7 @@ def parse_subject(text: str) -> Subject:
     return Subject(ADDRESS, address_key(original), original)
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_topic(text: str | None) -> str:
     """A topic is a short token (``newsletter``, ``offers.shoes``) or ``*`` for every topic."""
     topic = (text or ANY).strip().lower() or ANY
@@ -221,6 +236,7 @@ def normalize_topic(text: str | None) -> str:
     return topic
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_sender(text: str | None) -> str:
     """The sender holding the relation: its From domain (``shop.example``), or ``*`` for any sender."""
     sender = (text or ANY).strip().lower() or ANY
@@ -246,8 +262,23 @@ def _clean_text(value: str | None) -> str | None:
     """Free text as one line: control characters (CR, LF in a multi-line SMTP reply) become spaces."""
     if value is None:
         return None
-    cleaned = _CONTROL.sub(" ", value).strip()
+    # isprintable() is False for every control character: the common case skips the regex.
+    cleaned = value.strip() if value.isprintable() else _CONTROL.sub(" ", value).strip()
     return cleaned[:MAX_TEXT] if cleaned else None
+
+
+# ---- erasure ---------------------------------------------------------------------------------
+
+#: An erased row's subject: this prefix and the keyed hash of the normalised address. The hash
+#: lets the store still find, and refuse, the address it was given; without the key it says
+#: nothing about who it was (a plain hash of an address is reversed by trying addresses).
+ERASED_PREFIX = "erased:"
+ERASED_ORIGINAL = "erased"
+
+
+def erasure_subject(key: bytes, address: str) -> str:
+    """``erased:`` and HMAC-SHA256(key, normalised address) in hex (71 characters)."""
+    return ERASED_PREFIX + hmac.new(key, address.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 # ---- events ----------------------------------------------------------------------------------
@@ -282,6 +313,7 @@ class ConsentEvent:
     note: str | None = None
     id: int | None = None
     recorded_at: datetime | None = None
+    erased_at: datetime | None = None  # set by ConsentStore.erase: the row is a tombstone since then
 
     @property
     def level(self) -> int:
@@ -311,6 +343,8 @@ class ConsentEvent:
         out.update((name, value) for name, value in event_to_row(self).items() if value != "")
         if self.objection_offered is not None:
             out["objection_offered"] = self.objection_offered
+        if self.erased_at is not None:
+            out["erased_at"] = format_time(self.erased_at)
         return out
 
     def evidence(self) -> dict[str, Any]:
@@ -428,11 +462,8 @@ def event_problems(event: ConsentEvent, now: datetime) -> list[str]:
             problems.append(f"{shown} must carry a time zone")
         elif moment is not None and moment > now + FUTURE_SKEW:
             problems.append(f"{shown} {format_time(moment)} is in the future")
-    if event.ip is not None:
-        try:
-            ipaddress.ip_address(event.ip)
-        except ValueError:
-            problems.append(f"ip {event.ip!r} is not an IP address")
+    if event.ip is not None and not _is_ip(event.ip):
+        problems.append(f"ip {event.ip!r} is not an IP address")
     if event.confirmed_at is not None:
         if kind != OPTED_IN:
             problems.append("confirmed_at belongs to opted_in events (double opt-in) only")
@@ -465,6 +496,15 @@ def event_problems(event: ConsentEvent, now: datetime) -> list[str]:
     return problems
 
 
+@functools.lru_cache(maxsize=65536)  # a form's imports share a few server or proxy addresses
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 #: The table's columns besides ``id``, in the order the backends read and write them.
 STORED_COLUMNS: tuple[str, ...] = (
     "subject_kind",
@@ -487,6 +527,7 @@ STORED_COLUMNS: tuple[str, ...] = (
     "reason",
     "upstream_reply",
     "note",
+    "erased_at",
 )
 
 
@@ -513,6 +554,7 @@ def stored_values(event: ConsentEvent, recorded_at: datetime) -> tuple[Any, ...]
         event.reason,
         event.upstream_reply,
         event.note,
+        event.erased_at,
     )
 
 

@@ -24,7 +24,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from proxy.stores.consent_events import STORED_COLUMNS, ConsentEvent, as_utc, event_from_stored, stored_values
-from proxy.stores.consent_store import ConsentStore, ConsentStoreError
+from proxy.stores.consent_store import ERASURE_REASON, ConsentStore, ConsentStoreError
 from proxy.stores.migrations import Migration, apply_postgres
 from proxy.stores.migrations.consent import CONSENT_MIGRATIONS
 
@@ -36,8 +36,14 @@ _COLUMNS = ", ".join(STORED_COLUMNS)
 # Queries are built from the constant column list only; values always go as parameters.
 _PLACEHOLDERS = ", ".join("%s" for _ in STORED_COLUMNS)
 _INSERT = f"INSERT INTO consent_events ({_COLUMNS}) VALUES ({_PLACEHOLDERS}) RETURNING id"  # noqa: S608
+#: Erasure: the only UPDATE the table's trigger lets through (migration v3's tombstone rule).
+ERASE_SQL = (
+    "UPDATE consent_events SET subject = %s, subject_original = 'erased', source = '', ip = NULL, user_agent = NULL,"
+    " relation = NULL, reason = NULL, upstream_reply = NULL, note = NULL, erased_at = %s"
+    " WHERE subject_kind = 'address' AND subject = %s AND erased_at IS NULL"
+)
 _TIME_INDEXES = tuple(
-    i for i, name in enumerate(STORED_COLUMNS) if name in ("effective_at", "recorded_at", "confirmed_at")
+    i for i, name in enumerate(STORED_COLUMNS) if name in ("effective_at", "recorded_at", "confirmed_at", "erased_at")
 )
 
 Connection = psycopg.AsyncConnection[TupleRow]
@@ -194,6 +200,30 @@ class PostgresConsentStore(ConsentStore):
                     await copy.write_row(stored_values(event, now))
                     written += 1
         return written
+
+    async def _erase(
+        self, addresses: Sequence[str], tombstone: str, suppression: ConsentEvent, now: datetime
+    ) -> tuple[int, ConsentEvent]:
+        await self._ensure_ready()
+        async with self._pool.connection() as conn:
+            async with conn.transaction():
+                erased = 0
+                for address in addresses:
+                    erased += (await conn.execute(ERASE_SQL, (tombstone, now, address))).rowcount
+                event = dataclasses.replace(suppression, reason=ERASURE_REASON.format(count=erased))
+                row = await (await conn.execute(_INSERT, stored_values(event, now))).fetchone()
+                assert row is not None
+            # The old row versions stay in the table's pages until vacuumed: vacuum now (outside
+            # the transaction; best effort, autovacuum would get there later).
+            previous = (await (await conn.execute("SHOW statement_timeout")).fetchone() or ("0",))[0]
+            try:
+                await conn.execute("SET statement_timeout = 0")
+                await conn.execute("VACUUM consent_events")
+            except psycopg.Error as exc:
+                log.warning("consent store %s: VACUUM after an erasure failed: %s", self.where, exc)
+            finally:
+                await conn.execute("SELECT set_config('statement_timeout', %s, false)", (str(previous),))
+        return erased, dataclasses.replace(event, id=int(row[0]), recorded_at=now)
 
     async def _select(self, keys: Sequence[tuple[str, str]], at: datetime | None) -> list[ConsentEvent]:
         params: list[Any] = []

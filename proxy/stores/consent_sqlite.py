@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from proxy.stores.consent_events import STORED_COLUMNS, ConsentEvent, as_utc, event_from_stored, stored_values
-from proxy.stores.consent_store import ConsentStore, ConsentStoreError
+from proxy.stores.consent_store import ERASURE_REASON, ConsentStore, ConsentStoreError
 from proxy.stores.migrations import Migration, apply_sqlite
 from proxy.stores.migrations.consent import CONSENT_MIGRATIONS
 
@@ -32,15 +32,22 @@ T = TypeVar("T")
 BUSY_TIMEOUT_MS = 5000
 CACHE_KIB = 64 * 1024
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
-_TIME_COLUMNS = frozenset({"effective_at", "recorded_at", "confirmed_at"})
+_TIME_COLUMNS = frozenset({"effective_at", "recorded_at", "confirmed_at", "erased_at"})
 _TIME_INDEXES = tuple(i for i, name in enumerate(STORED_COLUMNS) if name in _TIME_COLUMNS)
 _BOOL_INDEX = STORED_COLUMNS.index("objection_offered")
 _COLUMNS = ", ".join(STORED_COLUMNS)
 # Queries are built from the constant column list only; values always go as parameters.
 _PLACEHOLDERS = ", ".join("?" for _ in STORED_COLUMNS)
 _INSERT = f"INSERT INTO consent_events ({_COLUMNS}) VALUES ({_PLACEHOLDERS})"  # noqa: S608
+#: Erasure: the only UPDATE the table's trigger lets through (migration v3's tombstone rule).
+ERASE_SQL = (
+    "UPDATE consent_events SET subject = ?, subject_original = 'erased', source = '', ip = NULL, user_agent = NULL,"
+    " relation = NULL, reason = NULL, upstream_reply = NULL, note = NULL, erased_at = ?"
+    " WHERE subject_kind = 'address' AND subject = ? AND erased_at IS NULL"
+)
 
 
+@functools.lru_cache(maxsize=4096)  # an import writes one recorded_at and few distinct times
 def _to_text(moment: datetime) -> str:
     """Fixed-width UTC text (``2024-05-01T10:00:00.000000+00:00``): comparing strings compares times."""
     utc = moment if moment.tzinfo is UTC else as_utc(moment)
@@ -140,6 +147,8 @@ class SQLiteConsentStore(ConsentStore):
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL mode (got {mode})")
             conn.execute("PRAGMA synchronous = FULL")
+            # Erasure must not leave the old row readable in a free page of the file.
+            conn.execute("PRAGMA secure_delete = ON")
             # A page cache that holds the upper levels of the lookup index at a million contacts
             # (the default is 2 MiB), and a WAL that shrinks back after a large import.
             conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
@@ -205,6 +214,29 @@ class SQLiteConsentStore(ConsentStore):
         await self._call(functools.partial(self._write, rows(), many=True))
         await self._call(self._checkpoint)
         return written
+
+    async def _erase(
+        self, addresses: Sequence[str], tombstone: str, suppression: ConsentEvent, now: datetime
+    ) -> tuple[int, ConsentEvent]:
+        def run() -> tuple[int, int]:
+            conn = self._db
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                erased = sum(conn.execute(ERASE_SQL, (tombstone, _to_text(now), a)).rowcount for a in addresses)
+                event = dataclasses.replace(suppression, reason=ERASURE_REASON.format(count=erased))
+                cursor = conn.execute(_INSERT, _to_row(stored_values(event, now)))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            assert cursor.lastrowid is not None
+            # The WAL still holds the pages as they were before: fold it in and empty it.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return erased, cursor.lastrowid
+
+        erased, record_id = await self._call(run)
+        reason = ERASURE_REASON.format(count=erased)
+        return erased, dataclasses.replace(suppression, id=record_id, recorded_at=now, reason=reason)
 
     def _checkpoint(self) -> None:
         """Fold a large import back into the database file so the WAL does not stay as big as

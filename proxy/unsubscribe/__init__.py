@@ -39,7 +39,7 @@ import math
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -58,6 +58,7 @@ from proxy.stores.consent import (
     ConsentInputError,
     ConsentStore,
     ConsentStoreError,
+    Erasure,
     SoftOptInRules,
     Subject,
     evaluate,
@@ -115,7 +116,11 @@ PREFERENCES_TEXT_VERSION = "sendguard-preferences-1"
 
 OPT_OUT_METHODS = ("one_click", "link", "preference_center", "reply")
 CHANNELS = ("https", "mailto")
-ENDPOINTS = ("one_click", "confirm_page", "confirm_post", "recipient_page", "topics", "withdraw", "download", "mailto")
+ENDPOINTS = (
+    "one_click", "confirm_page", "confirm_post", "recipient_page", "topics", "withdraw", "erase", "download", "mailto",
+)  # fmt: skip
+#: consent_changes' action for an erasure from the recipient's page.
+ERASED = "erased"
 REQUEST_OUTCOMES = ("ok", "invalid_token", "expired_token", "csrf", "rate_limited", "bad_request", "store_error")
 
 
@@ -136,7 +141,7 @@ class UnsubscribeMetrics:
         )
         self.consent_changes = Counter(
             "sendguard_unsubscribe_consent_changes_total",
-            "Topic choices made on the recipient's page",
+            "Topic choices and erasures made on the recipient's page",
             ["action"],
             registry=registry,
         )
@@ -150,7 +155,7 @@ class UnsubscribeMetrics:
             for channel in CHANNELS:
                 for result in ("recorded", "repeated"):
                     self.unsubscribes.labels(method, channel, result)
-        for action in (OPTED_IN, OPTED_OUT):
+        for action in (OPTED_IN, OPTED_OUT, ERASED):
             self.consent_changes.labels(action)
         for endpoint in ENDPOINTS:
             for outcome in REQUEST_OUTCOMES:
@@ -277,6 +282,10 @@ class UnsubscribeService:
     ) -> None:
         self._consent = consent
         self.audit = audit  # proxy.observability.logsetup.AuditLog (anything with .write(dict))
+        # Feedback reports (ARF) that reach the mailto listener, handled by the process
+        # (proxy/reputation/complaints.py through App): the reply, or None when not a report.
+        self.complaints: Callable[[bytes, str], Awaitable[str | None]] | None = None
+        self.complaints_address: str | None = None  # complaints.address: the listener takes it too
         self.metrics = UnsubscribeMetrics.for_registry(registry or CollectorRegistry())
         self.rules = rules
         self.config = config
@@ -493,6 +502,25 @@ class UnsubscribeService:
         if result.recorded:
             self.metrics.consent_changes.labels(OPTED_OUT).inc()
         return result
+
+    async def erase(self, token: UnsubscribeToken) -> Erasure:
+        """Erasure asked for on the recipient's page (AVG art. 17): the page was reached through
+        the link in a message to this address. The audit line names no address: it would undo
+        the erasure (the record number and the count are enough to find it in the store)."""
+        erasure = await self.store().erase(self.subject(token).value, requested_via="the recipient's page")
+        self.metrics.consent_changes.labels(ERASED).inc()
+        if self.audit is not None:
+            self.audit.write(
+                {
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "event": "erasure",
+                    "source": "https",
+                    "record": erasure.suppression.id,
+                    "erased": erasure.erased,
+                    "key_id": token.key_id,
+                }
+            )
+        return erasure
 
     def _source(self, token: UnsubscribeToken, channel: str) -> str:
         issued = datetime.fromtimestamp(token.issued_at, UTC).strftime("%Y-%m-%d")

@@ -9,6 +9,9 @@ or a transport map on the organisation's mail server) to this listener. It:
 * takes the message (64 KB at most by default), finds the token in the recipient, the
   Subject or the first lines of the text, records the opt-out (method ``reply``, evidence:
   the client IP, the envelope sender, HELO and Message-ID) and answers ``250``;
+* reads a feedback report (ARF, RFC 5965) sent to it, or to ``complaints.address``, as a
+  complaint (``proxy/reputation/complaints.py``): the recipient is opted out, the sender's
+  complaint rate counted;
 * answers ``550 5.7.1`` when no valid token is found (the person's mail system then tells
   them it did not work), ``451 4.3.0`` when the consent store is down (their system retries).
 
@@ -75,8 +78,11 @@ def find_token_candidates(message: EmailMessage, limit: int = _MAX_CANDIDATES) -
 class MailtoUnsubscribeHandler:
     """The aiosmtpd handler of the mailto listener."""
 
-    def __init__(self, service: UnsubscribeService) -> None:
+    def __init__(self, service: UnsubscribeService, complaints_address: str | None = None) -> None:
         self.service = service
+        # Feedback reports (ARF) come to this address too (complaints.address), or to the
+        # unsubscribe address itself.
+        self.complaints_address = (complaints_address or "").strip().lower().rstrip(".") or None
 
     def _address(self) -> tuple[str, str]:
         mailto = self.service.config.mailto
@@ -124,6 +130,8 @@ class MailtoUnsubscribeHandler:
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
         accepted, _ = self._recipient(address)
+        if not accepted and self.complaints_address and address.strip().lower().rstrip(".") == self.complaints_address:
+            accepted = True
         if not accepted:
             self.service.limits["invalid"].hit(self._peer(session))
             self._count("invalid_token")
@@ -136,6 +144,10 @@ class MailtoUnsubscribeHandler:
         content = envelope.original_content or envelope.content or b""
         if isinstance(content, str):
             content = content.encode("utf-8", "surrogateescape")
+        if self.service.complaints is not None:
+            reply = await self.service.complaints(content, ip)
+            if reply is not None:
+                return reply
         token = self._token(envelope, content)
         if token is None:
             self.service.limits["invalid"].hit(ip)
@@ -197,12 +209,14 @@ class _MailtoSMTP(SMTP):
         )
 
 
-async def start_mailto_listener(service: UnsubscribeService, address: HostPort) -> asyncio.Server:
-    """Listen for unsubscribe mail on ``address`` (the caller closes the server)."""
+async def start_mailto_listener(
+    service: UnsubscribeService, address: HostPort, complaints_address: str | None = None
+) -> asyncio.Server:
+    """Listen for unsubscribe mail (and feedback reports) on ``address`` (the caller closes the server)."""
     config = service.config
     mailto = config.mailto
     assert mailto is not None
-    handler = MailtoUnsubscribeHandler(service)
+    handler = MailtoUnsubscribeHandler(service, complaints_address)
     tls_context: ssl.SSLContext | None = None
     if config.tls_cert and config.tls_key:
         tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

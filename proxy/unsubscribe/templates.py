@@ -11,6 +11,7 @@ import html
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from proxy.stores.consent import ANY, Basis, ConsentEvent
 
@@ -81,6 +82,14 @@ TEXTS: Mapping[str, Mapping[str, str]] = {
         "withdraw_heading": "Withdraw all consent",
         "withdraw_text": "Stop all commercial mail from {sender} to {address}.",
         "withdraw_button": "Withdraw consent",
+        "erase_heading": "Erase your data",
+        "erase_text": "Remove {address}, the IP addresses and the other evidence {company} keeps about it "
+        "(GDPR article 17). Only a coded fingerprint of the address stays, so that {company} never sends it "
+        "commercial mail again.",
+        "erase_button": "Erase my data",
+        "erased_text": "Your data was erased on {date}. Only a coded fingerprint of the address stays, so that "
+        "no commercial mail is sent to it again.",
+        "done_erased": "Your data is erased.",
         "download_heading": "Download your data",
         "download_text": "Every record about this address, as a JSON file (GDPR article 20).",
         "download_link": "Download (JSON)",
@@ -169,6 +178,14 @@ TEXTS: Mapping[str, Mapping[str, str]] = {
         "download_heading": "Uw gegevens downloaden",
         "download_text": "Alle vastleggingen over dit adres, als JSON-bestand (AVG artikel 20).",
         "download_link": "Downloaden (JSON)",
+        "erase_heading": "Uw gegevens wissen",
+        "erase_text": "Verwijder {address}, de IP-adressen en het andere bewijs dat {company} erover bewaart "
+        "(AVG artikel 17). Alleen een gecodeerde vingerafdruk van het adres blijft, zodat {company} er nooit "
+        "meer commerciële mail aan stuurt.",
+        "erase_button": "Mijn gegevens wissen",
+        "erased_text": "Uw gegevens zijn gewist op {date}. Alleen een gecodeerde vingerafdruk van het adres blijft, "
+        "zodat er geen commerciële mail meer aan wordt gestuurd.",
+        "done_erased": "Uw gegevens zijn gewist.",
         "history_heading": "Wat {company} bewaart",
         "history_intro": "Elke wijziging wordt met het bewijs bewaard, oudste eerst. Vastleggingen over uw domein "
         "(iedereen bij {domain}) staan er ook bij.",
@@ -349,6 +366,7 @@ def _evidence(event: ConsentEvent) -> str:
         ("order", event.relation),
         ("category", event.product_category),
         ("reason", event.reason),
+        ("erased", event.erased_at.strftime("%Y-%m-%d %H:%M UTC") if event.erased_at else None),
         ("record", f"#{event.id}" if event.id is not None else None),
     ):
         if value:
@@ -370,6 +388,9 @@ def recipient_page(
     csrf_withdraw: str,
     notice: str | None,
     names: Mapping[str, Mapping[str, str]],
+    erase_action: str | None = None,
+    csrf_erase: str | None = None,
+    erased_at: datetime | None = None,
 ) -> str:
     lang = layout.lang
     company = layout.company
@@ -409,6 +430,19 @@ def recipient_page(
         f'<form method="post" action="{_E(withdraw_action)}">{_hidden("csrf", csrf_withdraw)}{_hidden("lang", lang)}'
         f'<button type="submit" class="danger" id="withdraw">{text(lang, "withdraw_button")}</button></form>'
     )
+
+    if erase_action is not None and csrf_erase is not None:
+        parts.append(f"<h2>{text(lang, 'erase_heading')}</h2>")
+        if erased_at is not None:
+            erased_on = erased_at.strftime("%Y-%m-%d %H:%M UTC")
+            parts.append(f'<p id="erased">{text(lang, "erased_text", date=erased_on)}</p>')
+        else:
+            parts.append(f"<p>{text(lang, 'erase_text', company=company, address=address)}</p>")
+            parts.append(
+                f'<form method="post" action="{_E(erase_action)}">{_hidden("csrf", csrf_erase)}'
+                f'{_hidden("lang", lang)}<button type="submit" class="danger" id="erase">'
+                f"{text(lang, 'erase_button')}</button></form>"
+            )
 
     parts.append(f"<h2>{text(lang, 'download_heading')}</h2>")
     parts.append(

@@ -11,9 +11,11 @@ Routes, under the path of ``unsubscribe.base_url``:
   link scanners and mail previews fetch every link in a message.
 * ``POST /u/TOKEN`` with the button's form (CSRF value): records the opt-out, shows the result.
 * ``GET /p/TOKEN``: the recipient's own page: the consent history with its evidence, the
-  current status per topic, forms to change each topic and to withdraw everything, and a JSON
-  download (AVG/GDPR art. 15, 16, 20, 21). Only with a valid, unexpired token.
-* ``POST /p/TOKEN/topics``, ``POST /p/TOKEN/withdraw``: the forms; answered with 303 to the
+  current status per topic, forms to change each topic, to withdraw everything and (with
+  ``stores.consent.erasure_key``) to erase the address's data, and a JSON download (AVG/GDPR
+  art. 15, 16, 17, 20, 21). Only with a valid, unexpired token.
+* ``POST /p/TOKEN/topics``, ``POST /p/TOKEN/withdraw``, ``POST /p/TOKEN/erase``: the forms
+  (each with its own CSRF value); answered with 303 to the
   page (post/redirect/get, so a reload does not post again).
 * ``GET /p/TOKEN/data.json``: the download.
 
@@ -40,7 +42,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.schema import IPNetwork, address_in
-from proxy.stores.consent import ANY, ConsentInputError, ConsentStoreError, format_time
+from proxy.stores.consent import ANY, SUPPRESSED, ConsentEvent, ConsentInputError, ConsentStoreError, format_time
 from proxy.unsubscribe import UnsubscribeService, UnsubscribeToken
 from proxy.unsubscribe import templates as T
 from proxy.unsubscribe.tokens import MAX_TOKEN_CHARS, TokenError, TokenExpired
@@ -62,7 +64,7 @@ SECURITY_HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 _HTML = "text/html"
-_DONE_KEYS = frozenset({"opted_in", "opted_out", "withdrawn", "unchanged"})
+_DONE_KEYS = frozenset({"opted_in", "opted_out", "withdrawn", "unchanged", "erased"})
 _SERVICE = web.AppKey("service", UnsubscribeService)
 
 
@@ -354,6 +356,9 @@ async def recipient_page(request: web.Request) -> web.Response:
         csrf_withdraw=service.codec.csrf(token_text, "withdraw"),
         notice=notice,
         names=names,
+        erase_action=service.path("p", token_text) + "/erase" if service.store().erasure_key is not None else None,
+        csrf_erase=service.codec.csrf(token_text, "erase"),
+        erased_at=_erased_at(events),
     )
     ctx.count("ok")
     return ctx.page(body)
@@ -369,6 +374,8 @@ def _notice(
         return T.text(ctx.lang, "done_withdrawn", sender=_sender_label(ctx, token))
     if done == "unchanged":
         return T.text(ctx.lang, "done_unchanged")
+    if done == "erased":
+        return T.text(ctx.lang, "done_erased")
     row = next((r for r in rows if r.topic == topic), None)
     if row is None:
         return None
@@ -440,6 +447,26 @@ async def withdraw(request: web.Request) -> web.Response:
         ctx.service.metrics.consent_changes.labels("opted_out").inc()
     ctx.count("ok")
     return _back(ctx, done="withdrawn" if result.recorded else "unchanged")
+
+
+def _erased_at(events: list[ConsentEvent]) -> datetime | None:
+    """When the address was last erased (its erasure suppression), or None."""
+    times = [e.recorded_at for e in events if e.kind == SUPPRESSED and e.method == "erasure" and e.recorded_at]
+    return max(times) if times else None
+
+
+async def erase(request: web.Request) -> web.Response:
+    """The erase button (AVG art. 17), behind the same CSRF check as every form of the page."""
+    checked = await _form_post(request, "erase", "erase")
+    if isinstance(checked, web.Response):
+        return checked
+    ctx, token, _ = checked
+    try:
+        await ctx.service.erase(token)
+    except (ConsentStoreError, ConsentInputError) as error:
+        return ctx.unavailable(error)
+    ctx.count("ok")
+    return _back(ctx, done="erased")
 
 
 async def download(request: web.Request) -> web.Response:
@@ -530,6 +557,7 @@ def build_unsubscribe_app(service: UnsubscribeService) -> web.Application:
     app.router.add_get(f"{base}/p/{{token}}", recipient_page, allow_head=False)
     app.router.add_post(f"{base}/p/{{token}}/topics", change_topic)
     app.router.add_post(f"{base}/p/{{token}}/withdraw", withdraw)
+    app.router.add_post(f"{base}/p/{{token}}/erase", erase)
     app.router.add_get(f"{base}/p/{{token}}/data.json", download, allow_head=False)
     app.router.add_get(f"{base}/assets/sendguard.css", stylesheet)
     return app
@@ -575,7 +603,9 @@ class UnsubscribeServers:
             self.http_bound = (str(host), int(port))
         if config.mailto is not None and config.mailto.listen is not None:
             try:
-                self._mailto = await start_mailto_listener(self.service, config.mailto.listen)
+                self._mailto = await start_mailto_listener(
+                    self.service, config.mailto.listen, self.service.complaints_address
+                )
             except BaseException:
                 await self.stop()
                 raise
