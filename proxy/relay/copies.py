@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from policies.base import Reply
 from policies.message import VISIBLE_RECIPIENT_FIELDS
 from proxy import replies as R
-from proxy.relay import rawmsg
 from proxy.relay.drain import attempt_budget, dsn_for, send_one
 from proxy.relay.dsn import notify_failure
 from proxy.relay.pipeline import StageDecision
-from proxy.relay.signing import sign
+from proxy.relay.rawmsg import Outgoing
+from proxy.relay.signing import sign_outgoing
 from proxy.relay.spool import Queued
 from proxy.relay.transaction import RelayTransaction
 from proxy.unsubscribe.footer import NoReadablePart, append_footer
@@ -36,7 +36,7 @@ _FANOUT_BUDGET = 300.0
 
 async def deliver_copies(
     t: RelayTransaction,
-    outgoing: bytes,
+    outgoing: Outgoing,
     decision: StageDecision,
     keepalive: Callable[[float], None] | None = None,
     *,
@@ -100,7 +100,7 @@ async def deliver_copies(
                     txn_id=txn.txn_id,
                     sender=txn.mail_from,
                     recipient=recipient,
-                    content=prepared,
+                    content=prepared.to_bytes(),  # the one copy, only for what waits in the queue
                     next_attempt=retry_at,
                     # MAIL's and this recipient's parameters in one list (dsn.split_options).
                     options=(*t.relayed_options, *t.rcpt_options.get(recipient, ())),
@@ -141,7 +141,7 @@ async def deliver_copies(
 
 
 async def _queue(
-    t: RelayTransaction, outgoing: bytes, retry: list[Queued], refused: list[tuple[str, Reply]], temporary: int
+    t: RelayTransaction, outgoing: Outgoing, retry: list[Queued], refused: list[tuple[str, Reply]], temporary: int
 ) -> list[int] | None:
     """Queue the copies to retry and the DSN for the refused ones, all in one commit; None when
     that failed (or a copy refused for now has nothing that could be queued)."""
@@ -158,7 +158,7 @@ async def _queue(
                     t.services.metrics,
                     t.services.hostname,
                     sender=txn.mail_from,
-                    original=outgoing,
+                    original=outgoing.to_bytes(),
                     failures=refused,
                     txn_id=txn.txn_id,
                 )
@@ -184,30 +184,32 @@ async def _queue(
 
 async def _prepare_copy(
     t: RelayTransaction,
-    outgoing: bytes,
+    outgoing: Outgoing,
     recipient: str,
     split: bool,
     fields: Sequence[tuple[str, str]],
     footer: tuple[str, str] | None,
     received: bytes = b"",
-) -> bytes | Reply:
-    """The signed bytes of one recipient's copy, or why there are none. The trace field goes
-    on top of the copy's own header fields (RFC 5322 3.6.7: trace fields lead the header)."""
+) -> Outgoing | Reply:
+    """One recipient's signed copy, or why there is none. Its header edits rewrite the header
+    block only; the body stays the shared one (a footer changes it, and so copies it). The
+    trace field goes on top of the copy's own header fields (RFC 5322 3.6.7: trace fields
+    lead the header)."""
     copy = outgoing
     if split:
         # Every field a reader sees recipients in (visible_recipients counts the Resent-* ones
         # too), with the addresses written in their display names: the copy shows one.
-        copy = rawmsg.prepend_headers(rawmsg.remove_headers(copy, VISIBLE_RECIPIENT_FIELDS), [("To", recipient)])
-    copy = received + rawmsg.prepend_headers(copy, fields)
+        copy = copy.edited(VISIBLE_RECIPIENT_FIELDS, [("To", recipient)])
+    copy = copy.edited((), fields).prepended(received)
     if footer is not None:
         try:
-            copy = await asyncio.to_thread(append_footer, copy, *footer)
+            copy = Outgoing.of(await asyncio.to_thread(append_footer, copy.to_bytes(), *footer))
         except NoReadablePart:
             return R.R550_NO_PART_FOR_FOOTER
-    return await sign(t, copy)  # each copy differs, so each is signed
+    return await sign_outgoing(t, copy)  # each copy differs, so each is signed
 
 
-async def _deliver_one(t: RelayTransaction, recipient: str, content: bytes) -> Reply:
+async def _deliver_one(t: RelayTransaction, recipient: str, content: Outgoing) -> Reply:
     sender = t.txn.mail_from
     options = (*t.relayed_options, *t.rcpt_options.get(recipient, ()))
     stage, reply = await send_one(t.runtime.upstream, t.txn.txn_id, sender, recipient, content, options)

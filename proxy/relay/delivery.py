@@ -124,14 +124,14 @@ async def _relay_message(
     if footer is not None:
         try:
             # CPU work on the whole body: a thread keeps the event loop answering others.
-            outgoing = Outgoing(b"", await asyncio.to_thread(append_footer, outgoing.to_bytes(), *footer))
+            outgoing = Outgoing.of(await asyncio.to_thread(append_footer, outgoing.to_bytes(), *footer))
         except NoReadablePart:
             await t.upstream.abort()
             return R.R550_NO_PART_FOR_FOOTER, None, "rejected"
     received = t.received_field()
     if decision.held or any(edit.fans_out for edit in decision.edits):
         # Each copy gets the trace field on top of its own header edits (copies.py).
-        return await deliver_copies(t, outgoing.to_bytes(), decision, keepalive, received=received)
+        return await deliver_copies(t, outgoing, decision, keepalive, received=received)
     # Our hop's trace field on top (RFC 5321 4.4), before DKIM signs the message.
     outgoing = outgoing.prepended(received)
     if runtime.signer.enabled:

@@ -26,6 +26,7 @@ from policies.base import Reply, Transaction
 from proxy import replies as R
 from proxy.observability.metrics import Metrics
 from proxy.relay.dsn import build_dsn, notify_failure, split_options
+from proxy.relay.rawmsg import Outgoing
 from proxy.relay.runtime import Runtime
 from proxy.relay.signing import sign_bytes
 from proxy.relay.spool import Queued, Spool, SpoolEntry, retry_delay
@@ -47,7 +48,7 @@ async def send_one(
     txn_id: str,
     sender: str,
     recipient: str,
-    content: bytes,
+    content: bytes | Outgoing,
     options: Sequence[str] = (),
 ) -> tuple[str, Reply]:
     """MAIL, RCPT and DATA of one message to one recipient: the stage it ended at and the

@@ -14,21 +14,16 @@ from proxy.relay.runtime import Runtime
 from proxy.relay.transaction import RelayTransaction
 from proxy.reputation.dkim import DKIMSignError, SignedFields, SignResult
 
-__all__ = ("sign", "sign_bytes", "sign_outgoing")
+__all__ = ("sign_bytes", "sign_outgoing")
 
 log = logging.getLogger("sendguard.smtp")
 
 _Result = TypeVar("_Result", SignResult, SignedFields)
 
 
-async def sign(t: RelayTransaction, content: bytes) -> bytes | Reply:
-    """DKIM-sign the final bytes (the last change before the upstream); a Reply when the
-    message cannot be signed and dkim.on_error says to refuse it."""
-    return await sign_bytes(t.runtime, t.services.metrics, t.txn.txn_id, content)
-
-
 async def sign_bytes(runtime: Runtime, metrics: Metrics, txn_id: str, content: bytes) -> bytes | Reply:
-    """``sign`` outside a transaction (the queue's DSNs): the config generation and metrics given."""
+    """DKIM-sign whole bytes outside a transaction (the queue's DSNs); a Reply when the message
+    cannot be signed and dkim.on_error says to refuse it."""
     if not runtime.signer.enabled:
         return content
     result = await _signed(runtime, metrics, txn_id, runtime.signer.sign_async(content))
@@ -38,14 +33,13 @@ async def sign_bytes(runtime: Runtime, metrics: Metrics, txn_id: str, content: b
 
 
 async def sign_outgoing(t: RelayTransaction, outgoing: Outgoing) -> Outgoing | Reply:
-    """``sign`` for a message held as header block and body view: the signature fields go in
-    front of the header block and the body is hashed where it lies, never copied (a 25 MB
-    message costs a few blocks of 256 KiB, not several whole copies)."""
+    """DKIM-sign the final message of a transaction (the last change before the upstream):
+    the signature fields go in front of the header block and the body is hashed where it
+    lies, never copied (a 25 MB message costs a few blocks of 256 KiB, not several whole
+    copies). A Reply when it cannot be signed and dkim.on_error says to refuse it."""
     runtime = t.runtime
     if not runtime.signer.enabled:
         return outgoing
-    if not outgoing.head and isinstance(outgoing.rest, bytes):
-        outgoing = Outgoing.of(outgoing.rest)  # split at the blank line: views, no copy
     signing = runtime.signer.sign_fields_async(outgoing.head, outgoing.rest)
     result = await _signed(runtime, t.services.metrics, t.txn.txn_id, signing)
     if isinstance(result, Reply):
