@@ -259,9 +259,22 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, *, greeting: bool = True, ssl_context: ssl.SSLContext | None = None) -> RawClient:
+    async def connect(
+        cls,
+        port: int,
+        *,
+        greeting: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+        local: str | None = None,
+    ) -> RawClient:
+        """``local``: connect from this address (another of 127.0.0.0/8, all local on Linux),
+        so that clients behind a balancer or an MTA in front differ by address."""
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=ssl_context, server_hostname="localhost" if ssl_context else None
+            "127.0.0.1",
+            port,
+            ssl=ssl_context,
+            server_hostname="localhost" if ssl_context else None,
+            local_addr=(local, 0) if local else None,
         )
         client = cls(reader, writer)
         if greeting:
@@ -300,9 +313,12 @@ async def submit(
     sender: str = "alice@example.com",
     recipients: Sequence[str] = ("bob@example.org",),
     timeout: float = 15,
+    source: str | None = None,
+    helo: str | None = None,
 ) -> tuple[int, str]:
     """Send one message with aiosmtplib; the (code, text) of the answer that decided it,
-    whichever command it came at. Recipients refused individually are not reported here."""
+    whichever command it came at. Recipients refused individually are not reported here.
+    ``source``: connect from this loopback address; ``helo``: the EHLO name."""
     try:
         _, reply = await aiosmtplib.send(
             content if content is not None else message(),
@@ -312,6 +328,8 @@ async def submit(
             port=port,
             start_tls=False,
             timeout=timeout,
+            source_address=(source, 0) if source else None,
+            local_hostname=helo,
         )
     except aiosmtplib.SMTPRecipientsRefused as error:
         return error.recipients[0].code, error.recipients[0].message

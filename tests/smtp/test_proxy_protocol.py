@@ -296,12 +296,6 @@ async def haproxy(tmp_path: Path, backend_port: int, send_proxy: str) -> AsyncIt
             await asyncio.wait_for(process.wait(), 10)
 
 
-async def from_address(port: int, local: str) -> RawClient:
-    """A client on ``local`` (another loopback address) through the balancer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
-    return RawClient(reader, writer)
-
-
 @pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
 async def test_behind_haproxy_each_client_is_itself(
     upstream: FakeUpstream, proxy_factory: ProxyFactory, dns_server: DNSServer, tmp_path: Path, send_proxy: str
@@ -314,18 +308,19 @@ async def test_behind_haproxy_each_client_is_itself(
     changes["classes"] = {"rules": [{"class": "commercial", "mail_from": ["news@*"]}]}
     proxy = await proxy_factory(upstream.address, changes)
     async with haproxy(tmp_path, proxy.port, send_proxy) as port:
-        first = await from_address(port, "127.0.0.2")
+        first = await RawClient.connect(port, greeting=False, local="127.0.0.2")
         assert (await first.reply())[0] == 220
-        second = await from_address(port, "127.0.0.2")
+        second = await RawClient.connect(port, greeting=False, local="127.0.0.2")
         code, text = await second.reply()
         assert (code, text.split(" ")[0]) == (421, "4.7.0")  # one session per client address
         await second.close()
-        other = await from_address(port, "127.0.0.3")
+        other = await RawClient.connect(port, greeting=False, local="127.0.0.3")
         assert (await other.reply())[0] == 220  # another client behind the same balancer
         assert (await send_one(first))[0] == 250
         code, text = await send_one(other, sender="news@example.com")
         assert (code, text.split(" ")[0]) == (550, "5.7.1")  # no consent: refused for this client
-        stranger = await from_address(port, "127.0.0.4")
+        assert "no recorded consent" in text  # sendguard's own words, through the balancer
+        stranger = await RawClient.connect(port, greeting=False, local="127.0.0.4")
         assert (await stranger.reply())[0] == 220
         code, text = await send_one(stranger)
         assert (code, text.split(" ")[0]) == (550, "5.7.1")  # 127.0.0.4 may not relay
@@ -341,4 +336,5 @@ async def test_behind_haproxy_each_client_is_itself(
     ]
     consent = next(line for line in audit if line["client"] == "127.0.0.3")
     assert any(p["policy"] == "consent" and p["action"] == "reject" for p in consent["policies"])
+    assert consent["helo"] == "client.example"
     assert b"(localhost [127.0.0.2])" in upstream.messages[0].content

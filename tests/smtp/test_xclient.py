@@ -6,7 +6,6 @@ Received field."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,11 +41,7 @@ def front_listener(dns_server: DNSServer, **listener: Any) -> dict[str, Any]:
 
 
 async def connect_from(port: int, local: str) -> RawClient:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
-    client = RawClient(reader, writer)
-    code, _ = await client.reply()
-    assert code == 220
-    return client
+    return await RawClient.connect(port, local=local)
 
 
 async def transaction(client: RawClient, *, sender: str = "alice@example.com") -> tuple[int, str]:
