@@ -14,6 +14,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiosmtplib
 import pytest
 
 from tests.conftest import Proxy, eventually, message, submit
@@ -142,3 +143,38 @@ async def test_each_client_behind_postfix_is_itself(
     for line in audit:
         if line["outcome"] == "delivered":
             assert f"orig_queue_id={line['txn']}, orig_client=unknown[{line['client']}]" in log, log
+
+
+@pytest.mark.parametrize("options", ["", "speed_adjust"], ids=["lockstep", "speed_adjust"])
+async def test_one_recipient_refused_in_each_mode(
+    proxy_factory: Callable[..., Awaitable[Proxy]], upstream: FakeUpstream, dns_server: DNSServer, options: str
+) -> None:
+    """In lockstep Postfix relays each RCPT reply, so a recipient sendguard refuses is refused
+    alone and the others get the message. With speed_adjust Postfix has said 250 to every
+    RCPT before it talks to sendguard: a recipient refused then refuses the whole message with
+    that recipient's reply (nothing is lost, but nobody gets it). Postfix's own note:
+    "A filter must not selectively reject recipients of a multi-recipient message"."""
+    sendguard_port = free_port()
+    front = {"smtpd_proxy_filter": f"127.0.0.1:{sendguard_port}"}
+    if options:
+        front["smtpd_proxy_options"] = options
+    async with postfix_instance(
+        relayhost=f"[127.0.0.1]:{upstream.port}", smtpd_options=front, services=AFTER_FILTER, extra_ports=["after"]
+    ) as postfix:
+        config = filter_config(sendguard_port, postfix.extra_ports["after"], dns_server)
+        config["listeners"][0]["max_recipients"] = 1  # the second recipient is refused (452 4.5.3)
+        await proxy_factory(upstream.address, config)
+        recipients = ["bob@example.org", "carol@example.org"]
+        if options:
+            code, text = await submit(postfix.port, recipients=recipients, source="127.0.0.2")
+            assert (code, text.split(" ")[0]) == (452, "4.5.3"), text
+            assert postfix.queue_ids() == []
+        else:
+            refused, _ = await aiosmtplib.send(
+                message(), sender="alice@example.com", recipients=recipients, hostname="127.0.0.1", port=postfix.port,
+                start_tls=False, timeout=15, source_address=("127.0.0.2", 0),
+            )  # fmt: skip
+            assert list(refused) == ["carol@example.org"]  # carol's own reply, through Postfix
+            assert (refused["carol@example.org"].code, refused["carol@example.org"].message[:5]) == (452, "4.5.3")
+            await deliveries(postfix, upstream, 1)
+            assert upstream.messages[0].rcpt_tos == ["bob@example.org"]
