@@ -134,6 +134,37 @@ async def dns_server() -> AsyncIterator[DNSServer]:
     await server.stop()
 
 
+def dns_section(dns_server: DNSServer) -> dict[str, Any]:
+    """The ``dns`` config section that sends sendguard's lookups (the Received field's PTR
+    names among them) to the test's DNS server, never off this machine."""
+    return {"resolver": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "timeout": "1s"}}
+
+
+@contextlib.asynccontextmanager
+async def foreground(*argv: str, port: int) -> AsyncIterator[None]:
+    """Run a real peer (HAProxy, nginx) in the foreground for the test, once it listens on
+    ``port`` of 127.0.0.1 (at most 10 s), and stop it after."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        for _ in range(200):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            break
+        yield
+    finally:
+        process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            await asyncio.wait_for(process.wait(), 10)
+
+
 @pytest.fixture
 async def lenient_upstream() -> AsyncIterator[LenientUpstream]:
     server = await LenientUpstream().start()
@@ -304,6 +335,17 @@ class RawClient:
         self.writer.close()
         with contextlib.suppress(ConnectionError, ssl.SSLError):
             await self.writer.wait_closed()
+
+    async def transaction(self, *, sender: str = "alice@example.com") -> tuple[int, str]:
+        """MAIL, RCPT and DATA of a one-recipient message (after EHLO), each only when the one
+        before it passed: the reply that decided it."""
+        for command in (f"MAIL FROM:<{sender}>", "RCPT TO:<bob@example.org>"):
+            code, text = await self.cmd(command)
+            if code != 250:
+                return code, text
+        assert (await self.cmd("DATA"))[0] == 354
+        await self.send(message(sender=sender) + b".\r\n")
+        return await self.reply()
 
 
 async def submit(

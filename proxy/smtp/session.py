@@ -271,18 +271,26 @@ class SendguardSMTP(SMTP):
     def _in_transaction(self) -> bool:
         return self.envelope is not None and self.envelope.mail_from is not None
 
-    async def smtp_XCLIENT(self, arg: str) -> None:
-        if not self.xclient_allowed:
-            log.warning("XCLIENT refused from %s on %s: not in xclient_hosts", self.session_ip, self.listener.name)
+    async def _forwarded_attributes(self, command: str, allowed: bool, arg: str) -> dict[str, str | None] | None:
+        """The attributes of an XCLIENT or XFORWARD this client may send here and now, or None
+        when it got its refusal: not listed (checked first, so that nobody else learns more),
+        inside a transaction, bad syntax."""
+        if not allowed:
+            log.warning("%s refused from %s on %s: not listed for it", command, self.session_ip, self.listener.name)
             await self.push(R.R550_INSUFFICIENT_AUTHORIZATION.line())
-            return
+            return None
         if self._in_transaction():
             await self.push(R.R503_FORWARD_IN_TRANSACTION.line())
-            return
+            return None
         try:
-            told = parse_attributes("XCLIENT", arg or "")
+            return parse_attributes(command, arg or "")
         except ForwardSyntaxError as bad:
             await self.push(bad.reply.line())
+            return None
+
+    async def smtp_XCLIENT(self, arg: str) -> None:
+        told = await self._forwarded_attributes("XCLIENT", self.xclient_allowed, arg)
+        if told is None:
             return
         if "ADDR" in told:
             ip = told["ADDR"] or "unknown"
@@ -313,17 +321,8 @@ class SendguardSMTP(SMTP):
         await self.push(f"220 {self.hostname} {self.__ident__}")
 
     async def smtp_XFORWARD(self, arg: str) -> None:
-        if not self.xforward_allowed:
-            log.warning("XFORWARD refused from %s on %s: not in xforward_hosts", self.connection_ip, self.listener.name)
-            await self.push(R.R550_INSUFFICIENT_AUTHORIZATION.line())
-            return
-        if self._in_transaction():
-            await self.push(R.R503_FORWARD_IN_TRANSACTION.line())
-            return
-        try:
-            told = parse_attributes("XFORWARD", arg or "")
-        except ForwardSyntaxError as bad:
-            await self.push(bad.reply.line())
+        told = await self._forwarded_attributes("XFORWARD", self.xforward_allowed, arg)
+        if told is None:
             return
         self.xforward.update(told)
         if "ADDR" in told:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI, Proxy, RawClient, message, need_program
+from tests.conftest import IN_CI, Proxy, RawClient, dns_section, foreground, need_program
 from tests.dnsserver import DNSServer
 from tests.fakes import FakeUpstream
 from tests.postfix import free_port
@@ -77,21 +76,10 @@ async def nginx_mail_proxy(tmp_path: Path, auth_port: int) -> AsyncIterator[int]
         f"  server {{ listen 127.0.0.1:{port}; protocol smtp; smtp_auth plain none; }}\n"
         "}\n"
     )
-    process = await asyncio.create_subprocess_exec(
-        program, "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "nginx-error.log")
-    )
-    try:
-        for _ in range(200):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                await asyncio.sleep(0.05)
+    async with foreground(
+        program, "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "nginx-error.log"), port=port
+    ):
         yield port
-    finally:
-        process.terminate()
-        with contextlib.suppress(ProcessLookupError):
-            await asyncio.wait_for(process.wait(), 10)
 
 
 async def send(
@@ -104,13 +92,7 @@ async def send(
         if login is not None:
             blob = base64.b64encode(f"\0{login}\0secret-{login}".encode()).decode()
             assert (await client.cmd(f"AUTH PLAIN {blob}"))[0] == 235
-        for command in (f"MAIL FROM:<{sender}>", "RCPT TO:<bob@example.org>"):
-            code, text = await client.cmd(command)
-            if code != 250:
-                return code, text
-        assert (await client.cmd("DATA"))[0] == 354
-        await client.send(message(sender=sender) + b".\r\n")
-        return await client.reply()
+        return await client.transaction(sender=sender)
     finally:
         await client.close()
 
@@ -144,7 +126,7 @@ async def test_behind_nginx_xclient_each_client_is_itself_with_its_login(
                 },
             ],
             "classes": {"rules": [{"class": "commercial", "mail_from": ["news@*"]}]},
-            "dns": {"resolver": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "timeout": "1s"}},
+            "dns": dns_section(dns_server),
         },
     )
     async with (

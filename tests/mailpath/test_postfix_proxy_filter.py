@@ -10,14 +10,15 @@ clients here connect from different loopback addresses: each must be judged as i
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiosmtplib
 import pytest
 
-from tests.conftest import Proxy, eventually, message, submit
+from tests.conftest import Proxy, dns_section, eventually, message, submit
 from tests.dnsserver import DNSServer
 from tests.fakes import FakeUpstream
 from tests.postfix import PostfixInstance, free_port, postfix_instance
@@ -57,8 +58,24 @@ def filter_config(port: int, after: int, dns_server: DNSServer) -> dict[str, Any
             {"name": "rate_limit", "limits": [{"key": "client_ip", "name": "per_client", "rates": ["1/h"]}]},
         ],
         "classes": {"rules": [{"class": "commercial", "mail_from": ["news@*"]}]},
-        "dns": {"resolver": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "timeout": "1s"}},
+        "dns": dns_section(dns_server),
     }
+
+
+@contextlib.asynccontextmanager
+async def postfix_with_filter(upstream: FakeUpstream, options: str) -> AsyncIterator[tuple[PostfixInstance, int]]:
+    """A Postfix whose public smtpd hands every transaction to sendguard (``smtpd_proxy_filter``,
+    with ``smtpd_proxy_options`` when given) and whose after-filter smtpd relays to ``upstream``;
+    yields it and the port sendguard is to listen on (its after-filter smtpd's port is
+    ``extra_ports["after"]``)."""
+    sendguard_port = free_port()
+    front = {"smtpd_proxy_filter": f"127.0.0.1:{sendguard_port}"}
+    if options:
+        front["smtpd_proxy_options"] = options
+    async with postfix_instance(
+        relayhost=f"[127.0.0.1]:{upstream.port}", smtpd_options=front, services=AFTER_FILTER, extra_ports=["after"]
+    ) as postfix:
+        yield postfix, sendguard_port
 
 
 async def deliveries(postfix: PostfixInstance, upstream: FakeUpstream, count: int) -> None:
@@ -69,13 +86,7 @@ async def deliveries(postfix: PostfixInstance, upstream: FakeUpstream, count: in
 async def test_each_client_behind_postfix_is_itself(
     proxy_factory: Callable[..., Awaitable[Proxy]], upstream: FakeUpstream, dns_server: DNSServer, options: str
 ) -> None:
-    sendguard_port = free_port()
-    front = {"smtpd_proxy_filter": f"127.0.0.1:{sendguard_port}"}
-    if options:
-        front["smtpd_proxy_options"] = options
-    async with postfix_instance(
-        relayhost=f"[127.0.0.1]:{upstream.port}", smtpd_options=front, services=AFTER_FILTER, extra_ports=["after"]
-    ) as postfix:
+    async with postfix_with_filter(upstream, options) as (postfix, sendguard_port):
         after = postfix.extra_ports["after"]
         proxy = await proxy_factory(upstream.address, filter_config(sendguard_port, after, dns_server))
 
@@ -154,13 +165,7 @@ async def test_one_recipient_refused_in_each_mode(
     RCPT before it talks to sendguard: a recipient refused then refuses the whole message with
     that recipient's reply (nothing is lost, but nobody gets it). Postfix's own note:
     "A filter must not selectively reject recipients of a multi-recipient message"."""
-    sendguard_port = free_port()
-    front = {"smtpd_proxy_filter": f"127.0.0.1:{sendguard_port}"}
-    if options:
-        front["smtpd_proxy_options"] = options
-    async with postfix_instance(
-        relayhost=f"[127.0.0.1]:{upstream.port}", smtpd_options=front, services=AFTER_FILTER, extra_ports=["after"]
-    ) as postfix:
+    async with postfix_with_filter(upstream, options) as (postfix, sendguard_port):
         config = filter_config(sendguard_port, postfix.extra_ports["after"], dns_server)
         config["listeners"][0]["max_recipients"] = 1  # the second recipient is refused (452 4.5.3)
         await proxy_factory(upstream.address, config)

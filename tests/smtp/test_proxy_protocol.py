@@ -8,7 +8,6 @@ import asyncio
 import base64
 import contextlib
 import ipaddress
-import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from proxy.config.settings import ConfigError
 from proxy.smtp.auth import add_user
-from tests.conftest import Proxy, RawClient, message, need_program
+from tests.conftest import Proxy, RawClient, dns_section, foreground, need_program
 from tests.dnsserver import DNSServer
 from tests.fakes import FakeUpstream
 from tests.test_external_clients import free_port
@@ -59,10 +58,7 @@ def balanced(dns_server: DNSServer, **listener: Any) -> dict[str, Any]:
         "hostname": "relay.example.com",
     }
     config.update(listener)
-    return {
-        "listeners": [config],
-        "dns": {"resolver": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "timeout": "1s"}},
-    }
+    return {"listeners": [config], "dns": dns_section(dns_server)}
 
 
 async def through_balancer(port: int, header: bytes) -> RawClient:
@@ -74,15 +70,7 @@ async def through_balancer(port: int, header: bytes) -> RawClient:
 async def send_one(client: RawClient, *, sender: str = "alice@example.com") -> tuple[int, str]:
     """EHLO, MAIL; when MAIL passes, the rest of a one-recipient message. The deciding reply."""
     assert (await client.cmd("EHLO client.example"))[0] == 250
-    code, text = await client.cmd(f"MAIL FROM:<{sender}>")
-    if code != 250:
-        return code, text
-    code, text = await client.cmd("RCPT TO:<bob@example.org>")
-    if code != 250:
-        return code, text
-    assert (await client.cmd("DATA"))[0] == 354
-    await client.send(message() + b".\r\n")
-    return await client.reply()
+    return await client.transaction(sender=sender)
 
 
 @pytest.mark.parametrize(
@@ -279,21 +267,8 @@ async def haproxy(tmp_path: Path, backend_port: int, send_proxy: str) -> AsyncIt
         f"frontend smtp\n  bind 127.0.0.1:{port}\n  default_backend sendguard\n"
         f"backend sendguard\n  server sg 127.0.0.1:{backend_port} {send_proxy}\n"
     )
-    process = await asyncio.create_subprocess_exec(
-        program, "-db", "-f", str(config), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        for _ in range(200):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                await asyncio.sleep(0.05)
+    async with foreground(program, "-db", "-f", str(config), port=port):
         yield port
-    finally:
-        process.terminate()
-        with contextlib.suppress(ProcessLookupError):
-            await asyncio.wait_for(process.wait(), 10)
 
 
 @pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.config.settings import ConfigError
 from proxy.smtp.forwarding import ForwardSyntaxError, parse_attributes
-from tests.conftest import Proxy, RawClient, message
+from tests.conftest import Proxy, RawClient, dns_section
 from tests.dnsserver import DNSServer
 from tests.fakes import FakeUpstream
 
@@ -33,28 +33,11 @@ def front_listener(dns_server: DNSServer, **listener: Any) -> dict[str, Any]:
         "hostname": "relay.example.com",
     }
     config.update(listener)
-    return {
-        "listeners": [config],
-        # The Received field's PTR lookups go to the test's DNS server, never off this machine.
-        "dns": {"resolver": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "timeout": "1s"}},
-    }
+    return {"listeners": [config], "dns": dns_section(dns_server)}
 
 
 async def connect_from(port: int, local: str) -> RawClient:
     return await RawClient.connect(port, local=local)
-
-
-async def transaction(client: RawClient, *, sender: str = "alice@example.com") -> tuple[int, str]:
-    """MAIL, RCPT, DATA of a one-recipient message after EHLO; the deciding reply."""
-    code, text = await client.cmd(f"MAIL FROM:<{sender}>")
-    if code != 250:
-        return code, text
-    code, text = await client.cmd("RCPT TO:<bob@example.org>")
-    if code != 250:
-        return code, text
-    assert (await client.cmd("DATA"))[0] == 354
-    await client.send(message() + b".\r\n")
-    return await client.reply()
 
 
 def status(reply: tuple[int, str]) -> tuple[int, str]:
@@ -221,7 +204,7 @@ async def test_xclient_starts_the_session_anew_as_the_client(
     assert code == 250 and "XCLIENT" not in text  # 198.51.100.7 is not listed for XCLIENT
     assert status(await front.cmd("XCLIENT ADDR=127.0.0.1")) == (550, "5.7.0")  # judged on the new client
     assert (await front.cmd("AUTH PLAIN AGFsaWNlAHg="))[0] == 503  # already authenticated (LOGIN)
-    assert (await transaction(front))[0] == 250
+    assert (await front.transaction())[0] == 250
     await front.close()
     audit = (await proxy.wait_audit(1))[-1]
     assert (audit["client"], audit["helo"], audit["auth_user"]) == ("198.51.100.7", "orig.example", "al+ice")
@@ -247,7 +230,7 @@ async def test_xclient_address_is_judged_for_relay_and_login_may_relay(
     front = await connect_from(proxy.port, FRONT)
     assert (await front.cmd("XCLIENT ADDR=[UNAVAILABLE] NAME=[UNAVAILABLE] LOGIN=carol"))[0] == 220
     assert (await front.cmd("EHLO roaming.example"))[0] == 250
-    assert (await transaction(front))[0] == 250
+    assert (await front.transaction())[0] == 250
     await front.close()
     audit = (await proxy.wait_audit(1))[-1]
     assert (audit["client"], audit["helo"], audit["auth_user"]) == ("unknown", "roaming.example", "carol")
@@ -292,9 +275,9 @@ async def test_xclient_per_ip_session_cap_and_rate_limit_follow_the_client(
     assert (await other.cmd("XCLIENT ADDR=198.51.100.8"))[0] == 220
     for client in (first, other):
         assert (await client.cmd("EHLO front.example"))[0] == 250
-    assert (await transaction(first))[0] == 250
-    assert status(await transaction(first)) == (451, "4.7.1")  # 198.51.100.7's one message an hour
-    assert (await transaction(other))[0] == 250  # another client behind the same front
+    assert (await first.transaction())[0] == 250
+    assert status(await first.transaction()) == (451, "4.7.1")  # 198.51.100.7's one message an hour
+    assert (await other.transaction())[0] == 250  # another client behind the same front
     for client in (first, other):
         await client.close()
     audit = await proxy.wait_audit(3)
@@ -315,11 +298,11 @@ async def test_xforward_accumulates_for_one_transaction(
     assert (await front.cmd("XFORWARD ADDR=203.0.113.9 HELO=orig.example"))[0] == 250
     assert (await front.cmd("XFORWARD NAME=client.example PROTO=ESMTP IDENT=4Xyz SOURCE=REMOTE"))[0] == 250
     # relayed although 203.0.113.9 is not trusted: the front decided (XFORWARD is not access control)
-    assert (await transaction(front))[0] == 250
-    assert (await transaction(front))[0] == 250  # the next transaction is the front's own again
+    assert (await front.transaction())[0] == 250
+    assert (await front.transaction())[0] == 250  # the next transaction is the front's own again
     assert (await front.cmd("XFORWARD ADDR=203.0.113.10 HELO=other.example"))[0] == 250
     assert (await front.cmd("RSET"))[0] == 250  # forgotten with the transaction that never began
-    assert (await transaction(front))[0] == 250
+    assert (await front.transaction())[0] == 250
     await front.close()
     audit = await proxy.wait_audit(3)
     assert [(line["client"], line["helo"]) for line in audit] == [
@@ -358,6 +341,6 @@ async def test_xforward_client_over_its_session_cap_is_refused_at_mail(
     assert (code, text.split(" ")[0]) == (421, "4.7.0")  # the MTA in front passes this on to its client
     assert await second.reply(timeout=5) == (0, "<EOF>")
     await second.close()
-    assert (await transaction(first))[0] == 250
+    assert (await first.transaction())[0] == 250
     await first.close()
     assert [line["client"] for line in await proxy.wait_audit(1)] == ["203.0.113.9"]
