@@ -6,12 +6,15 @@ Received field."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from proxy.config.settings import ConfigError
+from proxy.smtp.auth import add_user
 from proxy.smtp.forwarding import ForwardSyntaxError, parse_attributes
 from tests.conftest import Proxy, RawClient, dns_section
 from tests.dnsserver import DNSServer
@@ -344,3 +347,44 @@ async def test_xforward_client_over_its_session_cap_is_refused_at_mail(
     assert (await first.transaction())[0] == 250
     await first.close()
     assert [line["client"] for line in await proxy.wait_audit(1)] == ["203.0.113.9"]
+
+
+async def test_xclient_auth_lockout_and_plaintext_auth_follow_the_client(
+    upstream: FakeUpstream, proxy_factory: ProxyFactory, dns_server: DNSServer, tmp_path: Path
+) -> None:
+    """A client that AUTHs itself after XCLIENT: the failed-AUTH lockout counts its address,
+    not the front's, and AUTH without TLS is allowed only from plaintext_auth_networks."""
+    add_user(str(tmp_path / "users"), "alice", "right")
+    proxy = await proxy_factory(
+        upstream.address,
+        front_listener(
+            dns_server,
+            trusted_networks=[],
+            auth="optional",
+            max_auth_failures=2,
+            plaintext_auth_networks=["198.51.100.0/24"],
+        ),
+    )
+
+    def plain(password: str) -> str:
+        return "AUTH PLAIN " + base64.b64encode(f"\0alice\0{password}".encode()).decode()
+
+    async def as_client(address: str) -> RawClient:
+        client = await connect_from(proxy.port, FRONT)
+        assert (await client.cmd(f"XCLIENT ADDR={address}"))[0] == 220
+        assert (await client.cmd("EHLO client.example"))[0] == 250
+        return client
+
+    guesser = await as_client("198.51.100.66")
+    assert [(await guesser.cmd(plain("wrong")))[0] for _ in range(2)] == [535, 535]
+    assert (await guesser.cmd(plain("right")))[0] == 454  # this client is locked out
+    await guesser.close()
+    colleague = await as_client("198.51.100.67")
+    assert (await colleague.cmd(plain("right")))[0] == 235  # another client of the same front
+    assert (await colleague.transaction())[0] == 250
+    await colleague.close()
+    outsider = await as_client("203.0.113.9")
+    assert (await outsider.cmd(plain("right")))[0] == 538  # not in plaintext_auth_networks
+    await outsider.close()
+    audit = await proxy.wait_audit(1)
+    assert [(line["client"], line["auth_user"]) for line in audit] == [("198.51.100.67", "alice")]
