@@ -233,12 +233,11 @@ class RelayHandler:
 
         login = getattr(session.auth_data, "login", None)
         auth_user = login.decode("utf-8", "replace") if isinstance(login, bytes) else None
-        helo_given, forwarded_helo = server.forwarded("HELO")
         txn = Transaction(
             txn_id=new_txn_id(),
             listener=self.listener.name,
             client_ip=server.client_ip,
-            helo=forwarded_helo if helo_given else session.host_name,
+            helo=server.client_helo(),
             auth_user=auth_user if session.authenticated else None,
             tls=session.ssl is not None or self.listener.config.tls.mode == "implicit",
             mail_from=sender,

@@ -257,6 +257,15 @@ class SendguardSMTP(SMTP):
                 return True, told[name]
         return False, None
 
+    def client_helo(self) -> str | None:
+        """The client's HELO name: XFORWARD's for this transaction (None when the MTA in front
+        says it had none: the EHLO of this session is that MTA's own), else XCLIENT's, else
+        the session's EHLO (after XCLIENT the sender says EHLO again as the client)."""
+        if "HELO" in self.xforward:
+            return self.xforward["HELO"]
+        session_helo = self.session.host_name if self.session is not None else None
+        return self.xclient.get("HELO") or session_helo
+
     def forwarding_record(self) -> dict[str, Any] | None:
         """For the audit line: who told sendguard about the client, and what."""
         if not self.xclient and not self.xforward:

@@ -388,3 +388,26 @@ async def test_xclient_auth_lockout_and_plaintext_auth_follow_the_client(
     await outsider.close()
     audit = await proxy.wait_audit(1)
     assert [(line["client"], line["auth_user"]) for line in audit] == [("198.51.100.67", "alice")]
+
+
+async def test_an_unavailable_helo(upstream: FakeUpstream, proxy_factory: ProxyFactory, dns_server: DNSServer) -> None:
+    """XCLIENT HELO=[UNAVAILABLE]: the EHLO the sender says next (as the client) counts.
+    XFORWARD HELO=[UNAVAILABLE]: the client said none; the session's EHLO is the front's own."""
+    proxy = await proxy_factory(upstream.address, front_listener(dns_server))
+    front = await connect_from(proxy.port, FRONT)
+    assert (await front.cmd("XCLIENT ADDR=198.51.100.7 HELO=[UNAVAILABLE]"))[0] == 220
+    assert (await front.cmd("EHLO client.example"))[0] == 250
+    assert (await front.transaction())[0] == 250
+    await front.close()
+    front = await connect_from(proxy.port, FRONT)
+    assert (await front.cmd("EHLO front.example"))[0] == 250
+    assert (await front.cmd("XFORWARD ADDR=198.51.100.8 HELO=[UNAVAILABLE]"))[0] == 250
+    assert (await front.transaction())[0] == 250
+    await front.close()
+    audit = await proxy.wait_audit(2)
+    assert [(line["client"], line["helo"]) for line in audit] == [
+        ("198.51.100.7", "client.example"),
+        ("198.51.100.8", None),
+    ]
+    # no HELO: the address literal stands for it (RFC 5321 4.4); no PTR name for it in the test's DNS
+    assert received_from(upstream.messages[1].content) == "Received: from [198.51.100.8] (unknown [198.51.100.8])"
