@@ -65,6 +65,9 @@ R550_NO_PART_FOR_FOOTER = Reply(
     "5.6.0",
     "The message has no text/plain or text/html part to add the unsubscribe link to; add a visible unsubscribe link",
 )
+#: XCLIENT or XFORWARD from a host not listed for it (Postfix's words and codes).
+R550_INSUFFICIENT_AUTHORIZATION = Reply(550, "5.7.0", "Error: insufficient authorization")
+R503_FORWARD_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 R503_NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
 R503_NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command first; no recipient was accepted")
 

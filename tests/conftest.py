@@ -134,6 +134,37 @@ async def dns_server() -> AsyncIterator[DNSServer]:
     await server.stop()
 
 
+def dns_section(dns_server: DNSServer) -> dict[str, Any]:
+    """The ``dns`` config section that sends sendguard's lookups (the Received field's PTR
+    names among them) to the test's DNS server, never off this machine."""
+    return {"resolver": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "timeout": "1s"}}
+
+
+@contextlib.asynccontextmanager
+async def foreground(*argv: str, port: int) -> AsyncIterator[None]:
+    """Run a real peer (HAProxy, nginx) in the foreground for the test, once it listens on
+    ``port`` of 127.0.0.1 (at most 10 s), and stop it after."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        for _ in range(200):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            break
+        yield
+    finally:
+        process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            await asyncio.wait_for(process.wait(), 10)
+
+
 @pytest.fixture
 async def lenient_upstream() -> AsyncIterator[LenientUpstream]:
     server = await LenientUpstream().start()
@@ -259,9 +290,22 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, *, greeting: bool = True, ssl_context: ssl.SSLContext | None = None) -> RawClient:
+    async def connect(
+        cls,
+        port: int,
+        *,
+        greeting: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+        local: str | None = None,
+    ) -> RawClient:
+        """``local``: connect from this address (another of 127.0.0.0/8, all local on Linux),
+        so that clients behind a balancer or an MTA in front differ by address."""
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=ssl_context, server_hostname="localhost" if ssl_context else None
+            "127.0.0.1",
+            port,
+            ssl=ssl_context,
+            server_hostname="localhost" if ssl_context else None,
+            local_addr=(local, 0) if local else None,
         )
         client = cls(reader, writer)
         if greeting:
@@ -292,6 +336,17 @@ class RawClient:
         with contextlib.suppress(ConnectionError, ssl.SSLError):
             await self.writer.wait_closed()
 
+    async def transaction(self, *, sender: str = "alice@example.com") -> tuple[int, str]:
+        """MAIL, RCPT and DATA of a one-recipient message (after EHLO), each only when the one
+        before it passed: the reply that decided it."""
+        for command in (f"MAIL FROM:<{sender}>", "RCPT TO:<bob@example.org>"):
+            code, text = await self.cmd(command)
+            if code != 250:
+                return code, text
+        assert (await self.cmd("DATA"))[0] == 354
+        await self.send(message(sender=sender) + b".\r\n")
+        return await self.reply()
+
 
 async def submit(
     port: int,
@@ -300,9 +355,12 @@ async def submit(
     sender: str = "alice@example.com",
     recipients: Sequence[str] = ("bob@example.org",),
     timeout: float = 15,
+    source: str | None = None,
+    helo: str | None = None,
 ) -> tuple[int, str]:
     """Send one message with aiosmtplib; the (code, text) of the answer that decided it,
-    whichever command it came at. Recipients refused individually are not reported here."""
+    whichever command it came at. Recipients refused individually are not reported here.
+    ``source``: connect from this loopback address; ``helo``: the EHLO name."""
     try:
         _, reply = await aiosmtplib.send(
             content if content is not None else message(),
@@ -312,6 +370,8 @@ async def submit(
             port=port,
             start_tls=False,
             timeout=timeout,
+            source_address=(source, 0) if source else None,
+            local_hostname=helo,
         )
     except aiosmtplib.SMTPRecipientsRefused as error:
         return error.recipients[0].code, error.recipients[0].message

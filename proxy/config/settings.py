@@ -131,6 +131,19 @@ class ListenerConfig:
         "(trusted networks, AUTH, per-IP limits, rate limits, audit, Received)",
         default_factory=ListenerProxyProtocol,
     )
+    xclient_hosts: tuple[IPNetwork, ...] = doc(
+        "hosts that may send XCLIENT (Postfix's smtpd_authorized_xclient_hosts): the client address, name, "
+        "HELO and SASL login they carry replace the connection's for the rest of the session, relay "
+        "authorization included (empty: XCLIENT refused)",
+        default=(),
+    )
+    xforward_hosts: tuple[IPNetwork, ...] = doc(
+        "hosts that may send XFORWARD (Postfix's smtpd_authorized_xforward_hosts; a Postfix with "
+        "smtpd_proxy_filter sends it): the client address, name and HELO they carry count for the next "
+        "transaction's limits, rate limits, audit line and Received field; relay authorization stays the "
+        "forwarding host's (empty: XFORWARD refused)",
+        default=(),
+    )
     received_auth_user: bool = doc(
         "name the AUTH user in sendguard's Received: field (Postfix's smtpd_sasl_authenticated_header; "
         "off: it tells every recipient a login name)",
@@ -163,6 +176,12 @@ class UpstreamConfig:
     username: str | None = doc("AUTH user at the upstream", default=None)
     password: str | None = doc("AUTH password; write ${ENV_NAME} to take it from the environment", default=None)
     helo_name: str | None = doc("name sendguard gives in EHLO (default: the machine's FQDN)", default=None)
+    send_xforward: bool = doc(
+        "when the upstream offers XFORWARD, tell it the original client (address, name, HELO, protocol) "
+        "before each MAIL, so that a Postfix after sendguard logs the real client (Postfix's "
+        "smtp_send_xforward_command; the upstream must list sendguard in smtpd_authorized_xforward_hosts)",
+        default=False,
+    )
     timeouts: UpstreamTimeouts = doc("upstream time limits", default_factory=UpstreamTimeouts)
     pool: UpstreamPool = doc("upstream connection reuse", default_factory=UpstreamPool)
 
@@ -657,6 +676,19 @@ def _validate(settings: Settings, conv: Converter) -> None:
                     f"{base}.proxy_protocol.trusted[{j}]",
                     f"{network} would let anyone choose the client address sendguard sees; list your load balancers",
                 )
+        for field_name, hosts in (
+            ("xclient_hosts", listener.xclient_hosts),
+            ("xforward_hosts", listener.xforward_hosts),
+        ):
+            for j, network in enumerate(hosts):
+                # Whoever may send XCLIENT or XFORWARD chooses the client address sendguard
+                # believes (XCLIENT: and its login): list the forwarding MTAs, not the Internet.
+                if _too_wide(network):
+                    err(
+                        f"{base}.{field_name}[{j}]",
+                        f"{network} would let anyone choose the client address sendguard sees; "
+                        "list the MTAs in front of sendguard",
+                    )
         if listener.tls.mode != "none":
             if not listener.tls.cert or not listener.tls.key:
                 err(f"{base}.tls", "cert and key must be given together when TLS is on")

@@ -19,7 +19,15 @@ from email.message import EmailMessage
 from policies.base import Reply
 from policies.message import split_header_block
 
-__all__ = ("DSNParameterError", "build_dsn", "dsn_parameters", "notify_failure", "split_options")
+__all__ = (
+    "DSNParameterError",
+    "build_dsn",
+    "dsn_parameters",
+    "notify_failure",
+    "split_options",
+    "xtext_decode",
+    "xtext_encode",
+)
 
 # ---- the DSN parameters of MAIL and RCPT (RFC 3461) -------------------------------------------
 
@@ -30,6 +38,27 @@ DSN_PARAMETERS = MAIL_PARAMETERS + RCPT_PARAMETERS
 _XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+$")
 _ADDR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")  # RFC 3461 4.2: an atom, "rfc822", "utf-8"
 _NOTIFY = ("SUCCESS", "FAILURE", "DELAY")
+
+
+_XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
+
+
+def xtext_decode(value: str) -> str:
+    """RFC 3461 4 xtext to text (``+XX`` as its byte; lower-case hex digits are read too, as
+    Postfix does). Raises ValueError on anything else that is not xtext: a stray ``+``, an
+    ``=``, a space or a control character."""
+    if not value or not _XTEXT.match(_XTEXT_HEX.sub("+00", value)):
+        raise ValueError(value)
+    return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
+
+
+def xtext_encode(value: str) -> str:
+    """Text to RFC 3461 4 xtext: every byte of its UTF-8 outside ``!``..``~``, and ``+`` and
+    ``=``, as ``+XX``."""
+    return "".join(
+        chr(byte) if 0x21 <= byte <= 0x7E and byte not in (0x2B, 0x3D) else f"+{byte:02X}"
+        for byte in value.encode("utf-8")
+    )
 
 
 class DSNParameterError(ValueError):

@@ -26,9 +26,10 @@ from email.utils import formatdate
 import dns.asyncresolver
 import dns.reversename
 
+from proxy.relay.dsn import xtext_encode
 from proxy.reputation.resolver import DNSFailure, resolve_records
 
-__all__ = ("Hop", "client_name", "received_field")
+__all__ = ("Hop", "client_name", "received_field", "xforward_attributes")
 
 #: A host name as RFC 5321 4.1.2 ``Domain`` allows it (letters, digits, hyphens, dots).
 _DOMAIN = re.compile(
@@ -96,6 +97,25 @@ def _helo_word(helo: str | None, ip: str) -> str:
     if _DOMAIN.match(helo) or _LITERAL.match(helo):
         return helo
     return safe_word(helo)
+
+
+def xforward_attributes(hop: Hop, txn_id: str) -> list[tuple[str, str]]:
+    """The client as XFORWARD tells it to the next MTA (XFORWARD_README), values xtext: what
+    a Postfix after sendguard then logs and writes in its Received field."""
+    unavailable = "[UNAVAILABLE]"
+    try:
+        address = ipaddress.ip_address(hop.client_ip)
+        addr = f"IPV6:{address.compressed}" if address.version == 6 else str(address)
+    except ValueError:
+        addr = unavailable
+    return [
+        ("NAME", xtext_encode(hop.client_name) if hop.client_name else unavailable),
+        ("ADDR", addr),
+        ("PROTO", "ESMTP" if hop.esmtp else "SMTP"),
+        ("HELO", xtext_encode(hop.helo[:255]) if hop.helo else unavailable),
+        ("IDENT", xtext_encode(txn_id)),
+        ("SOURCE", "REMOTE"),
+    ]
 
 
 def received_field(hop: Hop, txn_id: str, recipients: list[str] | tuple[str, ...], *, date: str | None = None) -> bytes:

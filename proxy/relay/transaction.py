@@ -101,6 +101,8 @@ class RelayTransaction:
     #: The hop from the client to us, for our Received field (None: no trace field, as when
     #: the tests drive a transaction without a session).
     hop: Hop | None = None
+    #: Who told sendguard about the client and what (XCLIENT, XFORWARD), for the audit line.
+    forwarded: dict[str, Any] | None = None
 
     # ---- MAIL -----------------------------------------------------------------------------
 
@@ -179,7 +181,7 @@ class RelayTransaction:
                 else:
                     log.info("txn %s: upstream does not offer DSN; %s not relayed", self.txn.txn_id, option)
         self.relayed_options = relayed
-        reply = await upstream.mail(sender, relayed)
+        reply = await upstream.mail(sender, relayed, self.hop)
         self.services.metrics.upstream_duration.labels("mail").observe(time.perf_counter() - started)
         return reply
 
@@ -441,6 +443,8 @@ class RelayTransaction:
         }
         if note:
             entry["note"] = note
+        if self.forwarded:
+            entry["forwarded"] = self.forwarded
         self.services.audit.write(entry)
         domain = txn.mail_from.rsplit("@", 1)[-1] if "@" in txn.mail_from else ""
         txn_log.info(

@@ -24,6 +24,7 @@ from proxy.relay.dsn import DSN_PARAMETERS, DSNParameterError, dsn_parameters
 from proxy.relay.runtime import Runtime
 from proxy.relay.trace import Hop, client_name
 from proxy.relay.transaction import RelayTransaction
+from proxy.smtp.forwarding import XCLIENT_ATTRIBUTES, XFORWARD_ATTRIBUTES
 from proxy.smtp.listener import ListenerState, Services
 from proxy.smtp.session import SendguardSMTP, new_txn_id
 
@@ -88,6 +89,8 @@ class RelayHandler:
         def forget() -> None:
             if self.state is state:
                 self.state = None
+            if self.server is not None:
+                self.server.end_xforward()  # XFORWARD describes one transaction (XFORWARD_README)
 
         state.on_end = forget
         self.state = state
@@ -99,6 +102,7 @@ class RelayHandler:
         self, server: SendguardSMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
     ) -> list[str]:
         await self.abandon("reset")
+        server.end_xforward()
         session.host_name = hostname
         config = self.listener.config
         caps = self.app.runtime.upstream.capabilities
@@ -134,6 +138,11 @@ class RelayHandler:
                 out.append("250-PIPELINING")
                 if dsn:
                     out.append("250-DSN")
+                # Offered only to the hosts allowed to use them (Postfix does the same).
+                if server.xclient_allowed:
+                    out.append("250-XCLIENT " + " ".join(XCLIENT_ATTRIBUTES))
+                if server.xforward_allowed:
+                    out.append("250-XFORWARD " + " ".join(XFORWARD_ATTRIBUTES))
             out.append(line)
         return out
 
@@ -144,12 +153,14 @@ class RelayHandler:
 
     async def handle_HELO(self, server: SendguardSMTP, session: Session, envelope: Envelope, hostname: str) -> str:
         await self.abandon("reset")
+        server.end_xforward()
         server.dsn_offered = False  # no extensions after HELO (RFC 5321 4.1.1.1)
         session.host_name = hostname
         return f"250 {server.hostname}"
 
     async def handle_RSET(self, server: SendguardSMTP, session: Session, envelope: Envelope) -> str:
         await self.abandon("reset")
+        server.end_xforward()
         return R.R250_RESET.line()
 
     async def handle_QUIT(self, server: SendguardSMTP, session: Session, envelope: Envelope) -> str:
@@ -170,14 +181,16 @@ class RelayHandler:
     # ---- MAIL -----------------------------------------------------------------------------
 
     def _relay_refusal(self, session: Session) -> Reply | None:
-        """Who may relay (Postfix: permit_mynetworks, permit_sasl_authenticated, reject)."""
+        """Who may relay (Postfix: permit_mynetworks, permit_sasl_authenticated, reject). Judged
+        on the session's client: the connection's, or XCLIENT's, never XFORWARD's (the MTA
+        that forwards has applied its own relay rules; ``proxy.smtp.forwarding``)."""
         assert self.server is not None
         config = self.listener.config
         if session.authenticated:
             return None
         if config.auth == "required":
             return R.R530_AUTH_REQUIRED
-        if self.listener.is_trusted(self.server.client_ip):
+        if self.listener.is_trusted(self.server.session_ip):
             return None
         if config.auth == "optional" and self.server.can_authenticate:
             return R.R530_AUTH_REQUIRED
@@ -186,6 +199,11 @@ class RelayHandler:
     async def handle_MAIL(
         self, server: SendguardSMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
+        if server.limit_refusal is not None:
+            # XFORWARD named a client already over its session cap: as a new connection of
+            # its own would be, it is refused, and this connection closes after the reply.
+            server.close_with_next_reply = True
+            return server.limit_refusal.line()
         refusal = self._relay_refusal(session)
         if refusal is not None:
             log.warning("relay refused for %s on %s: %s", server.client_ip, self.listener.name, refusal.code)
@@ -219,30 +237,42 @@ class RelayHandler:
             txn_id=new_txn_id(),
             listener=self.listener.name,
             client_ip=server.client_ip,
-            helo=session.host_name,
+            helo=server.client_helo(),
             auth_user=auth_user if session.authenticated else None,
             tls=session.ssl is not None or self.listener.config.tls.mode == "implicit",
             mail_from=sender,
         )
         hop = await self._hop(server, session, txn)
-        reply = await self._begin(txn, smtputf8=smtputf8, hop=hop).mail(options)
+        state = self._begin(txn, smtputf8=smtputf8, hop=hop)
+        state.forwarded = server.forwarding_record()
+        reply = await state.mail(options)
         if reply.is_success:
             envelope.mail_from = address
             envelope.mail_options.extend(mail_options)
         return reply.line()
 
     async def _hop(self, server: SendguardSMTP, session: Session, txn: Transaction) -> Hop:
-        """What our Received field says of this client (RFC 5321 4.4)."""
+        """What our Received field says of this client (RFC 5321 4.4). A forwarded client is
+        described as the MTA in front saw it, as Postfix does after XCLIENT or XFORWARD: its
+        address, the name that MTA verified (its own lookup; "unknown" when it had none) and
+        its HELO; the TLS details are those of this hop."""
         ip = server.client_ip
-        if self._client_name is None or self._client_name[0] != ip:
-            self._client_name = (ip, await client_name(self.app.runtime.resolver, ip))
+        name_given, name = server.forwarded("NAME")
+        if not name_given:
+            if self._client_name is None or self._client_name[0] != ip:
+                self._client_name = (ip, await client_name(self.app.runtime.resolver, ip))
+            name = self._client_name[1]
+        proto_given, proto = server.forwarded("PROTO")
+        esmtp = bool(session.extended_smtp)
+        if proto_given and proto is not None:
+            esmtp = proto != "SMTP"
         version, cipher, bits = server.tls_info()
         return Hop(
             client_ip=ip,
-            client_name=self._client_name[1],
-            helo=session.host_name,
+            client_name=name,
+            helo=txn.helo,
             by=server.hostname,
-            esmtp=bool(session.extended_smtp),
+            esmtp=esmtp,
             tls_version=version,
             tls_cipher=cipher,
             tls_bits=bits,

@@ -25,6 +25,7 @@ from proxy.observability.memory import release_memory
 from proxy.relay.dsn import DSN_PARAMETERS
 from proxy.schema import address_in
 from proxy.smtp.body import END_LINE, BodyCollector, BodyState, ends_data
+from proxy.smtp.forwarding import ForwardSyntaxError, parse_attributes
 from proxy.smtp.listener import ListenerState, Services
 
 __all__ = ("SendguardSMTP", "SessionHandler", "new_txn_id")
@@ -52,6 +53,9 @@ class SessionHandler(Protocol):
 
     async def fail(self, reply: Reply) -> None:
         """An internal error: end the transaction in progress with this reply."""
+
+    async def abandon(self, why: str) -> None:
+        """The client left the transaction in progress (XCLIENT starts the session anew)."""
 
     def connection_lost(self) -> None: ...
 
@@ -94,9 +98,26 @@ class SendguardSMTP(SMTP):
         self._reading_body = False
         self._counted_ip: str | None = None
         self.errors = 0
+        #: The address of the TCP peer (a PROXY header's address where one came): the host
+        #: XFORWARD is authorized for.
+        self.connection_ip = ""
+        #: The session's client: the connection's, or an XCLIENT's ADDR. Relay authorization,
+        #: AUTH over plaintext and XCLIENT itself are judged on it.
+        self.session_ip = ""
+        #: The client every limit, rate limit, audit line and Received field names: the
+        #: session's, or the ADDR of an XFORWARD for the transaction in progress.
         self.client_ip = ""
+        #: What the last XCLIENT said (upper-case attribute -> value; None: unavailable), for
+        #: the rest of the session; what XFORWARD said, until the transaction ends.
+        self.xclient: dict[str, str | None] = {}
+        self.xforward: dict[str, str | None] = {}
+        #: Set when an XFORWARD moved the session to an address over its session cap: the
+        #: next MAIL gets it and the session closes.
+        self.limit_refusal: Reply | None = None
         self.in_data = False
         self.close_after_reply = False
+        #: Close the connection once the next reply is written (that reply says why).
+        self.close_with_next_reply = False
         #: DSN (RFC 3461) was offered in the last EHLO: its parameters are then known.
         self.dsn_offered = False
         #: The parameters of the MAIL or RCPT command being handled, as the client wrote them
@@ -131,7 +152,7 @@ class SendguardSMTP(SMTP):
         if not first:
             return
         peer = transport.get_extra_info("peername")
-        self.client_ip = str(peer[0]) if peer else ""
+        self.client_ip = self.session_ip = self.connection_ip = str(peer[0]) if peer else ""
         if self.listener.config.proxy_protocol.trusted:
             # The client is known only from the PROXY header (accept_proxy); only the balancers
             # may send one: anyone else could claim any address (a trusted one, say).
@@ -156,28 +177,15 @@ class SendguardSMTP(SMTP):
         self._awaiting_proxy = False
         if proxy.src_addr is not None:
             log.debug("PROXY from %s: client %s", self.client_ip, proxy.src_addr)
-            self.client_ip = str(proxy.src_addr)
+            self.client_ip = self.session_ip = self.connection_ip = str(proxy.src_addr)
         return self._admit(in_loop=True)
 
     def _admit(self, *, in_loop: bool = False) -> bool:
         """Admit the client at ``client_ip`` (its session limits), or refuse it with a 421."""
-        # Loopback clients may AUTH without TLS (nothing crosses a network); others only
-        # over TLS. An implicit-TLS connection is encrypted from its first byte.
-        implicit = self.listener.config.tls.mode == "implicit"
-        self._auth_require_tls = not (
-            implicit or address_in(self.client_ip, self.listener.config.plaintext_auth_networks)
-        )
+        self._set_auth_require_tls()
         listener, metrics = self.listener, self.services.metrics
         config = listener.config
-        refused: Reply | None = None
-        if listener.active >= config.max_sessions:
-            refused = R.R421_SERVER_BUSY
-        elif listener.per_ip[self.client_ip] >= config.max_sessions_per_ip:
-            refused = R.R421_TOO_MANY_SESSIONS
-        elif listener.stress and listener.per_ip[self.client_ip] >= config.stress_sessions_per_ip:
-            # Under stress an address gets its fair share of what is left: otherwise a few
-            # addresses that reconnect as fast as they are shed keep every slot.
-            refused = R.R421_BUSY_FOR_YOUR_ADDRESS
+        refused = R.R421_SERVER_BUSY if listener.active >= config.max_sessions else self._per_ip_refusal(self.client_ip)
         if refused is not None:
             # Refuse before the greeting (RFC 5321 3.1: a 421 greeting) and close.
             log.warning("refusing session from %s on %s: %s", self.client_ip, listener.name, refused.text)
@@ -192,6 +200,153 @@ class SendguardSMTP(SMTP):
         self._session_timer = self.loop.call_later(self._session_timeout, self._session_expired)
         listener.update_stress(metrics)
         return True
+
+    def _set_auth_require_tls(self) -> None:
+        # Loopback clients may AUTH without TLS (nothing crosses a network); others only
+        # over TLS. An implicit-TLS connection is encrypted from its first byte.
+        implicit = self.listener.config.tls.mode == "implicit"
+        self._auth_require_tls = not (
+            implicit or address_in(self.session_ip, self.listener.config.plaintext_auth_networks)
+        )
+
+    def _per_ip_refusal(self, ip: str) -> Reply | None:
+        """The 421 for one more session from ``ip``, if it is over its per-IP cap."""
+        listener, config = self.listener, self.listener.config
+        if listener.per_ip[ip] >= config.max_sessions_per_ip:
+            return R.R421_TOO_MANY_SESSIONS
+        if listener.stress and listener.per_ip[ip] >= config.stress_sessions_per_ip:
+            # Under stress an address gets its fair share of what is left: otherwise a few
+            # addresses that reconnect as fast as they are shed keep every slot.
+            return R.R421_BUSY_FOR_YOUR_ADDRESS
+        return None
+
+    def _count_as(self, ip: str, *, force: bool = False) -> Reply | None:
+        """Count this session under another client address (XCLIENT, XFORWARD): the 421 when
+        that address is over its cap (the session stays counted where it was), else None.
+        ``force``: move even over the cap (back to where the session was counted before)."""
+        old = self._counted_ip
+        if old is None or old == ip:
+            return None
+        refused = None if force else self._per_ip_refusal(ip)
+        if refused is not None:
+            return refused
+        per_ip = self.listener.per_ip
+        per_ip[old] -= 1
+        if per_ip[old] <= 0:
+            del per_ip[old]
+        per_ip[ip] += 1
+        self._counted_ip = ip
+        return None
+
+    # ---- XCLIENT and XFORWARD (proxy.smtp.forwarding) ---------------------------------------
+
+    @property
+    def xclient_allowed(self) -> bool:
+        """Postfix judges XCLIENT on the client as it stands, so after an XCLIENT that names
+        another address, a second one needs that address to be listed too."""
+        return address_in(self.session_ip, self.listener.config.xclient_hosts)
+
+    @property
+    def xforward_allowed(self) -> bool:
+        return address_in(self.connection_ip, self.listener.config.xforward_hosts)
+
+    def forwarded(self, name: str) -> tuple[bool, str | None]:
+        """(given, value) of a client attribute: XFORWARD's for this transaction, else XCLIENT's."""
+        for told in (self.xforward, self.xclient):
+            if name in told:
+                return True, told[name]
+        return False, None
+
+    def client_helo(self) -> str | None:
+        """The client's HELO name: XFORWARD's for this transaction (None when the MTA in front
+        says it had none: the EHLO of this session is that MTA's own), else XCLIENT's, else
+        the session's EHLO (after XCLIENT the sender says EHLO again as the client)."""
+        if "HELO" in self.xforward:
+            return self.xforward["HELO"]
+        session_helo = self.session.host_name if self.session is not None else None
+        return self.xclient.get("HELO") or session_helo
+
+    def forwarding_record(self) -> dict[str, Any] | None:
+        """For the audit line: who told sendguard about the client, and what."""
+        if not self.xclient and not self.xforward:
+            return None
+        record: dict[str, Any] = {"by": self.connection_ip}
+        if self.xclient:
+            record["xclient"] = dict(self.xclient)
+        if self.xforward:
+            record["xforward"] = dict(self.xforward)
+        return record
+
+    def _in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    async def _forwarded_attributes(self, command: str, allowed: bool, arg: str) -> dict[str, str | None] | None:
+        """The attributes of an XCLIENT or XFORWARD this client may send here and now, or None
+        when it got its refusal: not listed (checked first, so that nobody else learns more),
+        inside a transaction, bad syntax."""
+        if not allowed:
+            log.warning("%s refused from %s on %s: not listed for it", command, self.session_ip, self.listener.name)
+            await self.push(R.R550_INSUFFICIENT_AUTHORIZATION.line())
+            return None
+        if self._in_transaction():
+            await self.push(R.R503_FORWARD_IN_TRANSACTION.line())
+            return None
+        try:
+            return parse_attributes(command, arg or "")
+        except ForwardSyntaxError as bad:
+            await self.push(bad.reply.line())
+            return None
+
+    async def smtp_XCLIENT(self, arg: str) -> None:
+        told = await self._forwarded_attributes("XCLIENT", self.xclient_allowed, arg)
+        if told is None:
+            return
+        if "ADDR" in told:
+            ip = told["ADDR"] or "unknown"
+            refused = self._count_as(ip)
+            if refused is not None:
+                # As a new connection from that address would be: a 421 greeting, closed.
+                log.warning("XCLIENT from %s: %s over its session cap", self.connection_ip, ip)
+                self.close_with(refused)
+                return
+            self.session_ip = ip
+        self.xclient.update(told)
+        self.xforward = {}
+        self.limit_refusal = None
+        self.client_ip = self.session_ip
+        self._set_auth_require_tls()
+        # The session starts anew (XCLIENT_README): no transaction, no EHLO, no extensions;
+        # a LOGIN is the client's SASL login, otherwise the client is not authenticated.
+        await self.relay.abandon("xclient")
+        session = self.session
+        assert session is not None
+        session.host_name = None
+        session.extended_smtp = False
+        self.dsn_offered = False
+        login = self.xclient.get("LOGIN")
+        session.authenticated = login is not None
+        session.auth_data = LoginPassword(login.encode("utf-8"), b"") if login is not None else None  # type: ignore[assignment]
+        log.info("XCLIENT from %s: client %s, login %s", self.connection_ip, self.client_ip, login)
+        await self.push(f"220 {self.hostname} {self.__ident__}")
+
+    async def smtp_XFORWARD(self, arg: str) -> None:
+        told = await self._forwarded_attributes("XFORWARD", self.xforward_allowed, arg)
+        if told is None:
+            return
+        self.xforward.update(told)
+        if "ADDR" in told:
+            self.client_ip = told["ADDR"] or "unknown"
+            self.limit_refusal = self._count_as(self.client_ip)
+        await self.push("250 2.0.0 Ok")
+
+    def end_xforward(self) -> None:
+        """The transaction is over (or never began: RSET, EHLO): XFORWARD's attributes go."""
+        if not self.xforward:
+            return
+        self.xforward = {}
+        self.limit_refusal = None
+        self.client_ip = self.session_ip
+        self._count_as(self.session_ip, force=True)
 
     def _refuse(self, reply: Reply | None, outcome: str, *, in_loop: bool = False) -> None:
         """Close before the greeting, with ``reply`` (a 421) when there is one to give.
@@ -422,6 +577,8 @@ class SendguardSMTP(SMTP):
         if self.errors >= _MAX_ERRORS and self.transport is not None and not self.transport.is_closing():
             log.warning("closing session from %s after %d errors", self.client_ip, self.errors)
             await super().push("421 4.7.0 Too many errors; closing connection")
+            self.transport.close()
+        elif self.close_with_next_reply and self.transport is not None:
             self.transport.close()
         elif self.close_after_reply and not self.in_data and code != "354":
             self.close_with(R.R421_SESSION_TIMEOUT)

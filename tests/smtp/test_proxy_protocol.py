@@ -8,7 +8,6 @@ import asyncio
 import base64
 import contextlib
 import ipaddress
-import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from proxy.config.settings import ConfigError
 from proxy.smtp.auth import add_user
-from tests.conftest import Proxy, RawClient, message, need_program
+from tests.conftest import Proxy, RawClient, dns_section, foreground, need_program
 from tests.dnsserver import DNSServer
 from tests.fakes import FakeUpstream
 from tests.test_external_clients import free_port
@@ -59,10 +58,7 @@ def balanced(dns_server: DNSServer, **listener: Any) -> dict[str, Any]:
         "hostname": "relay.example.com",
     }
     config.update(listener)
-    return {
-        "listeners": [config],
-        "dns": {"resolver": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "timeout": "1s"}},
-    }
+    return {"listeners": [config], "dns": dns_section(dns_server)}
 
 
 async def through_balancer(port: int, header: bytes) -> RawClient:
@@ -74,15 +70,7 @@ async def through_balancer(port: int, header: bytes) -> RawClient:
 async def send_one(client: RawClient, *, sender: str = "alice@example.com") -> tuple[int, str]:
     """EHLO, MAIL; when MAIL passes, the rest of a one-recipient message. The deciding reply."""
     assert (await client.cmd("EHLO client.example"))[0] == 250
-    code, text = await client.cmd(f"MAIL FROM:<{sender}>")
-    if code != 250:
-        return code, text
-    code, text = await client.cmd("RCPT TO:<bob@example.org>")
-    if code != 250:
-        return code, text
-    assert (await client.cmd("DATA"))[0] == 354
-    await client.send(message() + b".\r\n")
-    return await client.reply()
+    return await client.transaction(sender=sender)
 
 
 @pytest.mark.parametrize(
@@ -279,27 +267,8 @@ async def haproxy(tmp_path: Path, backend_port: int, send_proxy: str) -> AsyncIt
         f"frontend smtp\n  bind 127.0.0.1:{port}\n  default_backend sendguard\n"
         f"backend sendguard\n  server sg 127.0.0.1:{backend_port} {send_proxy}\n"
     )
-    process = await asyncio.create_subprocess_exec(
-        program, "-db", "-f", str(config), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        for _ in range(200):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                await asyncio.sleep(0.05)
+    async with foreground(program, "-db", "-f", str(config), port=port):
         yield port
-    finally:
-        process.terminate()
-        with contextlib.suppress(ProcessLookupError):
-            await asyncio.wait_for(process.wait(), 10)
-
-
-async def from_address(port: int, local: str) -> RawClient:
-    """A client on ``local`` (another loopback address) through the balancer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
-    return RawClient(reader, writer)
 
 
 @pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
@@ -314,18 +283,19 @@ async def test_behind_haproxy_each_client_is_itself(
     changes["classes"] = {"rules": [{"class": "commercial", "mail_from": ["news@*"]}]}
     proxy = await proxy_factory(upstream.address, changes)
     async with haproxy(tmp_path, proxy.port, send_proxy) as port:
-        first = await from_address(port, "127.0.0.2")
+        first = await RawClient.connect(port, greeting=False, local="127.0.0.2")
         assert (await first.reply())[0] == 220
-        second = await from_address(port, "127.0.0.2")
+        second = await RawClient.connect(port, greeting=False, local="127.0.0.2")
         code, text = await second.reply()
         assert (code, text.split(" ")[0]) == (421, "4.7.0")  # one session per client address
         await second.close()
-        other = await from_address(port, "127.0.0.3")
+        other = await RawClient.connect(port, greeting=False, local="127.0.0.3")
         assert (await other.reply())[0] == 220  # another client behind the same balancer
         assert (await send_one(first))[0] == 250
         code, text = await send_one(other, sender="news@example.com")
         assert (code, text.split(" ")[0]) == (550, "5.7.1")  # no consent: refused for this client
-        stranger = await from_address(port, "127.0.0.4")
+        assert "no recorded consent" in text  # sendguard's own words, through the balancer
+        stranger = await RawClient.connect(port, greeting=False, local="127.0.0.4")
         assert (await stranger.reply())[0] == 220
         code, text = await send_one(stranger)
         assert (code, text.split(" ")[0]) == (550, "5.7.1")  # 127.0.0.4 may not relay
@@ -341,4 +311,5 @@ async def test_behind_haproxy_each_client_is_itself(
     ]
     consent = next(line for line in audit if line["client"] == "127.0.0.3")
     assert any(p["policy"] == "consent" and p["action"] == "reject" for p in consent["policies"])
+    assert consent["helo"] == "client.example"
     assert b"(localhost [127.0.0.2])" in upstream.messages[0].content
