@@ -11,6 +11,7 @@ import asyncio
 import getpass
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +36,7 @@ from proxy.relay.classify import Classifier
 from proxy.relay.intake import MessageRefused, prepare_message
 from proxy.relay.pipeline import Pipeline, PolicyResult, StageDecision
 from proxy.reputation.bounces import Bounces
-from proxy.schema import parse_hostport
+from proxy.schema import parse_hostport, parse_workers
 from proxy.smtp.auth import add_user, delete_user, list_users
 from proxy.stores.consent import ConsentStore, ConsentStoreError, open_consent_store
 from proxy.stores.pauses import MemoryPauseStore
@@ -49,6 +50,14 @@ EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_START_FAILED = 0, 1, 2, 3
 def _hostport(text: str) -> str:
     try:
         parse_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _workers(text: str) -> str:
+    try:
+        parse_workers(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
@@ -71,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", type=_hostport, help="HOST:PORT for the first listener")
     serve.add_argument("--upstream", type=_upstream, help="HOST:PORT of the upstream MTA, or maildir:PATH")
     serve.add_argument("--http", type=_hostport, help="HOST:PORT for /metrics, /healthz, /readyz")
+    serve.add_argument(
+        "--workers", type=_workers, help="SMTP worker processes, or auto (one per core); overrides workers:"
+    )
 
     check = commands.add_parser("check", help="run the policies on a message offline; print the decision as JSON")
     check.add_argument("--config", required=True, help="YAML config file")
@@ -167,11 +179,19 @@ def _print_config_error(exc: ConfigError) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from proxy.app import serve
+    from proxy.supervisor import WORKER_ENV, Supervisor, serve_worker
 
-    overrides = {k: v for k, v in (("listen", args.listen), ("upstream", args.upstream), ("http", args.http)) if v}
+    given = (("listen", args.listen), ("upstream", args.upstream), ("http", args.http), ("workers", args.workers))
+    overrides = {k: v for k, v in given if v}
     settings = load_config(args.config, overrides=overrides)  # refuse to start on bad config
-    configure_logging(settings.logging.format, settings.logging.level)
+    worker = os.environ.get(WORKER_ENV)  # set by the supervising parent for its workers
+    fields = {"worker": int(worker.split(";", 1)[0]), "pid": os.getpid()} if worker else None
+    configure_logging(settings.logging.format, settings.logging.level, fields=fields)
     try:
+        if worker:
+            return asyncio.run(serve_worker(args.config, overrides, worker))
+        if settings.workers > 1:
+            return asyncio.run(Supervisor(settings, args.config, overrides).run())
         return asyncio.run(serve(args.config, overrides))
     except (OSError, ConsentStoreError) as exc:
         logging.getLogger("sendguard").error("cannot start: %s", exc)

@@ -44,10 +44,12 @@ from proxy.schema import (
     HostPort,
     IPNetwork,
     Size,
+    Workers,
     compose,
     doc,
     is_invalid,
     parse_hostport,
+    parse_workers,
 )
 from proxy.stores.consent import ConsentStoreConfig
 from proxy.stores.limits import LimitStoreConfig
@@ -404,6 +406,12 @@ class StoresConfig:
 class Settings:
     listeners: tuple[ListenerConfig, ...] = doc("where clients connect")
     upstream: UpstreamConfig = doc("where accepted mail goes", default_factory=UpstreamConfig)
+    workers: Workers = doc(
+        "processes that accept SMTP connections (auto: one per core); above 1 a supervising parent holds the "
+        "listening sockets, restarts a worker that dies and runs the HTTP side and background jobs once; "
+        "needs stores.state.backend: redis. A change needs a restart",
+        default=Workers(1),
+    )
     users_file: str = doc("AUTH users and salted password hashes (sendguard user add)", default="var/users")
     message: MessageLimits = doc("message checks made before any policy", default_factory=MessageLimits)
     timeouts: Timeouts = doc("client time limits", default_factory=Timeouts)
@@ -611,6 +619,13 @@ def _apply_overrides(settings: Settings, overrides: Mapping[str, str], conv: Con
             conv.error_at("--upstream", str(exc))
         else:
             settings = dataclasses.replace(settings, upstream=dataclasses.replace(settings.upstream, address=upstream))
+    if overrides.get("workers"):
+        try:
+            workers = parse_workers(overrides["workers"])
+        except ValueError as exc:
+            conv.error_at("--workers", str(exc))
+        else:
+            settings = dataclasses.replace(settings, workers=workers)
     if overrides.get("http"):
         try:
             http = parse_hostport(overrides["http"])
@@ -628,6 +643,15 @@ CLIENT_DATA_TERMINATION_WAIT = 600.0
 def _validate(settings: Settings, conv: Converter) -> None:
     """Cross-field rules, one place, each reported with the path of the value at fault."""
     err = conv.error_at
+    if settings.workers > 1 and settings.stores.state.backend == "memory":
+        # Each worker process would keep its own budgets, pauses and bounce counts: a limit of
+        # 100/hour would let 100 per worker through, and a pause would hold in one worker only.
+        err(
+            "workers",
+            f"workers: {int(settings.workers)} needs the shared state in Redis (the in-memory store is per "
+            "process: each worker would keep its own rate-limit budgets and pauses); set stores.state.backend: "
+            "redis with stores.state.url, or run workers: 1",
+        )
     if not settings.listeners:
         err("listeners", "at least one listener is needed")
     names: set[str] = set()

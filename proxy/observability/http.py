@@ -7,6 +7,7 @@ import json
 from typing import Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from proxy.observability.metrics import Metrics
@@ -26,10 +27,14 @@ _SECURITY_HEADERS = {
 }
 
 
-def build_http_app(metrics: Metrics, health: HealthSource) -> web.Application:
+def build_http_app(
+    metrics: Metrics, health: HealthSource, *, registry: CollectorRegistry | None = None
+) -> web.Application:
+    """``registry``: what /metrics shows when not this process's own (the supervising parent
+    shows every worker's, proxy/supervisor.py)."""
     # prometheus_client's own handler: the text format or OpenMetrics as the scraper's Accept
     # header asks (Prometheus asks for OpenMetrics first), gzip when Accept-Encoding allows.
-    exposition = make_aiohttp_handler(metrics.registry)
+    exposition = make_aiohttp_handler(registry or metrics.registry)
 
     async def metrics_view(request: web.Request) -> web.StreamResponse:
         response = await exposition(request)
