@@ -295,7 +295,9 @@ async def serve_worker(config_path: str, overrides: Mapping[str, str], spec: str
             if os.getppid() != parent:  # the parent died without stopping us: stop, do not linger
                 log.error("worker %d: the parent process is gone; stopping", index)
                 stop.set()
+        log.info("worker %d stopping: draining transactions in flight", index)
         await app.stop()
+        log.info("worker %d stopped", index)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
     return 0
