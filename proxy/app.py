@@ -853,7 +853,7 @@ async def serve(config_path: str, overrides: Mapping[str, str]) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: app._spawn(app.reload("SIGHUP")))
-    log.info("sendguard %s ready", __version__)
+    log.info("sendguard %s ready (event loop %s)", __version__, type(loop).__module__.split(".")[0])
     await stop.wait()
     log.info("stopping: draining transactions in flight")
     await app.stop()

@@ -244,8 +244,17 @@ class Supervisor:
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, lambda: app._spawn(app.reload("SIGHUP")))
+            # A worker queued a row due now (a DSN): the one drainer, here, looks at once.
+            spool = app.services.spool
+            assert spool is not None
+            loop.add_signal_handler(signal.SIGUSR1, spool.wakeup.set)
             keepers = [loop.create_task(self._keep(index)) for index in range(self.count)]
-            log.info("sendguard %s ready (%d workers)", __version__, self.count)
+            log.info(
+                "sendguard %s ready (%d workers, event loop %s)",
+                __version__,
+                self.count,
+                type(loop).__module__.split(".")[0],
+            )
             await stop.wait()
             log.info("stopping: draining transactions in flight in %d worker(s)", len(self.processes))
             self._stopping.set()
@@ -272,6 +281,18 @@ class Supervisor:
                 shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
 
+async def _wake_the_drainer(app: App, parent: int) -> None:
+    """The retry queue's drainer runs in the parent: a row this worker queued due now (a DSN)
+    wakes it with SIGUSR1 instead of waiting for its next look (spool.interval)."""
+    spool = app.services.spool
+    assert spool is not None
+    while True:
+        await spool.wakeup.wait()
+        spool.wakeup.clear()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(parent, signal.SIGUSR1)
+
+
 async def serve_worker(config_path: str, overrides: Mapping[str, str], spec: str) -> int:
     """One worker: SMTP sessions on the parent's sockets until SIGTERM; SIGHUP reloads."""
     tune_allocator()
@@ -289,6 +310,7 @@ async def serve_worker(config_path: str, overrides: Mapping[str, str], spec: str
         loop.add_signal_handler(signal.SIGHUP, lambda: app._spawn(app.reload("SIGHUP")))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # held since the parent started us
         log.info("worker %d ready", index)
+        wake = loop.create_task(_wake_the_drainer(app, parent))
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
@@ -297,6 +319,7 @@ async def serve_worker(config_path: str, overrides: Mapping[str, str], spec: str
                 stop.set()
         log.info("worker %d stopping: draining transactions in flight", index)
         await app.stop()
+        wake.cancel()
         log.info("worker %d stopped", index)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)

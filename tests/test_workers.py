@@ -4,6 +4,7 @@ upstream (tests/fakes.py) and the real Redis the workers share their state throu
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -11,19 +12,20 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from proxy import __version__
 from proxy.config.settings import load_config_text
 from proxy.schema import ConfigError, cores
 from tests.conftest import ROOT, RawClient, base_config, message, submit
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, Faults
 from tests.observability.test_operator_metrics import _families, _readme_table
-from tests.services import RedisTarget
+from tests.services import IN_CI, RedisTarget
 
 NO_SUBJECT = b"From: a@example.com\r\nTo: b@example.org\r\nDate: Sun, 29 Nov 2026 10:00:00 +0000\r\n\r\nhi\r\n"
 
@@ -194,30 +196,44 @@ def _sample(text: str, name: str, **labels: str) -> float:
     return total
 
 
+ServeFactory = Callable[..., Awaitable[Served]]
+
+
 @pytest.fixture
-async def served(tmp_path: Path, upstream: FakeUpstream, redis_target: RedisTarget) -> AsyncIterator[Served]:
-    config = base_config(tmp_path, upstream.address)
-    config.update(
-        {
-            "stores": {
-                **config["stores"],
-                "state": {"backend": "redis", "url": redis_target.url, "key_prefix": redis_target.prefix},
-            },
-            "http": {"address": "127.0.0.1:0"},
-            "logging": {"format": "json", "level": "info"},
-            "reload": {"watch": False},
-            "timeouts": {"shutdown": "20s"},
-            "policies": [],
-        }
-    )
-    path = tmp_path / "sendguard.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    serve = Served(path, tmp_path)
-    try:
+async def serve_factory(tmp_path: Path, redis_target: RedisTarget) -> AsyncIterator[ServeFactory]:
+    started: list[Served] = []
+
+    async def make(upstream_address: str, changes: dict[str, Any] | None = None) -> Served:
+        config = base_config(tmp_path, upstream_address)
+        config.update(
+            {
+                "stores": {
+                    **config["stores"],
+                    "state": {"backend": "redis", "url": redis_target.url, "key_prefix": redis_target.prefix},
+                },
+                "http": {"address": "127.0.0.1:0"},
+                "logging": {"format": "json", "level": "info"},
+                "reload": {"watch": False},
+                "timeouts": {"shutdown": "20s"},
+                "policies": [],
+                **(changes or {}),
+            }
+        )
+        path = tmp_path / "sendguard.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        serve = Served(path, tmp_path)
+        started.append(serve)
         await serve.ready()
-        yield serve
-    finally:
+        return serve
+
+    yield make
+    for serve in started:
         serve.stop()
+
+
+@pytest.fixture
+async def served(serve_factory: ServeFactory, upstream: FakeUpstream) -> Served:
+    return await serve_factory(upstream.address)
 
 
 def _delivered_by(serve: Served) -> set[int]:
@@ -357,3 +373,55 @@ def _connect_refused(port: int) -> bool:
             return sock.recv(100) == b""  # accepted by nobody and closed
     except (ConnectionRefusedError, ConnectionResetError, TimeoutError):
         return True
+
+
+async def test_a_dsn_a_worker_queues_is_sent_once_by_the_parents_drainer_at_once(
+    serve_factory: ServeFactory, upstream_factory: Callable[..., Awaitable[FakeUpstream]], tmp_path: Path
+) -> None:
+    """Workers write the retry queue; only the parent drains it, woken by the worker (SIGUSR1)
+    rather than at its next look, which spool.interval puts a minute away here."""
+    upstream = await upstream_factory(faults=Faults(data_replies={"ben@example.org": "550 5.1.1 no such user"}))
+    served = await serve_factory(
+        upstream.address,
+        {
+            "policies": [{"name": "visible_recipients", "max_visible": 2, "remedy": "split"}],
+            "spool": {"path": str(tmp_path / "spool.db"), "interval": "60s"},
+        },
+    )
+    recipients = ["ann@example.org", "ben@example.org", "cat@example.org"]
+    content = message(sender="news@example.com", to=", ".join(recipients))
+    senders = await asyncio.gather(
+        *(submit(served.port, content, sender="news@example.com", recipients=recipients) for _ in range(4))
+    )
+    assert [code for code, _ in senders] == [250] * 4
+
+    def dsns() -> int:
+        return sum(1 for m in upstream.messages if m.mail_from == "<>")
+
+    for _ in range(200):
+        if dsns() == 4:
+            break
+        await asyncio.sleep(0.05)
+    assert dsns() == 4  # within 10 s, not spool.interval's 60
+    await asyncio.sleep(1.0)
+    assert dsns() == 4  # each sent once: one drainer
+    _, text = await served.get("/metrics")
+    assert _sample(text, "sendguard_spool_deliveries_total", kind="dsn", result="delivered") == 4
+    assert _sample(text, "sendguard_spool_messages", kind="dsn") == 0
+
+
+# ---- the event loop ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_serve_runs_on_the_event_loop_the_config_names(
+    serve_factory: ServeFactory, upstream: FakeUpstream, event_loop: str
+) -> None:
+    if event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        missing = "uvloop is not installed (it is in the test extra: pip install -e '.[test]')"
+        pytest.fail(missing) if IN_CI else pytest.skip(missing)
+    served = await serve_factory(upstream.address, {"event_loop": event_loop})
+    (ready,) = await served.wait_for(f"sendguard {__version__} ready")
+    assert ready["msg"].endswith(f"event loop {event_loop})")
+    assert await _send_many(served.port, 4) == [250] * 4
+    assert len(upstream.messages) == 4

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,11 +188,12 @@ def _serve(args: argparse.Namespace) -> int:
     fields = {"worker": int(worker.split(";", 1)[0]), "pid": os.getpid()} if worker else None
     configure_logging(settings.logging.format, settings.logging.level, fields=fields)
     try:
-        if worker:
-            return asyncio.run(serve_worker(args.config, overrides, worker))
-        if settings.workers > 1:
-            return asyncio.run(Supervisor(settings, args.config, overrides).run())
-        return asyncio.run(serve(args.config, overrides))
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            if worker:
+                return runner.run(serve_worker(args.config, overrides, worker))
+            if settings.workers > 1:
+                return runner.run(Supervisor(settings, args.config, overrides).run())
+            return runner.run(serve(args.config, overrides))
     except (OSError, ConsentStoreError) as exc:
         logging.getLogger("sendguard").error("cannot start: %s", exc)
         return EXIT_START_FAILED
@@ -200,6 +201,20 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         stop_logging()  # flush every queued line before the process ends
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """``event_loop``: uvloop's loop (libuv) when chosen or, for auto, installed; else asyncio's."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":  # the config check said it is there: a broken install
+            raise
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _config_check(path: str) -> int:

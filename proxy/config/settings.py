@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import ipaddress
 import os
 import re
@@ -412,6 +413,11 @@ class Settings:
         "needs stores.state.backend: redis. A change needs a restart",
         default=Workers(1),
     )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = doc(
+        "the event loop of each process: uvloop (libuv, pip install 'sendguard[fast]'), the standard asyncio "
+        "one, or auto: uvloop when it is installed. A change needs a restart",
+        default="auto",
+    )
     users_file: str = doc("AUTH users and salted password hashes (sendguard user add)", default="var/users")
     message: MessageLimits = doc("message checks made before any policy", default_factory=MessageLimits)
     timeouts: Timeouts = doc("client time limits", default_factory=Timeouts)
@@ -652,6 +658,8 @@ def _validate(settings: Settings, conv: Converter) -> None:
             "process: each worker would keep its own rate-limit budgets and pauses); set stores.state.backend: "
             "redis with stores.state.url, or run workers: 1",
         )
+    if settings.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        err("event_loop", "uvloop is not installed: pip install 'sendguard[fast]', or set event_loop: auto")
     if not settings.listeners:
         err("listeners", "at least one listener is needed")
     names: set[str] = set()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Protocol
 
@@ -75,7 +74,8 @@ async def start_site(app: web.Application, address: HostPort, what: str) -> tupl
         raise OSError(exc.errno, f"cannot listen on {address} for {what}: {exc.strerror}") from exc
     server = site._server
     bound = (address.host, address.port)
-    if isinstance(server, asyncio.base_events.Server) and server.sockets:
-        sockname = server.sockets[0].getsockname()
+    sockets = getattr(server, "sockets", None)  # asyncio's Server and uvloop's (event_loop: uvloop) have them
+    if sockets:
+        sockname = sockets[0].getsockname()
         bound = (str(sockname[0]), int(sockname[1]))
     return runner, bound
