@@ -12,6 +12,8 @@ Every target is measured in the same run with the same load, side by side, on 12
   redis://127.0.0.1:6379/0, a key prefix of its own per run); its CPU and RSS are the whole
   process tree's. ``sendguard-redis`` (only when named in ``--targets``) is ``workers: 1`` on
   the same Redis, to tell the cost of Redis from the gain of the second worker.
+  ``sendguard-asyncio`` and ``sendguard-uvloop`` (likewise only when named) are ``sendguard``
+  with ``event_loop`` set; the others use ``auto`` (uvloop when installed: see ``versions``).
 
 For each scenario (concurrent sessions, message size, recipients per message) and target, a fresh
 smtp-sink and a fresh relay process are started, warmed up, then smtp-source sends a fixed number
@@ -61,13 +63,15 @@ CODE_DIR = "code"  # the run directory's copy of the sources sendguard runs from
 NAIVE_RELAY = ROOT / "bench" / "naive_relay.py"
 RESULTS = ROOT / "bench" / "results"
 TARGETS = ("direct", "naive", "sendguard", "sendguard-noaudit", "sendguard-w2")
-EXTRA_TARGETS = ("sendguard-redis",)
-#: sendguard targets: (audit log on, worker processes, shared state in Redis).
+EXTRA_TARGETS = ("sendguard-redis", "sendguard-asyncio", "sendguard-uvloop")
+#: sendguard targets: (audit log on, worker processes, shared state in Redis, event_loop).
 SENDGUARD_TARGETS = {
-    "sendguard": (True, 1, False),
-    "sendguard-noaudit": (False, 1, False),
-    "sendguard-w2": (True, 2, True),
-    "sendguard-redis": (True, 1, True),
+    "sendguard": (True, 1, False, "auto"),
+    "sendguard-noaudit": (False, 1, False, "auto"),
+    "sendguard-w2": (True, 2, True, "auto"),
+    "sendguard-redis": (True, 1, True, "auto"),
+    "sendguard-asyncio": (True, 1, False, "asyncio"),
+    "sendguard-uvloop": (True, 1, False, "uvloop"),
 }
 REDIS_URL = os.environ.get("SENDGUARD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -328,7 +332,7 @@ def snapshot_code(workdir: Path) -> Path:
 
 
 def bench_config(
-    workdir: Path, *, audit: bool, max_sessions: int, workers: int = 1, redis: bool = False
+    workdir: Path, *, audit: bool, max_sessions: int, workers: int = 1, redis: bool = False, event_loop: str = "auto"
 ) -> tuple[Path, list[str]]:
     """The shipped config/sendguard.yaml with only what a benchmark must change; returns the changes too."""
     snapshot = workdir / CODE_DIR / "config" / "sendguard.yaml"
@@ -355,7 +359,11 @@ def bench_config(
     if workers > 1:
         config["workers"] = workers
         changes.append(f"workers: {workers}")
-    path = workdir / f"sendguard-bench{'' if audit else '-noaudit'}{'-redis' if redis else ''}-w{workers}.yaml"
+    if event_loop != "auto":
+        config["event_loop"] = event_loop
+        changes.append(f"event_loop: {event_loop}")
+    name = f"{'' if audit else '-noaudit'}{'-redis' if redis else ''}-w{workers}-{event_loop}"
+    path = workdir / f"sendguard-bench{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path, changes
 
@@ -383,8 +391,10 @@ def start_relay(target: str, sink: Sink, workdir: Path, max_sessions: int) -> Re
                 stop_process(process)
                 raise
             return relay
-        audit, workers, redis = SENDGUARD_TARGETS[target]
-        config_path, _ = bench_config(workdir, audit=audit, max_sessions=max_sessions, workers=workers, redis=redis)
+        audit, workers, redis, event_loop = SENDGUARD_TARGETS[target]
+        config_path, _ = bench_config(
+            workdir, audit=audit, max_sessions=max_sessions, workers=workers, redis=redis, event_loop=event_loop
+        )
         http_port = free_port()
         command = [
             *sendguard_command(),
@@ -553,6 +563,7 @@ def versions() -> dict[str, Any]:
         "sendguard": _version("sendguard"),
         "aiosmtpd": _version("aiosmtpd"),
         "aiosmtplib": _version("aiosmtplib"),
+        "uvloop": _version("uvloop"),  # event_loop: auto runs on it when installed
         "python": platform.python_version(),
         "postfix_tools": _output_of([postconf, "-dh", "mail_version"]),
         "git_commit": _output_of(["git", "rev-parse", "HEAD"]),

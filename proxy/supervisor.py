@@ -176,7 +176,15 @@ class Supervisor:
         early_deaths = 0
         while not self._stopping.is_set():
             started = time.monotonic()
-            process = await self._spawn(index)
+            try:
+                process = await self._spawn(index)
+            except OSError as exc:  # no process at all (out of memory, of file descriptors)
+                early_deaths += 1
+                delay = min(BACKOFF_LAST, BACKOFF_FIRST * 2 ** (early_deaths - 1))
+                log.error("cannot start worker %d: %s; trying again in %.1fs", index, exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                continue
             self.processes[index] = process
             log.info("worker %d started (pid %d)", index, process.pid)
             code = await process.wait()
