@@ -22,6 +22,7 @@ import yaml
 from proxy import __version__
 from proxy.config.settings import load_config_text
 from proxy.schema import ConfigError, cores
+from tests.config.test_reload import ServeProcess
 from tests.conftest import ROOT, RawClient, base_config, message, submit
 from tests.fakes import FakeUpstream, Faults
 from tests.observability.test_operator_metrics import _families, _readme_table
@@ -110,36 +111,19 @@ def test_the_shared_audit_log_keeps_every_line_whole_across_processes_and_rotati
 # ---- a real supervising parent and its workers ---------------------------------------------------
 
 
-class Served:
-    """``sendguard serve --workers 2`` as a real process; its JSON log lines."""
+class Served(ServeProcess):
+    """``sendguard serve --workers N`` as a real process."""
 
     def __init__(self, config: Path, workdir: Path, workers: int = 2) -> None:
+        super().__init__(config, workdir, ("--workers", str(workers)))
         self.config = config
-        self.log_path = workdir / "serve.log"
-        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--workers", str(workers)],
-            cwd=workdir,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
         self.port = 0
         self.http_port = 0
-
-    def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                out.append({"msg": line})
-        return out
 
     def matching(self, text: str) -> list[dict[str, Any]]:
         return [line for line in self.lines() if text in str(line.get("msg", ""))]
 
-    async def wait_for(self, text: str, count: int = 1, timeout: float = 40) -> list[dict[str, Any]]:
+    async def wait_lines(self, text: str, count: int = 1, timeout: float = 40) -> list[dict[str, Any]]:
         for _ in range(int(timeout / 0.05)):
             found = self.matching(text)
             if len(found) >= count:
@@ -150,12 +134,12 @@ class Served:
         raise AssertionError(f"not {count} log line(s) with {text!r} in {self.log_path.read_text()}")
 
     async def ready(self) -> None:
-        (line,) = await self.wait_for("listener local on")
+        (line,) = await self.wait_lines("listener local on")
         self.port = int(re.search(r":(\d+) ", line["msg"]).group(1))  # type: ignore[union-attr]
-        (line,) = await self.wait_for("http on")
+        (line,) = await self.wait_lines("http on")
         self.http_port = int(re.search(r":(\d+) ", line["msg"]).group(1))  # type: ignore[union-attr]
-        await self.wait_for("worker 0 ready")
-        await self.wait_for("worker 1 ready")
+        await self.wait_lines("worker 0 ready")
+        await self.wait_lines("worker 1 ready")
 
     def workers(self) -> dict[int, int]:
         """worker number -> pid, the latest started of each."""
@@ -177,12 +161,10 @@ class Served:
         return await asyncio.to_thread(fetch)
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        finally:
+        if self.process.poll() is not None:
             self.log.close()
+            return self.process.returncode
+        return super().stop()
 
 
 def _sample(text: str, name: str, **labels: str) -> float:
@@ -262,7 +244,7 @@ async def test_connections_spread_over_the_workers_and_metrics_add_up(served: Se
             break
     assert _delivered_by(served) == pids, "every connection went to one worker"
     assert len(upstream.messages) == count
-    await served.wait_for("transaction delivered", count)
+    await served.wait_lines("transaction delivered", count)
     status, text = await served.get("/metrics")
     assert status == 200
     # Counters and histograms summed over the workers: each message once.
@@ -309,7 +291,7 @@ async def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(serve
     os.kill(before[0], signal.SIGKILL)
     # Its sibling accepts from the same socket meanwhile: no connection is refused.
     assert await _send_many(served.port, 6) == [250] * 6
-    await served.wait_for("worker 0 ready", 2)
+    await served.wait_lines("worker 0 ready", 2)
     after = served.workers()
     assert after[1] == before[1] and after[0] != before[0]
     (died,) = served.matching("died (signal 9)")
@@ -329,13 +311,13 @@ async def test_sighup_reloads_every_worker_and_a_bad_file_none(served: Served) -
     config["policies"] = [{"name": "required_headers", "require": ["From", "Date", "Subject"]}]
     served.config.write_text(yaml.safe_dump(config, sort_keys=False))
     served.process.send_signal(signal.SIGHUP)
-    reloaded = await served.wait_for("config reloaded (SIGHUP)", 3)  # the parent and both workers
+    reloaded = await served.wait_lines("config reloaded (SIGHUP)", 3)  # the parent and both workers
     assert sorted(line.get("worker", -1) for line in reloaded) == [-1, 0, 1]
     assert await _send_many(served.port, 8, NO_SUBJECT) == [550] * 8  # whichever worker answers
     # A broken file: the parent refuses it and tells no worker; every worker keeps the rules.
     served.config.write_text("listeners: [")
     served.process.send_signal(signal.SIGHUP)
-    await served.wait_for("config reload (SIGHUP) refused")
+    await served.wait_lines("config reload (SIGHUP) refused")
     await asyncio.sleep(0.5)
     assert len(served.matching("config reload (SIGHUP)")) == 1
     assert len(served.matching("reload (SIGHUP) passed to worker")) == 2
@@ -351,7 +333,7 @@ async def test_sigterm_lets_a_transaction_in_flight_finish(served: Served, upstr
     assert (await client.cmd("DATA"))[0] == 354
     await client.send(message(subject="in flight").replace(b"\r\n.", b"\r\n.."))
     served.process.send_signal(signal.SIGTERM)
-    await served.wait_for("stopping: draining transactions in flight", 3)  # the parent and both workers
+    await served.wait_lines("stopping: draining transactions in flight", 3)  # the parent and both workers
     await asyncio.sleep(0.5)
     refused = await asyncio.to_thread(_connect_refused, served.port)
     assert refused, "a new connection was still accepted while draining"
@@ -421,7 +403,7 @@ async def test_serve_runs_on_the_event_loop_the_config_names(
         missing = "uvloop is not installed (it is in the test extra: pip install -e '.[test]')"
         pytest.fail(missing) if IN_CI else pytest.skip(missing)
     served = await serve_factory(upstream.address, {"event_loop": event_loop})
-    (ready,) = await served.wait_for(f"sendguard {__version__} ready")
+    (ready,) = await served.wait_lines(f"sendguard {__version__} ready")
     assert ready["msg"].endswith(f"event loop {event_loop})")
     assert await _send_many(served.port, 4) == [250] * 4
     assert len(upstream.messages) == 4

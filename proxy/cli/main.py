@@ -47,20 +47,21 @@ __all__ = ("main",)
 EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_START_FAILED = 0, 1, 2, 3
 
 
-def _hostport(text: str) -> str:
-    try:
-        parse_hostport(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type: the text as given, once ``parse`` accepts it."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return check
 
 
-def _workers(text: str) -> str:
-    try:
-        parse_workers(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+_hostport = _checked(parse_hostport)
+_workers = _checked(parse_workers)
 
 
 def _upstream(text: str) -> str:

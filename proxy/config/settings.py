@@ -21,7 +21,7 @@ import importlib.util
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -610,35 +610,30 @@ def parse_upstream_address(text: str) -> str:
 
 
 def _apply_overrides(settings: Settings, overrides: Mapping[str, str], conv: Converter) -> Settings:
-    if overrides.get("listen"):
+    def listen(s: Settings, address: HostPort) -> Settings:
+        return dataclasses.replace(
+            s, listeners=(dataclasses.replace(s.listeners[0], address=address), *s.listeners[1:])
+        )
+
+    flags: tuple[tuple[str, Callable[[str], Any], Callable[[Settings, Any], Settings]], ...] = (
+        ("listen", parse_hostport, listen),
+        (
+            "upstream",
+            parse_upstream_address,
+            lambda s, address: dataclasses.replace(s, upstream=dataclasses.replace(s.upstream, address=address)),
+        ),
+        ("workers", parse_workers, lambda s, workers: dataclasses.replace(s, workers=workers)),
+        ("http", parse_hostport, lambda s, address: dataclasses.replace(s, http=HTTPConfig(address=address))),
+    )
+    for key, parse, apply in flags:
+        if not overrides.get(key):
+            continue
         try:
-            address = parse_hostport(overrides["listen"])
+            value = parse(overrides[key])
         except ValueError as exc:
-            conv.error_at("--listen", str(exc))
+            conv.error_at(f"--{key}", str(exc))
         else:
-            first = dataclasses.replace(settings.listeners[0], address=address)
-            settings = dataclasses.replace(settings, listeners=(first, *settings.listeners[1:]))
-    if overrides.get("upstream"):
-        try:
-            upstream = parse_upstream_address(overrides["upstream"])
-        except ValueError as exc:
-            conv.error_at("--upstream", str(exc))
-        else:
-            settings = dataclasses.replace(settings, upstream=dataclasses.replace(settings.upstream, address=upstream))
-    if overrides.get("workers"):
-        try:
-            workers = parse_workers(overrides["workers"])
-        except ValueError as exc:
-            conv.error_at("--workers", str(exc))
-        else:
-            settings = dataclasses.replace(settings, workers=workers)
-    if overrides.get("http"):
-        try:
-            http = parse_hostport(overrides["http"])
-        except ValueError as exc:
-            conv.error_at("--http", str(exc))
-        else:
-            settings = dataclasses.replace(settings, http=HTTPConfig(address=http))
+            settings = apply(settings, value)
     return settings
 
 
