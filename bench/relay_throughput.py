@@ -6,7 +6,14 @@ Every target is measured in the same run with the same load, side by side, on 12
 * ``naive``: through bench/naive_relay.py (aiosmtpd in, aiosmtplib out, pooled, no policies);
 * ``sendguard``: through ``sendguard serve`` started as a real process with the shipped config
   (policies, classes, audit log, metrics), ``upstream.tls: none``, logging at warning;
-* ``sendguard-noaudit``: the same with ``audit.path: null``, to show what the audit log costs.
+* ``sendguard-noaudit``: the same with ``audit.path: null``, to show what the audit log costs;
+* ``sendguard-w2``: the same as ``sendguard`` with ``workers: 2`` (a supervising parent and two
+  worker processes) and so the shared state in Redis (``SENDGUARD_BENCH_REDIS``, default
+  redis://127.0.0.1:6379/0, a key prefix of its own per run); its CPU and RSS are the whole
+  process tree's. ``sendguard-redis`` (only when named in ``--targets``) is ``workers: 1`` on
+  the same Redis, to tell the cost of Redis from the gain of the second worker.
+  ``sendguard-asyncio`` and ``sendguard-uvloop`` (likewise only when named) are ``sendguard``
+  with ``event_loop`` set; the others use ``auto`` (uvloop when installed: see ``versions``).
 
 For each scenario (concurrent sessions, message size, recipients per message) and target, a fresh
 smtp-sink and a fresh relay process are started, warmed up, then smtp-source sends a fixed number
@@ -55,7 +62,18 @@ SHIPPED_CONFIG = ROOT / "config" / "sendguard.yaml"
 CODE_DIR = "code"  # the run directory's copy of the sources sendguard runs from
 NAIVE_RELAY = ROOT / "bench" / "naive_relay.py"
 RESULTS = ROOT / "bench" / "results"
-TARGETS = ("direct", "naive", "sendguard", "sendguard-noaudit")
+TARGETS = ("direct", "naive", "sendguard", "sendguard-noaudit", "sendguard-w2")
+EXTRA_TARGETS = ("sendguard-redis", "sendguard-asyncio", "sendguard-uvloop")
+#: sendguard targets: (audit log on, worker processes, shared state in Redis, event_loop).
+SENDGUARD_TARGETS = {
+    "sendguard": (True, 1, False, "auto"),
+    "sendguard-noaudit": (False, 1, False, "auto"),
+    "sendguard-w2": (True, 2, True, "auto"),
+    "sendguard-redis": (True, 1, True, "auto"),
+    "sendguard-asyncio": (True, 1, False, "asyncio"),
+    "sendguard-uvloop": (True, 1, False, "uvloop"),
+}
+REDIS_URL = os.environ.get("SENDGUARD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 HELO, SENDER, RECIPIENT = "bench.example", "sender@bench.example", "rcpt@bench.example"
 START_TIMEOUT = 30.0  # seconds for a relay to be ready
@@ -143,6 +161,32 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a sendguard with workers: the parent and its workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            parent = int(text[text.rindex(")") + 2 :].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) summed over the process tree of ``pid``."""
+    user = system = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            u, s = cpu_times(member)
+            user, system = user + u, system + s
+    return user, system
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds spent by the whole machine, all CPUs: the first line of /proc/stat minus idle and iowait."""
     ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -152,11 +196,15 @@ def machine_busy_seconds() -> float:
 
 
 def peak_rss_mib(pid: int) -> float | None:
-    """VmHWM of /proc/PID/status: the resident set's high-water mark."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return None
+    """VmHWM of /proc/PID/status: the resident set's high-water mark (summed over the process
+    tree: with workers, each process's peak; an upper bound of the tree's peak)."""
+    total = None
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total = (total or 0.0) + int(line.split()[1]) / 1024
+    return None if total is None else round(total, 1)
 
 
 def wait_until_quiet(limit: float) -> float:
@@ -283,7 +331,9 @@ def snapshot_code(workdir: Path) -> Path:
     return code
 
 
-def bench_config(workdir: Path, *, audit: bool, max_sessions: int) -> tuple[Path, list[str]]:
+def bench_config(
+    workdir: Path, *, audit: bool, max_sessions: int, workers: int = 1, redis: bool = False, event_loop: str = "auto"
+) -> tuple[Path, list[str]]:
     """The shipped config/sendguard.yaml with only what a benchmark must change; returns the changes too."""
     snapshot = workdir / CODE_DIR / "config" / "sendguard.yaml"
     config: dict[str, Any] = yaml.safe_load((snapshot if snapshot.exists() else SHIPPED_CONFIG).read_text())
@@ -303,7 +353,17 @@ def bench_config(workdir: Path, *, audit: bool, max_sessions: int) -> tuple[Path
     changes.append(f"audit.path: {'a file in the run directory' if audit else 'null (audit log off)'}")
     config["logging"]["level"] = "warning"
     changes.append("logging.level: warning (stdout to a file)")
-    path = workdir / f"sendguard-bench{'' if audit else '-noaudit'}.yaml"
+    if redis:
+        config["stores"]["state"] = {"backend": "redis", "url": REDIS_URL, "key_prefix": f"sgbench:{workdir.name}:"}
+        changes.append("stores.state: redis")
+    if workers > 1:
+        config["workers"] = workers
+        changes.append(f"workers: {workers}")
+    if event_loop != "auto":
+        config["event_loop"] = event_loop
+        changes.append(f"event_loop: {event_loop}")
+    name = f"{'' if audit else '-noaudit'}{'-redis' if redis else ''}-w{workers}-{event_loop}"
+    path = workdir / f"sendguard-bench{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path, changes
 
@@ -331,7 +391,10 @@ def start_relay(target: str, sink: Sink, workdir: Path, max_sessions: int) -> Re
                 stop_process(process)
                 raise
             return relay
-        config_path, _ = bench_config(workdir, audit=target == "sendguard", max_sessions=max_sessions)
+        audit, workers, redis, event_loop = SENDGUARD_TARGETS[target]
+        config_path, _ = bench_config(
+            workdir, audit=audit, max_sessions=max_sessions, workers=workers, redis=redis, event_loop=event_loop
+        )
         http_port = free_port()
         command = [
             *sendguard_command(),
@@ -418,7 +481,7 @@ def run_once(load: Load, scenario: Scenario, target: str, workdir: Path, max_ses
         if load.quiet_wait > 0:
             result["waited_for_quiet_s"] = wait_until_quiet(load.quiet_wait)
         result["load_average_before"] = round(os.getloadavg()[0], 2)
-        relay_user, relay_system = cpu_times(pid) if pid else (0.0, 0.0)
+        relay_user, relay_system = tree_cpu_times(pid) if pid else (0.0, 0.0)
         sink_cpu, load_cpu, machine_cpu = cpu_seconds(sink.process.pid), children_cpu_seconds(), machine_busy_seconds()
         started = time.perf_counter()
         completed = send(load, scenario, port, load.messages)
@@ -428,7 +491,7 @@ def run_once(load: Load, scenario: Scenario, target: str, workdir: Path, max_ses
         sink_cpu = cpu_seconds(sink.process.pid) - sink_cpu
         relay_cpu = 0.0
         if pid is not None:
-            user, system = cpu_times(pid)
+            user, system = tree_cpu_times(pid)
             relay_user, relay_system = user - relay_user, system - relay_system
             relay_cpu = relay_user + relay_system
         delivered = sink.wait_delivered(warmup + load.messages) - warmup
@@ -500,6 +563,7 @@ def versions() -> dict[str, Any]:
         "sendguard": _version("sendguard"),
         "aiosmtpd": _version("aiosmtpd"),
         "aiosmtplib": _version("aiosmtplib"),
+        "uvloop": _version("uvloop"),  # event_loop: auto runs on it when installed
         "python": platform.python_version(),
         "postfix_tools": _output_of([postconf, "-dh", "mail_version"]),
         "git_commit": _output_of(["git", "rev-parse", "HEAD"]),
@@ -559,6 +623,8 @@ def summarise(
                 "sendguard_vs_naive": ratio(rates.get("sendguard"), rates.get("naive")),
                 "naive_vs_direct": ratio(rates.get("naive"), rates.get("direct")),
                 "sendguard_audit_on_vs_off": ratio(rates.get("sendguard"), rates.get("sendguard-noaudit")),
+                "sendguard_w2_vs_w1": ratio(rates.get("sendguard-w2"), rates.get("sendguard")),
+                "sendguard_w2_vs_naive": ratio(rates.get("sendguard-w2"), rates.get("naive")),
                 "only_busy_machine_runs": sorted(t for t, flag in noisy_only.items() if flag),
             }
         )
@@ -600,8 +666,8 @@ def print_header(out: TextIO) -> None:
 
 def print_summary(summary: list[dict[str, Any]], out: TextIO) -> None:
     print(
-        f"\n{'median msg/s':<20}{'direct':>9}{'naive':>9}{'sendguard':>11}{'noaudit':>9}"
-        f"{'sg/direct':>11}{'sg/naive':>10}{'naive/direct':>14}{'audit on/off':>14}",
+        f"\n{'median msg/s':<20}{'direct':>9}{'naive':>9}{'sendguard':>11}{'noaudit':>9}{'w2':>9}"
+        f"{'sg/direct':>11}{'sg/naive':>10}{'naive/direct':>14}{'audit on/off':>14}{'w2/w1':>8}{'w2/naive':>10}",
         file=out,
     )
     for row in summary:
@@ -609,8 +675,10 @@ def print_summary(summary: list[dict[str, Any]], out: TextIO) -> None:
         line = (
             f"{Scenario(**row['scenario']).label:<20}{_cell(rates.get('direct'), 9)}{_cell(rates.get('naive'), 9)}"
             f"{_cell(rates.get('sendguard'), 11)}{_cell(rates.get('sendguard-noaudit'), 9)}"
+            f"{_cell(rates.get('sendguard-w2'), 9)}"
             f"{_cell(row['sendguard_vs_direct'], 11, 3)}{_cell(row['sendguard_vs_naive'], 10, 3)}"
             f"{_cell(row['naive_vs_direct'], 14, 3)}{_cell(row['sendguard_audit_on_vs_off'], 14, 3)}"
+            f"{_cell(row['sendguard_w2_vs_w1'], 8, 3)}{_cell(row['sendguard_w2_vs_naive'], 10, 3)}"
         )
         if row["only_busy_machine_runs"]:
             line += f"  (busy machine: {', '.join(row['only_busy_machine_runs'])})"
@@ -717,7 +785,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the run directory (configs, relay logs)")
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = sorted(set(targets) - set(TARGETS))
+    unknown = sorted(set(targets) - set(TARGETS) - set(EXTRA_TARGETS))
     if unknown or not targets:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     args.targets = targets

@@ -10,10 +10,11 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Coroutine, Mapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Literal
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from policies.base import MESSAGE_CLASSES
 from proxy import __version__
@@ -49,7 +50,12 @@ from proxy.unsubscribe import UnsubscribeService
 from proxy.unsubscribe.tokens import TokenError
 from proxy.unsubscribe.web import UnsubscribeServers
 
-__all__ = ("App", "serve")
+__all__ = ("App", "Role", "serve")
+
+#: What a process runs (proxy/supervisor.py): ``single`` everything; with worker processes the
+#: ``parent`` everything but the SMTP sessions (HTTP, API, unsubscribe, the background jobs) and
+#: each ``worker`` the SMTP sessions on the listening sockets the parent bound.
+Role = Literal["single", "parent", "worker"]
 
 log = logging.getLogger("sendguard")
 
@@ -102,8 +108,20 @@ class App:
         config_path: str | None = None,
         overrides: Mapping[str, str] | None = None,
         environ: Mapping[str, str] | None = None,
+        role: Role = "single",
+        sockets: Mapping[str, socket.socket] | None = None,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
+        self.role: Role = role
+        #: Listening sockets bound by the parent, by listener name (the parent's and a worker's).
+        self.sockets = dict(sockets or {})
+        #: What /metrics serves when not the process's own registry (the parent: every worker's).
+        self.metrics_registry = metrics_registry
+        #: Called after each successful reload with its reason (the parent tells its workers).
+        self.on_reload: Callable[[str], None] | None = None
+        #: Extra readiness detail and problems (the parent: its workers).
+        self.readiness_extra: Callable[[], tuple[dict[str, object], list[str]]] | None = None
         self.config_path = config_path
         self.overrides = dict(overrides or {})
         self.environ = environ
@@ -290,6 +308,15 @@ class App:
 
         return await runtime.complaints.receive(content, peer, read_token)
 
+    @staticmethod
+    def _start_warnings(settings: Settings, hostname: str) -> list[str]:
+        """Said once at start (by the parent when there are workers)."""
+        return [
+            *(f"config: {w}" for w in settings.compliance_warnings()),
+            *(f"config: {w}" for w in settings.load_warnings),
+            *_name_warnings(settings, hostname),
+        ]
+
     def track(self, coro: Coroutine[Any, Any, None]) -> None:
         """A session's clean-up (its last audit line) running after the client left: stop()
         waits for these before it closes the audit log."""
@@ -302,7 +329,9 @@ class App:
         hostname = await asyncio.to_thread(socket.getfqdn)
         self._services = Services(
             metrics=Metrics(__version__),
-            audit=AuditLog(settings.audit.path, settings.audit.max_size, settings.audit.keep),
+            audit=AuditLog(
+                settings.audit.path, settings.audit.max_size, settings.audit.keep, shared=self.role != "single"
+            ),
             users=UserStore(settings.users_file),
             hostname=hostname,
             spool=await asyncio.to_thread(Spool, settings.spool.path),
@@ -321,19 +350,21 @@ class App:
         self._runtimes.append(self._runtime)
         await self._open_api(settings)
         self._announce(settings)
-        for warning in settings.compliance_warnings():
-            log.warning("config: %s", warning)
-        for warning in settings.load_warnings:
-            log.warning("config: %s", warning)
-        for warning in _name_warnings(settings, hostname):
+        for warning in [] if self.role == "worker" else self._start_warnings(settings, hostname):
             log.warning("%s", warning)
         loop = asyncio.get_running_loop()
+        background = self.role != "worker"  # HTTP, API, unsubscribe pages, jobs: once, not per worker
         try:
             for config in settings.listeners:
-                await self._start_listener(loop, config)
-            if settings.http.address is not None:
+                if self.role == "parent":
+                    sockname = self.sockets[config.name].getsockname()
+                    self.listeners[config.name] = ListenerState(config)
+                    self.bound[config.name] = (sockname[0], sockname[1])
+                else:
+                    await self._start_listener(loop, config)
+            if background and settings.http.address is not None:
                 await self._start_http(settings)
-            if self.unsubscribe is not None:
+            if background and self.unsubscribe is not None:
                 self.unsubscribe_servers = UnsubscribeServers(self.unsubscribe)
                 await self.unsubscribe_servers.start()
             if self.api_server is not None:
@@ -342,6 +373,9 @@ class App:
             await self.stop()
             raise
         self._accepting = True
+        if not background:
+            self.services.metrics.config_last_reload_time.set_to_current_time()
+            return
         self._log_inventory(settings)
         if self.config_path and settings.reload.watch:
             self._watch_stamp = self._stamp()
@@ -362,6 +396,10 @@ class App:
             self.api_state, lambda: self.runtime.settings.webhooks, metrics, consent=lambda: self.runtime.consent
         )
         self._observe(self.runtime)
+        if self.role == "worker":
+            # The worker's notifier fills the shared outbox; the parent's deliverer empties it
+            # (and its sweep finds what a worker recorded, as after a crash).
+            return
         if settings.api.address is not None:
             context = ApiContext(
                 config=lambda: self.runtime.settings.api,
@@ -424,17 +462,22 @@ class App:
             )
 
         ssl_context = state.tls_context if config.tls.mode == "implicit" else None
+        # asyncio's default backlog (100) leaves a burst of connections accepted by the kernel
+        # but never by the process: no greeting and no 421 for seconds.
+        backlog = listen_backlog(config)
+        inherited = self.sockets.get(config.name)
         try:
-            server = await loop.create_server(
-                factory,
-                host=config.address.host,
-                port=config.address.port,
-                ssl=ssl_context,
-                reuse_address=True,
-                # asyncio's default backlog (100) leaves a burst of connections accepted by
-                # the kernel but never by the process: no greeting and no 421 for seconds.
-                backlog=max(512, config.max_sessions),
-            )
+            if inherited is not None:  # a worker: the socket the parent bound (proxy/supervisor.py)
+                server = await loop.create_server(factory, sock=inherited, ssl=ssl_context, backlog=backlog)
+            else:
+                server = await loop.create_server(
+                    factory,
+                    host=config.address.host,
+                    port=config.address.port,
+                    ssl=ssl_context,
+                    reuse_address=True,
+                    backlog=backlog,
+                )
         except OSError as exc:
             raise OSError(
                 exc.errno, f"cannot listen on {config.address} for listener {config.name!r}: {exc.strerror}"
@@ -447,7 +490,7 @@ class App:
         address = settings.http.address
         assert address is not None
         self._http_runner, self.http_bound = await start_site(
-            build_http_app(self.services.metrics, self), address, "HTTP"
+            build_http_app(self.services.metrics, self, registry=self.metrics_registry), address, "HTTP"
         )
 
     def _log_inventory(self, settings: Settings) -> None:
@@ -509,6 +552,10 @@ class App:
                     await asyncio.wait_for(runtime.pauses.count("readiness-probe", 1), _PROBE_TIMEOUT)
                 except Exception as exc:
                     degraded.append(f"state store: {type(exc).__name__}; rate limits and pauses fail open")
+        if self.readiness_extra is not None:
+            extra, extra_problems = self.readiness_extra()
+            detail.update(extra)
+            problems.extend(extra_problems)
         if problems:
             detail["problems"] = problems
         if degraded:
@@ -658,6 +705,8 @@ class App:
             metrics.config_last_reload_time.set_to_current_time()
             self._start_blocklist_watch(settings)
             log.info("config reloaded (%s): %s", reason, settings.digest)
+            if self.on_reload is not None:
+                self.on_reload(reason)
             for warning in _name_warnings(settings, self.services.hostname):
                 log.warning("%s", warning)
             self._log_inventory(settings)
@@ -778,6 +827,10 @@ class App:
             self._services.audit.close()
 
 
+def listen_backlog(config: ListenerConfig) -> int:
+    return max(512, config.max_sessions)
+
+
 def _soft_opt_in_rules(settings: Settings) -> SoftOptInRules:
     """The soft opt-in scope of the configured consent check, so the recipient's page judges
     as the proxy does (found by its option, not by the policy's name)."""
@@ -800,7 +853,7 @@ async def serve(config_path: str, overrides: Mapping[str, str]) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: app._spawn(app.reload("SIGHUP")))
-    log.info("sendguard %s ready", __version__)
+    log.info("sendguard %s ready (event loop %s)", __version__, type(loop).__module__.split(".")[0])
     await stop.wait()
     log.info("stopping: draining transactions in flight")
     await app.stop()

@@ -40,10 +40,13 @@ __all__ = (
     "address_in",
     "Rate",
     "Size",
+    "Workers",
+    "cores",
     "doc",
     "parse_duration",
     "parse_rate",
     "parse_size",
+    "parse_workers",
 )
 
 T = TypeVar("T")
@@ -92,6 +95,38 @@ class Size(int):
 
     def __repr__(self) -> str:
         return f"Size({int(self)})"
+
+
+class Workers(int):
+    """A number of worker processes, written as a whole number or ``auto`` (one per core)."""
+
+    def __repr__(self) -> str:
+        return f"Workers({int(self)})"
+
+
+#: More workers than this is a typo, not a machine: each one holds its own pools and caches.
+MAX_WORKERS = 256
+
+
+def cores() -> int:
+    """The cores this process may run on (taskset, a cgroup cpuset), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def parse_workers(text: str) -> Workers:
+    text = text.strip()
+    if text.lower() == "auto":
+        return Workers(cores())
+    try:
+        count = int(text.replace("_", ""))
+    except ValueError:
+        raise ValueError(f"expected a whole number of worker processes or auto, not {text!r}") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise ValueError(f"workers must be from 1 to {MAX_WORKERS} (or auto), not {count}")
+    return Workers(count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +409,8 @@ class Converter:
             return parse_rate(text)
         if tp is HostPort:
             return parse_hostport(text)
+        if tp is Workers:
+            return parse_workers(text)
         raise TypeError(f"unsupported type in schema: {tp!r}")
 
     def _network(self, node: yaml.Node, path: str) -> Any:

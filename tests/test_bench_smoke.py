@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import ROOT, need_program
 
-TARGETS = ["direct", "naive", "sendguard", "sendguard-noaudit"]
+TARGETS = ["direct", "naive", "sendguard", "sendguard-noaudit", "sendguard-w2"]  # w2: workers: 2 on Redis
 
 
 @pytest.mark.external
@@ -74,5 +74,12 @@ def test_benchmark_relays_every_message_through_every_target(tmp_path: Path) -> 
     for row in report["summary"]:
         assert set(row["messages_per_s"]) == set(TARGETS)
         assert all(rate > 0 for rate in row["messages_per_s"].values())
-        for ratio in ("sendguard_vs_direct", "sendguard_vs_naive", "naive_vs_direct", "sendguard_audit_on_vs_off"):
+        for ratio in (
+            "sendguard_vs_direct",
+            "sendguard_vs_naive",
+            "naive_vs_direct",
+            "sendguard_audit_on_vs_off",
+            "sendguard_w2_vs_w1",
+            "sendguard_w2_vs_naive",
+        ):
             assert row[ratio] > 0, ratio

@@ -91,6 +91,7 @@ class WebhookMetrics:
             "sendguard_webhook_outbox",
             "Webhook deliveries in the outbox: pending (not yet delivered) and failed (given up after max_age)",
             ["state"],
+            multiprocess_mode="livemax",  # set by the one deliverer (proxy/supervisor.py)
             registry=registry,
         )
         self.attempts = Counter(

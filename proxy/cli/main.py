@@ -11,8 +11,9 @@ import asyncio
 import getpass
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from proxy.relay.classify import Classifier
 from proxy.relay.intake import MessageRefused, prepare_message
 from proxy.relay.pipeline import Pipeline, PolicyResult, StageDecision
 from proxy.reputation.bounces import Bounces
-from proxy.schema import parse_hostport
+from proxy.schema import parse_hostport, parse_workers
 from proxy.smtp.auth import add_user, delete_user, list_users
 from proxy.stores.consent import ConsentStore, ConsentStoreError, open_consent_store
 from proxy.stores.pauses import MemoryPauseStore
@@ -46,12 +47,21 @@ __all__ = ("main",)
 EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_START_FAILED = 0, 1, 2, 3
 
 
-def _hostport(text: str) -> str:
-    try:
-        parse_hostport(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type: the text as given, once ``parse`` accepts it."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return check
+
+
+_hostport = _checked(parse_hostport)
+_workers = _checked(parse_workers)
 
 
 def _upstream(text: str) -> str:
@@ -71,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", type=_hostport, help="HOST:PORT for the first listener")
     serve.add_argument("--upstream", type=_upstream, help="HOST:PORT of the upstream MTA, or maildir:PATH")
     serve.add_argument("--http", type=_hostport, help="HOST:PORT for /metrics, /healthz, /readyz")
+    serve.add_argument(
+        "--workers", type=_workers, help="SMTP worker processes, or auto (one per core); overrides workers:"
+    )
 
     check = commands.add_parser("check", help="run the policies on a message offline; print the decision as JSON")
     check.add_argument("--config", required=True, help="YAML config file")
@@ -167,12 +180,21 @@ def _print_config_error(exc: ConfigError) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from proxy.app import serve
+    from proxy.supervisor import WORKER_ENV, Supervisor, serve_worker
 
-    overrides = {k: v for k, v in (("listen", args.listen), ("upstream", args.upstream), ("http", args.http)) if v}
+    given = (("listen", args.listen), ("upstream", args.upstream), ("http", args.http), ("workers", args.workers))
+    overrides = {k: v for k, v in given if v}
     settings = load_config(args.config, overrides=overrides)  # refuse to start on bad config
-    configure_logging(settings.logging.format, settings.logging.level)
+    worker = os.environ.get(WORKER_ENV)  # set by the supervising parent for its workers
+    fields = {"worker": int(worker.split(";", 1)[0]), "pid": os.getpid()} if worker else None
+    configure_logging(settings.logging.format, settings.logging.level, fields=fields)
     try:
-        return asyncio.run(serve(args.config, overrides))
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            if worker:
+                return runner.run(serve_worker(args.config, overrides, worker))
+            if settings.workers > 1:
+                return runner.run(Supervisor(settings, args.config, overrides).run())
+            return runner.run(serve(args.config, overrides))
     except (OSError, ConsentStoreError) as exc:
         logging.getLogger("sendguard").error("cannot start: %s", exc)
         return EXIT_START_FAILED
@@ -180,6 +202,20 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         stop_logging()  # flush every queued line before the process ends
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """``event_loop``: uvloop's loop (libuv) when chosen or, for auto, installed; else asyncio's."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":  # the config check said it is there: a broken install
+            raise
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _config_check(path: str) -> int:

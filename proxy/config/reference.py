@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 
 from policies import REGISTRY
 from proxy.config.settings import PolicyEntry, Settings, _PolicyCommon
-from proxy.schema import _DURATION_UNITS, _SIZE_UNITS, Duration, HostPort, Rate, Size
+from proxy.schema import _DURATION_UNITS, _SIZE_UNITS, Duration, HostPort, Rate, Size, Workers
 
 __all__ = ("config_reference", "config_schema")
 
@@ -120,6 +120,9 @@ def _type(tp: Any) -> dict[str, Any]:
     elif tp is Size:
         scalar = {"anyOf": [{"type": "string", "pattern": _SIZE}, {"type": "integer", "minimum": 0}]}
         scalar["description"] = "a size: 512KB, 25MB, 1GB (binary multiples; a bare number is bytes, with a warning)"
+    elif tp is Workers:
+        scalar = {"anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]}
+        scalar["description"] = "a number of processes, or auto: one per core"
     elif tp is Rate:
         return {"type": "string", "pattern": _RATE, "description": "a rate: 30/min, 10000/day, 5/10m"}
     elif tp is HostPort:
@@ -209,6 +212,8 @@ def _type_name(tp: Any) -> str:
         return "policy"
     if dataclasses.is_dataclass(tp) and isinstance(tp, type) and tp not in (HostPort, Rate):
         return "section"
+    if tp is Workers:
+        return "number or `auto`"
     return {str: "text", bool: "true/false", int: "number", float: "number"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,10 +45,12 @@ from proxy.schema import (
     HostPort,
     IPNetwork,
     Size,
+    Workers,
     compose,
     doc,
     is_invalid,
     parse_hostport,
+    parse_workers,
 )
 from proxy.stores.consent import ConsentStoreConfig
 from proxy.stores.limits import LimitStoreConfig
@@ -423,6 +426,17 @@ class StoresConfig:
 class Settings:
     listeners: tuple[ListenerConfig, ...] = doc("where clients connect")
     upstream: UpstreamConfig = doc("where accepted mail goes", default_factory=UpstreamConfig)
+    workers: Workers = doc(
+        "processes that accept SMTP connections (auto: one per core); above 1 a supervising parent holds the "
+        "listening sockets, restarts a worker that dies and runs the HTTP side and background jobs once; "
+        "needs stores.state.backend: redis. A change needs a restart",
+        default=Workers(1),
+    )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = doc(
+        "the event loop of each process: uvloop (libuv, pip install 'sendguard[fast]'), the standard asyncio "
+        "one, or auto: uvloop when it is installed. A change needs a restart",
+        default="auto",
+    )
     users_file: str = doc("AUTH users and salted password hashes (sendguard user add)", default="var/users")
     message: MessageLimits = doc("message checks made before any policy", default_factory=MessageLimits)
     timeouts: Timeouts = doc("client time limits", default_factory=Timeouts)
@@ -615,28 +629,30 @@ def parse_upstream_address(text: str) -> str:
 
 
 def _apply_overrides(settings: Settings, overrides: Mapping[str, str], conv: Converter) -> Settings:
-    if overrides.get("listen"):
+    def listen(s: Settings, address: HostPort) -> Settings:
+        return dataclasses.replace(
+            s, listeners=(dataclasses.replace(s.listeners[0], address=address), *s.listeners[1:])
+        )
+
+    flags: tuple[tuple[str, Callable[[str], Any], Callable[[Settings, Any], Settings]], ...] = (
+        ("listen", parse_hostport, listen),
+        (
+            "upstream",
+            parse_upstream_address,
+            lambda s, address: dataclasses.replace(s, upstream=dataclasses.replace(s.upstream, address=address)),
+        ),
+        ("workers", parse_workers, lambda s, workers: dataclasses.replace(s, workers=workers)),
+        ("http", parse_hostport, lambda s, address: dataclasses.replace(s, http=HTTPConfig(address=address))),
+    )
+    for key, parse, apply in flags:
+        if not overrides.get(key):
+            continue
         try:
-            address = parse_hostport(overrides["listen"])
+            value = parse(overrides[key])
         except ValueError as exc:
-            conv.error_at("--listen", str(exc))
+            conv.error_at(f"--{key}", str(exc))
         else:
-            first = dataclasses.replace(settings.listeners[0], address=address)
-            settings = dataclasses.replace(settings, listeners=(first, *settings.listeners[1:]))
-    if overrides.get("upstream"):
-        try:
-            upstream = parse_upstream_address(overrides["upstream"])
-        except ValueError as exc:
-            conv.error_at("--upstream", str(exc))
-        else:
-            settings = dataclasses.replace(settings, upstream=dataclasses.replace(settings.upstream, address=upstream))
-    if overrides.get("http"):
-        try:
-            http = parse_hostport(overrides["http"])
-        except ValueError as exc:
-            conv.error_at("--http", str(exc))
-        else:
-            settings = dataclasses.replace(settings, http=HTTPConfig(address=http))
+            settings = apply(settings, value)
     return settings
 
 
@@ -647,6 +663,17 @@ CLIENT_DATA_TERMINATION_WAIT = 600.0
 def _validate(settings: Settings, conv: Converter) -> None:
     """Cross-field rules, one place, each reported with the path of the value at fault."""
     err = conv.error_at
+    if settings.workers > 1 and settings.stores.state.backend == "memory":
+        # Each worker process would keep its own budgets, pauses and bounce counts: a limit of
+        # 100/hour would let 100 per worker through, and a pause would hold in one worker only.
+        err(
+            "workers",
+            f"workers: {int(settings.workers)} needs the shared state in Redis (the in-memory store is per "
+            "process: each worker would keep its own rate-limit budgets and pauses); set stores.state.backend: "
+            "redis with stores.state.url, or run workers: 1",
+        )
+    if settings.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        err("event_loop", "uvloop is not installed: pip install 'sendguard[fast]', or set event_loop: auto")
     if not settings.listeners:
         err("listeners", "at least one listener is needed")
     names: set[str] = set()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from proxy.observability.metrics import Metrics
@@ -26,10 +26,14 @@ _SECURITY_HEADERS = {
 }
 
 
-def build_http_app(metrics: Metrics, health: HealthSource) -> web.Application:
+def build_http_app(
+    metrics: Metrics, health: HealthSource, *, registry: CollectorRegistry | None = None
+) -> web.Application:
+    """``registry``: what /metrics shows when not this process's own (the supervising parent
+    shows every worker's, proxy/supervisor.py)."""
     # prometheus_client's own handler: the text format or OpenMetrics as the scraper's Accept
     # header asks (Prometheus asks for OpenMetrics first), gzip when Accept-Encoding allows.
-    exposition = make_aiohttp_handler(metrics.registry)
+    exposition = make_aiohttp_handler(registry or metrics.registry)
 
     async def metrics_view(request: web.Request) -> web.StreamResponse:
         response = await exposition(request)
@@ -70,7 +74,8 @@ async def start_site(app: web.Application, address: HostPort, what: str) -> tupl
         raise OSError(exc.errno, f"cannot listen on {address} for {what}: {exc.strerror}") from exc
     server = site._server
     bound = (address.host, address.port)
-    if isinstance(server, asyncio.base_events.Server) and server.sockets:
-        sockname = server.sockets[0].getsockname()
+    sockets = getattr(server, "sockets", None)  # asyncio's Server and uvloop's (event_loop: uvloop) have them
+    if sockets:
+        sockname = sockets[0].getsockname()
         bound = (str(sockname[0]), int(sockname[1]))
     return runner, bound

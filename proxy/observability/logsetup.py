@@ -9,6 +9,7 @@ which would show AUTH exchanges at debug level, is kept at WARNING).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import logging.handlers
@@ -21,6 +22,8 @@ from typing import Any, TextIO
 __all__ = ("AuditLog", "JsonFormatter", "LogfmtFormatter", "configure_logging", "stop_logging")
 
 _listener: logging.handlers.QueueListener | None = None
+#: Fields on every line of this process (a worker's number and pid, proxy/supervisor.py).
+_process_fields: dict[str, Any] = {}
 
 
 def _base(record: logging.LogRecord) -> dict[str, Any]:
@@ -29,6 +32,7 @@ def _base(record: logging.LogRecord) -> dict[str, Any]:
         "level": record.levelname.lower(),
         "logger": record.name,
         "msg": record.getMessage(),
+        **_process_fields,
     }
     fields = getattr(record, "fields", None)
     if isinstance(fields, dict):
@@ -57,10 +61,14 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(f"{key}={_logfmt_value(value)}" for key, value in _base(record).items() if value is not None)
 
 
-def configure_logging(fmt: str = "logfmt", level: str = "info", stream: TextIO | None = None) -> None:
-    """Route every sendguard log line through one queue to stdout."""
+def configure_logging(
+    fmt: str = "logfmt", level: str = "info", stream: TextIO | None = None, fields: dict[str, Any] | None = None
+) -> None:
+    """Route every sendguard log line through one queue to stdout; ``fields`` go on every line."""
     global _listener
     stop_logging()
+    _process_fields.clear()
+    _process_fields.update(fields or {})
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
     log_queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
@@ -101,6 +109,41 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
+class _SharedRotatingFileHandler(_PrivateRotatingFileHandler):
+    """The same file written by several worker processes (proxy/supervisor.py).
+
+    Each line is one ``write()`` on an ``O_APPEND`` descriptor, so lines never interleave;
+    rotating is what needs care: every write holds an ``flock`` on ``PATH.lock`` while it
+    checks the size, rotates and writes, and first reopens the file when another process has
+    rotated it (the path names another inode), so no process keeps writing into ``PATH.1``
+    and no rotation happens twice.
+    """
+
+    def __init__(self, filename: str, maxBytes: int, backupCount: int, encoding: str) -> None:
+        super().__init__(filename, maxBytes=maxBytes, backupCount=backupCount, encoding=encoding)
+        self._lock_fd = os.open(self.baseFilename + ".lock", os.O_WRONLY | os.O_CREAT, AUDIT_FILE_MODE)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            if self.stream is not None:
+                try:
+                    current = os.stat(self.baseFilename).st_ino
+                except FileNotFoundError:
+                    current = -1
+                if current != os.fstat(self.stream.fileno()).st_ino:
+                    self.stream.close()
+                    self.stream = self._open()
+            super().emit(record)
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        super().close()
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+
+
 class AuditLog:
     """One JSON line per transaction, flushed per line, rotated by size.
 
@@ -108,7 +151,7 @@ class AuditLog:
     policy, on what basis, and what the upstream said.
     """
 
-    def __init__(self, path: str | None, max_size: int, keep: int) -> None:
+    def __init__(self, path: str | None, max_size: int, keep: int, *, shared: bool = False) -> None:
         self.path = path
         self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
         self._listener: logging.handlers.QueueListener | None = None
@@ -117,7 +160,8 @@ class AuditLog:
         if path is None:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        handler = _PrivateRotatingFileHandler(path, maxBytes=max_size, backupCount=keep, encoding="utf-8")
+        kind = _SharedRotatingFileHandler if shared else _PrivateRotatingFileHandler
+        handler = kind(path, maxBytes=max_size, backupCount=keep, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(message)s"))
         self._logger.addHandler(logging.handlers.QueueHandler(self._queue))
         self._listener = logging.handlers.QueueListener(self._queue, handler)

@@ -27,7 +27,7 @@ from policies.base import MESSAGE_CLASSES
 if TYPE_CHECKING:
     from proxy.stores.pauses import Pause
 
-__all__ = ("Metrics",)
+__all__ = ("FORGOTTEN_AT_ZERO", "Metrics")
 
 # The *_created series double the number of series and no dashboard or alert uses them; a
 # counter's reset shows in rate() anyway. Process-wide in prometheus_client: set at import.
@@ -68,6 +68,11 @@ _PAUSE_SCOPES = ("class", "sender", "all")
 #: The retry queue (proxy/relay/spool.py): what a row is, and what became of an attempt.
 SPOOL_KINDS = ("copy", "dsn")
 SPOOL_RESULTS = ("delivered", "deferred", "failed")
+#: Gauges whose series come and go (the config digest, a pause's end). With several worker
+#: processes prometheus_client keeps each process's values in a file, where ``remove()`` and
+#: ``clear()`` cannot reach: a series is set to 0 before it is removed, and the aggregating
+#: collector (proxy/supervisor.py) leaves out the zeros of these families.
+FORGOTTEN_AT_ZERO = frozenset({"sendguard_config_info", "sendguard_pause_until_timestamp_seconds"})
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -78,19 +83,35 @@ class Metrics:
         # process_* (CPU, memory, open fds, start time) and python_info, as every exporter has.
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
-        self.build_info = Gauge("sendguard_build_info", "Version of sendguard", ["version", "python"], registry=r)
+        self.build_info = Gauge(
+            "sendguard_build_info",
+            "Version of sendguard",
+            ["version", "python"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.build_info.labels(version, platform.python_version()).set(1)
-        self.config_info = Gauge("sendguard_config_info", "Hash of the running config file", ["digest"], registry=r)
+        self.config_info = Gauge(
+            "sendguard_config_info",
+            "Hash of the running config file",
+            ["digest"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.config_reloads = Counter(
             "sendguard_config_reloads_total", "Config reloads by result", ["result"], registry=r
         )
         self.config_last_reload_success = Gauge(
             "sendguard_config_last_reload_success",
             "1 when the last reload succeeded, 0 when it was refused",
+            multiprocess_mode="livemin",
             registry=r,
         )
         self.config_last_reload_time = Gauge(
-            "sendguard_config_last_reload_timestamp_seconds", "When the config was last (re)loaded", registry=r
+            "sendguard_config_last_reload_timestamp_seconds",
+            "When the config was last (re)loaded",
+            multiprocess_mode="livemax",
+            registry=r,
         )
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
@@ -99,11 +120,18 @@ class Metrics:
         self.sessions = Counter(
             "sendguard_sessions_total", "Client sessions by listener and outcome", ["listener", "outcome"], registry=r
         )
-        self.sessions_active = Gauge("sendguard_sessions_active", "Open client sessions", ["listener"], registry=r)
+        self.sessions_active = Gauge(
+            "sendguard_sessions_active",
+            "Open client sessions",
+            ["listener"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.listener_stress = Gauge(
             "sendguard_listener_stress",
             "1 while the listener's sessions are past stress_at of max_sessions (short idle and command limits)",
             ["listener"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.auth = Counter("sendguard_auth_total", "AUTH attempts by result", ["listener", "result"], registry=r)
@@ -194,11 +222,15 @@ class Metrics:
         self.upstream_up = Gauge(
             "sendguard_upstream_up",
             "1 while the upstream's last connection attempt or reply worked, 0 after a failed attempt",
+            multiprocess_mode="livemostrecent",
             registry=r,
         )
         self.upstream_up.set(1)  # nothing tried yet: nothing known to be wrong (as /readyz)
         self.transactions_in_flight = Gauge(
-            "sendguard_transactions_in_flight", "Transactions between MAIL and their end", registry=r
+            "sendguard_transactions_in_flight",
+            "Transactions between MAIL and their end",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.transaction_duration = Histogram(
             "sendguard_transaction_duration_seconds",
@@ -225,6 +257,7 @@ class Metrics:
             "sendguard_pause_until_timestamp_seconds",
             "When the latest pause in force ends, by scope and reason (the rule or check that paused)",
             ["scope", "reason"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.consent_lookups = Counter(
@@ -245,7 +278,11 @@ class Metrics:
             for result in ("ok", "error"):
                 self.consent_lookups.labels(operation, result)
         self.upstream_connections = Gauge(
-            "sendguard_upstream_connections", "Upstream connections by state", ["state"], registry=r
+            "sendguard_upstream_connections",
+            "Upstream connections by state",
+            ["state"],
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.backoff_matches = Counter(
             "sendguard_backoff_matches_total", "Upstream replies that matched a backoff rule", ["rule"], registry=r
@@ -253,7 +290,13 @@ class Metrics:
         self.backoff_pauses = Counter(
             "sendguard_backoff_pauses_total", "Pauses started by a backoff rule", ["rule", "scope"], registry=r
         )
-        self.pauses_active = Gauge("sendguard_pauses_active", "Pauses in force, by scope", ["scope"], registry=r)
+        self.pauses_active = Gauge(
+            "sendguard_pauses_active",
+            "Pauses in force, by scope",
+            ["scope"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.paused_transactions = Counter(
             "sendguard_paused_transactions_total", "Transactions deferred because of a pause", ["scope"], registry=r
         )
@@ -264,6 +307,8 @@ class Metrics:
             registry=r,
         )
         self._pause_counts: tuple[int, ...] = (0, 0, 0)
+        self._digest: str | None = None
+        self._blocklist_keys: set[tuple[str, str]] = set()
         self._pause_ends: dict[tuple[str, str], float] = {}
         for scope in _PAUSE_SCOPES:
             self.pauses_active.labels(scope)
@@ -312,19 +357,27 @@ class Metrics:
             "sendguard_blocklist_listed",
             "Configured sending IPs or domains listed",
             ["zone", "target_kind"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.blocklist_unknown = Gauge(
             "sendguard_blocklist_unknown",
             "Configured targets whose listing is unknown (timeout, SERVFAIL, refused)",
             ["zone", "target_kind"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.blocklist_last_check = Gauge(
-            "sendguard_blocklist_last_check_timestamp_seconds", "End of the last blocklist round", registry=r
+            "sendguard_blocklist_last_check_timestamp_seconds",
+            "End of the last blocklist round",
+            multiprocess_mode="livemax",
+            registry=r,
         )
         self.commercial_paused_by_blocklist = Gauge(
-            "sendguard_blocklist_pausing_commercial", "1 while a listing pauses commercial mail", registry=r
+            "sendguard_blocklist_pausing_commercial",
+            "1 while a listing pauses commercial mail",
+            multiprocess_mode="livemax",
+            registry=r,
         )
         self.dkim_signatures = Counter(
             "sendguard_dkim_signatures_total", "Messages by DKIM signing result", ["result"], registry=r
@@ -338,10 +391,17 @@ class Metrics:
             registry=r,
         )
         self.spool_messages = Gauge(
-            "sendguard_spool_messages", "Messages in the retry queue, by kind (copy, dsn)", ["kind"], registry=r
+            "sendguard_spool_messages",
+            "Messages in the retry queue, by kind (copy, dsn)",
+            ["kind"],
+            multiprocess_mode="livemax",
+            registry=r,
         )
         self.spool_oldest_age = Gauge(
-            "sendguard_spool_oldest_age_seconds", "Age of the oldest message in the retry queue (0: empty)", registry=r
+            "sendguard_spool_oldest_age_seconds",
+            "Age of the oldest message in the retry queue (0: empty)",
+            multiprocess_mode="livemax",
+            registry=r,
         )
         self.spool_deliveries = Counter(
             "sendguard_spool_deliveries_total",
@@ -404,8 +464,11 @@ class Metrics:
         self, gauges: dict[tuple[str, str], tuple[int, int]], pausing: bool, last_check: float | None
     ) -> None:
         """From the blocklist watcher: (zone, target kind) -> (listed, unknown) counts."""
-        self.blocklist_listed.clear()
-        self.blocklist_unknown.clear()
+        for key in self._blocklist_keys - gauges.keys():  # a zone no longer watched (0 under workers)
+            for gauge in (self.blocklist_listed, self.blocklist_unknown):
+                gauge.labels(*key).set(0)
+                gauge.remove(*key)
+        self._blocklist_keys = set(gauges)
         for (zone, kind), (listed, unknown) in gauges.items():
             self.blocklist_listed.labels(zone, kind).set(listed)
             self.blocklist_unknown.labels(zone, kind).set(unknown)
@@ -414,7 +477,10 @@ class Metrics:
             self.blocklist_last_check.set(last_check)
 
     def set_config(self, digest: str) -> None:
-        self.config_info.clear()
+        if self._digest is not None and self._digest != digest:
+            self.config_info.labels(self._digest).set(0)  # FORGOTTEN_AT_ZERO
+            self.config_info.remove(self._digest)
+        self._digest = digest
         self.config_info.labels(digest).set(1)
 
     # ---- PipelineObserver -------------------------------------------------------------
@@ -440,6 +506,7 @@ class Metrics:
         if ends != self._pause_ends:
             # A pause that ended leaves no series behind: an alert on this gauge ends with it.
             for key in self._pause_ends.keys() - ends.keys():
+                self.pause_until.labels(*key).set(0)  # FORGOTTEN_AT_ZERO
                 self.pause_until.remove(*key)
             for key, until in ends.items():
                 self.pause_until.labels(*key).set(until)

@@ -598,8 +598,9 @@ class UnsubscribeServers:
             ) from exc
         self._runner = runner
         server = site._server
-        if isinstance(server, asyncio.base_events.Server) and server.sockets:
-            host, port = server.sockets[0].getsockname()[:2]
+        sockets = getattr(server, "sockets", None)  # asyncio's Server and uvloop's both have them
+        if sockets:
+            host, port = sockets[0].getsockname()[:2]
             self.http_bound = (str(host), int(port))
         if config.mailto is not None and config.mailto.listen is not None:
             try:

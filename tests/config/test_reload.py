@@ -10,7 +10,7 @@ import smtplib
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,22 +90,15 @@ async def test_file_change_is_picked_up_by_the_watcher(upstream: FakeUpstream, p
 
 
 class ServeProcess:
-    def __init__(self, config: Path, workdir: Path) -> None:
+    """``sendguard serve`` as a real process (``args`` after the config); its JSON log lines."""
+
+    def __init__(
+        self, config: Path, workdir: Path, args: Sequence[str] = ("--listen", "127.0.0.1:0", "--http", "127.0.0.1:0")
+    ) -> None:
         self.log_path = workdir / "serve.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "proxy",
-                "serve",
-                "--config",
-                str(config),
-                "--listen",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-            ],
+            [sys.executable, "-m", "proxy", "serve", "--config", str(config), *args],
             cwd=workdir,
             stdout=self.log,
             stderr=subprocess.STDOUT,
