@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", type=_upstream, help="HOST:PORT of the upstream MTA, or maildir:PATH")
     serve.add_argument("--http", type=_hostport, help="HOST:PORT for /metrics, /healthz, /readyz")
 
+    milter = commands.add_parser("milter", help="serve the policies to an MTA's milter interface (Postfix smtpd_milters)")
+    milter.add_argument("--config", required=True, help="YAML config file")
+    milter.add_argument("--listen", required=True, help="inet:HOST:PORT or unix:PATH (as smtpd_milters names it)")
+    milter.add_argument("--http", type=_hostport, help="HOST:PORT for /metrics, /healthz, /readyz")
+
     check = commands.add_parser("check", help="run the policies on a message offline; print the decision as JSON")
     check.add_argument("--config", required=True, help="YAML config file")
     check.add_argument("--from", dest="sender", help="envelope sender (default: from the headers)")
@@ -127,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "milter":
+            return _milter(args)
         if args.command == "check":
             return _check(args)
         if args.command == "config":
@@ -180,6 +187,36 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         stop_logging()  # flush every queued line before the process ends
+
+
+def _milter(args: argparse.Namespace) -> int:
+    from proxy.app import serve_milter
+    from proxy.milter.server import libmilter_address
+    from proxy.milter.session import milter_config_errors
+
+    overrides = {"http": args.http} if args.http else {}
+    settings = load_config(args.config, overrides=overrides)
+    try:
+        libmilter_address(args.listen)
+    except ValueError as exc:
+        print(f"sendguard: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    errors = milter_config_errors(settings)
+    if errors:  # refuse to start rather than let a policy's remedy silently not happen
+        print(f"sendguard: the config has {len(errors)} problem(s) in milter mode:", file=sys.stderr)
+        for error in errors:
+            print(f"  {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    configure_logging(settings.logging.format, settings.logging.level)
+    try:
+        return asyncio.run(serve_milter(args.config, overrides, args.listen))
+    except (OSError, ConsentStoreError) as exc:
+        logging.getLogger("sendguard").error("cannot start: %s", exc)
+        return EXIT_START_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        stop_logging()
 
 
 def _config_check(path: str) -> int:
