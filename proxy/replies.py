@@ -214,6 +214,7 @@ def rewrite_aiosmtpd_reply(text: str, *, line_length_limit: int, max_message_siz
         return f"{text[:3]} {text[0]}.0.0 {text[4:]}".rstrip()
     return text
 
+
 # ---- where only the one message can leave (milter mode)
 R452_ONE_RECIPIENT_AT_A_TIME = Reply(
     452,

@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", type=_upstream, help="HOST:PORT of the upstream MTA, or maildir:PATH")
     serve.add_argument("--http", type=_hostport, help="HOST:PORT for /metrics, /healthz, /readyz")
 
-    milter = commands.add_parser("milter", help="serve the policies to an MTA's milter interface (Postfix smtpd_milters)")
+    milter = commands.add_parser(
+        "milter", help="serve the policies to an MTA's milter interface (Postfix smtpd_milters)"
+    )
     milter.add_argument("--config", required=True, help="YAML config file")
     milter.add_argument("--listen", required=True, help="inet:HOST:PORT or unix:PATH (as smtpd_milters names it)")
     milter.add_argument("--http", type=_hostport, help="HOST:PORT for /metrics, /healthz, /readyz")
@@ -190,6 +192,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _milter(args: argparse.Namespace) -> int:
+    try:
+        import Milter  # noqa: F401
+    except ImportError:
+        print(
+            "sendguard: milter mode needs pymilter: pip install 'sendguard[milter]' "
+            "(it builds against Sendmail's libmilter: Debian's libmilter-dev)",
+            file=sys.stderr,
+        )
+        return EXIT_START_FAILED
     from proxy.app import serve_milter
     from proxy.milter.server import libmilter_address
     from proxy.milter.session import milter_config_errors

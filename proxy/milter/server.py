@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -20,7 +22,7 @@ from policies.base import Reply
 from proxy import replies as R
 from proxy.milter.session import EndOfMessage, MilterHost, MilterSession, Peer
 
-__all__ = ("MilterServer", "libmilter_address")
+__all__ = ("MilterServer", "libmilter_address", "no_delay")
 
 log = logging.getLogger("sendguard.milter")
 
@@ -58,6 +60,36 @@ def _address(value: Any) -> str:
     return text
 
 
+def no_delay(address: str) -> None:
+    """TCP_NODELAY on libmilter's listening socket (Linux hands it on to every accepted
+    connection). libmilter writes each end-of-message action as its own packet and the MTA
+    answers none of them: with Nagle's algorithm the final accept then waits for the
+    MTA's delayed ACK, 40 ms per message with header edits (measured with miltertest:
+    22 messages/s in sequence without, bench/milter_libraries.py)."""
+    kind, _, rest = address.partition(":")
+    if kind not in ("inet", "inet6"):
+        return
+    port = int(rest.partition("@")[0])
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue  # not a socket
+        with sock:
+            try:
+                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                local = sock.getsockname()
+            except OSError:
+                continue
+            if (
+                listening
+                and sock.family in (socket.AF_INET, socket.AF_INET6)
+                and isinstance(local, tuple)
+                and local[1] == port
+            ):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class MilterServer:
     """The process's one milter listener, answering from the host's running runtime."""
 
@@ -80,12 +112,35 @@ class MilterServer:
 
         Connection.server = server
         Milter.factory = Connection
+        milter = Milter.milter
         # Header edits and, for a footer, the body; nothing else (no recipient changes).
-        Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGBODY)
+        milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGBODY)
         # A callback that raises (a bug) answers 451, never leaves the MTA waiting.
         Milter.set_exception_policy(Milter.TEMPFAIL)
+        # Milter.runmilter's steps, with one added between opening the socket and serving:
+        # TCP_NODELAY (see no_delay).
+        milter.set_connect_callback(Milter.connect_callback)
+        milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+        milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+        milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+        milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+        milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+        milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+        milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+        milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+        milter.set_close_callback(Milter.close_callback)
+        milter.setconn(self.address)
+        milter.settimeout(300)
+        milter.register(
+            "sendguard",
+            data=lambda ctx: ctx.getpriv().data(),
+            unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+            negotiate=Milter.negotiate_callback,
+        )
         try:
-            Milter.runmilter("sendguard", self.address, timeout=300)
+            milter.opensocket(True)
+            no_delay(self.address)
+            milter.main()
         finally:
             self.stopped.set()
 

@@ -32,7 +32,6 @@ __all__ = ("MilterHost", "MilterSession", "MtaUpstream", "Peer", "milter_config_
 log = logging.getLogger("sendguard.milter")
 
 
-
 class MilterHost(Protocol):
     """What a milter session needs from the process (``proxy.app.App`` is one)."""
 
@@ -157,9 +156,7 @@ class MilterSession:
             authenticated=peer.auth_user is not None,
         )
         options = [p.upper() for p in params]
-        relay = RelayTransaction.begin(
-            runtime, self.host.services, txn, smtputf8="SMTPUTF8" in options, hop=hop
-        )
+        relay = RelayTransaction.begin(runtime, self.host.services, txn, smtputf8="SMTPUTF8" in options, hop=hop)
         upstream = MtaUpstream()
         relay.open_upstream = lambda _txn_id: _opened(upstream)
         relay.one_message = True

@@ -71,7 +71,14 @@ async def running_milter(tmp_path: Path, config: dict[str, Any]) -> AsyncIterato
     log_path = tmp_path / "milter.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "sendguard"), "milter", "--config", str(path), "--listen", f"inet:127.0.0.1:{port}"],
+            [
+                str(Path(sys.executable).parent / "sendguard"),
+                "milter",
+                "--config",
+                str(path),
+                "--listen",
+                f"inet:127.0.0.1:{port}",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -102,3 +109,14 @@ async def running_milter(tmp_path: Path, config: dict[str, Any]) -> AsyncIterato
         except subprocess.TimeoutExpired:
             process.kill()
             await asyncio.to_thread(process.wait, 5)
+
+
+def add_consent(config_path: Path, address: str) -> None:
+    """Consent for every topic, recorded with the CLI as an operator would."""
+    sendguard = str(Path(sys.executable).parent / "sendguard")
+    subprocess.run(
+        [sendguard, "consent", "add", "--config", str(config_path), "--topic", "*", "--method", "web_form", address],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )

@@ -4,14 +4,17 @@ scripts): the milter protocol as libmilter speaks it, the answers and the header
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from proxy.milter.server import libmilter_address
 from tests.conftest import need_program
-from tests.milter.harness import RunningMilter, milter_config, running_milter
+from tests.milter.harness import add_consent, milter_config, running_milter
 
 MESSAGE = """
 mt.header(conn, "From", "News <news@example.com>")
@@ -47,20 +50,11 @@ async def miltertest(tmp_path: Path, text: str) -> subprocess.CompletedProcess[s
     program = need_program("miltertest")
     path = tmp_path / "script.lua"
     # miltertest exits 1 on a script error without saying which: say it
-    path.write_text(f"local ok, err = pcall(function()\n{text}\nend)\nif not ok then print('FAILED: ' .. tostring(err)); os.exit(1) end\n")
+    path.write_text(
+        f"local ok, err = pcall(function()\n{text}\nend)\nif not ok then print('FAILED: ' .. tostring(err)); os.exit(1) end\n"
+    )
     return await asyncio.to_thread(
         subprocess.run, [program, "-s", str(path)], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
-def add_consent(milter: RunningMilter, address: str) -> None:
-    sendguard = str(Path(sys.executable).parent / "sendguard")
-    subprocess.run(
-        [sendguard, "consent", "add", "--config", str(milter.tmp_path / "milter.yaml")]
-        + ["--topic", "*", "--method", "web_form", address],
-        check=True,
-        capture_output=True,
-        timeout=30,
     )
 
 
@@ -79,9 +73,12 @@ async def test_commercial_mail_without_consent_is_refused_at_end_of_message(tmp_
 
 async def test_accepted_mail_gets_its_headers_through_milter_actions(tmp_path: Path) -> None:
     async with running_milter(tmp_path, milter_config(tmp_path)) as milter:
-        add_consent(milter, "carol@example.org")
+        add_consent(milter.tmp_path / "milter.yaml", "carol@example.org")
         tail = (
             "if mt.getreply(conn) ~= SMFIR_ACCEPT then error('not accepted') end\n"
+            # our Received field names the client's AUTH state: ESMTPA
+            'if not string.find(mt.getheader(conn, "Received", 0), "with ESMTPA", 1, true) '
+            'then error("not ESMTPA: " .. mt.getheader(conn, "Received", 0)) end\n'
             'if not mt.eom_check(conn, MT_HDRINSERT, "List-Unsubscribe") then error("no List-Unsubscribe") end\n'
             'if not mt.eom_check(conn, MT_HDRINSERT, "List-Unsubscribe-Post", " List-Unsubscribe=One-Click") '
             'then error("no List-Unsubscribe-Post") end\n'
@@ -89,11 +86,14 @@ async def test_accepted_mail_gets_its_headers_through_milter_actions(tmp_path: P
             # Bcc must never reach the recipients: removed through chgheader
             'if not mt.eom_check(conn, MT_HDRCHANGE, "Bcc") then error("Bcc kept") end\n'
         )
-        done = await miltertest(tmp_path, script(milter.port, "carol@example.org", tail, mid="2"))
+        text = script(milter.port, "carol@example.org", tail, mid="2")
+        # Postfix sends the SASL login with MAIL ({auth_authen} in milter_mail_macros)
+        text = text.replace("mt.mailfrom(", 'mt.macro(conn, SMFIC_MAIL, "{auth_authen}", "alice")\nmt.mailfrom(', 1)
+        done = await miltertest(tmp_path, text)
         assert done.returncode == 0, done.stdout + done.stderr + milter.log()[-3000:]
         lines = await milter.wait_audit(1)
         assert lines[-1]["outcome"] == "delivered" and lines[-1]["recipients"] == ["carol@example.org"]
-        assert lines[-1]["helo"] == "client.example.test"
+        assert lines[-1]["helo"] == "client.example.test" and lines[-1]["auth_user"] == "alice"
 
 
 async def test_a_second_recipient_waits_for_its_own_transaction(tmp_path: Path) -> None:
@@ -115,7 +115,15 @@ async def test_garbage_and_a_vanished_mta_leave_the_milter_serving(tmp_path: Pat
         for junk in (b"GET / HTTP/1.0\r\n\r\n" * 10, b"\x40\x00\x00\x00O\x00\x00\x00\x06"):
             reader, writer = await asyncio.open_connection("127.0.0.1", milter.port)
             writer.write(junk)
-            await writer.drain()
+            with contextlib.suppress(OSError):  # it may be closed already
+                await writer.drain()
+                writer.write_eof()
+            # libmilter drops the connection: end of stream (or a reset), nothing answered
+            try:
+                answered = await asyncio.wait_for(reader.read(), 10)
+            except ConnectionResetError:
+                answered = b""
+            assert answered == b""
             writer.close()
         # A session that goes away in the middle of a message
         half = script(milter.port, "bob@example.org", "").split("mt.eom(conn)")[0]
@@ -143,3 +151,12 @@ def test_what_a_milter_cannot_do_is_a_config_error(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert "policies.visible_recipients: remedy: split" in done.stderr and "milter cannot" in done.stderr
+
+
+def test_listen_addresses_in_postfixs_spelling() -> None:
+    assert libmilter_address("inet:127.0.0.1:8891") == "inet:8891@127.0.0.1"
+    assert libmilter_address("inet6:[::1]:8891") == "inet6:8891@::1"
+    assert libmilter_address("unix:/run/sendguard/milter") == "unix:/run/sendguard/milter"
+    for bad in ("127.0.0.1:8891", "inet:8891", "inet:host:0", "unix:"):
+        with pytest.raises(ValueError, match="inet:HOST:PORT or unix:PATH"):
+            libmilter_address(bad)
