@@ -12,7 +12,7 @@ import getpass
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,9 +179,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("listen", args.listen), ("upstream", args.upstream), ("http", args.http)) if v}
     settings = load_config(args.config, overrides=overrides)  # refuse to start on bad config
+    return _run_until_stopped(settings, serve(args.config, overrides))
+
+
+def _run_until_stopped(settings: Settings, main: Coroutine[Any, Any, int]) -> int:
+    """Run a serving command (serve, milter) with the config's logging until it stops."""
     configure_logging(settings.logging.format, settings.logging.level)
     try:
-        return asyncio.run(serve(args.config, overrides))
+        return asyncio.run(main)
     except (OSError, ConsentStoreError) as exc:
         logging.getLogger("sendguard").error("cannot start: %s", exc)
         return EXIT_START_FAILED
@@ -218,16 +223,7 @@ def _milter(args: argparse.Namespace) -> int:
         for error in errors:
             print(f"  {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    configure_logging(settings.logging.format, settings.logging.level)
-    try:
-        return asyncio.run(serve_milter(args.config, overrides, args.listen))
-    except (OSError, ConsentStoreError) as exc:
-        logging.getLogger("sendguard").error("cannot start: %s", exc)
-        return EXIT_START_FAILED
-    except KeyboardInterrupt:
-        return EXIT_OK
-    finally:
-        stop_logging()
+    return _run_until_stopped(settings, serve_milter(args.config, overrides, args.listen))
 
 
 def _config_check(path: str) -> int:

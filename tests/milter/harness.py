@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from tests.conftest import base_config, merge
-from tests.postfix import free_port
+from tests.postfix import free_port, wait_listening
 from tests.unsubscribe.harness import config_section, make_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,21 +86,7 @@ async def running_milter(tmp_path: Path, config: dict[str, Any]) -> AsyncIterato
         )
     running = RunningMilter(process, port, tmp_path, log_path)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"sendguard milter exited {process.returncode}:\n{running.log()}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"sendguard milter never listened:\n{running.log()}") from None
-                await asyncio.sleep(0.1)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            break
+        await wait_listening(port, process, "sendguard milter", running.log)
         yield running
     finally:
         process.terminate()
