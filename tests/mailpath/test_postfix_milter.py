@@ -137,4 +137,5 @@ async def test_sendguard_down_means_tempfail_never_a_silent_pass(upstream: FakeU
     async with postfix_instance(relayhost=f"[127.0.0.1]:{upstream.port}", main_cf=spec) as postfix:
         code, text = await send_from("127.0.0.2", postfix.port, "carol@example.org", "While down")
         assert 400 <= code < 500, (code, text)
-        assert postfix.queue_ids() == [] and upstream.messages == []
+        await postfix.wait_queue_empty()
+        assert upstream.messages == [] and "status=sent" not in postfix.log()
