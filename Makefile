@@ -15,7 +15,9 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	@touch $@
 
+# The system packages first: the test extra builds pymilter against libmilter-dev.
 $(VENV)/.test: pyproject.toml | $(BIN)/python
+	scripts/install-test-tools
 	$(BIN)/pip install --quiet -e ".[test]"
 	@touch $@
 

@@ -279,6 +279,20 @@ class Policy:
         return ()
 
     @classmethod
+    def personal_edits(cls, options: Any) -> bool:
+        """True when this policy, so configured, may give each recipient header fields or a
+        footer of their own (``MessageEdit.per_recipient``, ``per_recipient_footer``). Where
+        only one message can leave (the milter) such mail then takes one recipient at a time."""
+        return False
+
+    @classmethod
+    def splits(cls, options: Any) -> str | None:
+        """Why this policy, so configured, may change the message for each recipient beyond
+        personal fields (``MessageEdit.split_per_recipient``): the option that makes it do so,
+        or None. Such a policy cannot run where only one message can leave (the milter)."""
+        return None
+
+    @classmethod
     def has_stage(cls, stage: str) -> bool:
         """True when the subclass overrides the check for ``stage`` (mail, rcpt, message)."""
         method = getattr(cls, f"check_{stage}")

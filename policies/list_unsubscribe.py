@@ -120,6 +120,10 @@ class ListUnsubscribePolicy(Policy):
     def instruction_headers(cls, options: Any) -> tuple[str, ...]:
         return (options.topic_header,) if options.topic_header else ()
 
+    @classmethod
+    def personal_edits(cls, options: Any) -> bool:
+        return True  # each recipient's own token
+
     async def check_message(self, txn: Transaction) -> Verdict | None:
         message = txn.message
         if message is None:

@@ -23,7 +23,7 @@ import asyncio
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from policies.base import MESSAGE_CLASSES, MessageEdit, Policy, Transaction, Verdict
 from policies.message import Address, ParsedMessage
@@ -118,6 +118,10 @@ class VisibleRecipientsPolicy(Policy):
             for glob in self.internal_domains:
                 if not glob.strip() or "@" in glob:
                     raise ValueError(f"internal_domains: {glob!r} is not a domain glob (e.g. example.com)")
+
+    @classmethod
+    def splits(cls, options: Any) -> str | None:
+        return "remedy: split" if options.remedy == "split" else None
 
     async def check_message(self, txn: Transaction) -> Verdict | None:
         message = txn.message

@@ -694,6 +694,10 @@ class UnsubscribePolicy(Policy):
         )
 
     @classmethod
+    def personal_edits(cls, options: Any) -> bool:
+        return bool(options.remedy == "add_footer")  # each recipient's own footer link
+
+    @classmethod
     def instruction_headers(cls, options: Any) -> tuple[str, ...]:
         if options.remedy == "add_footer" and options.topic_header:
             return (options.topic_header,)

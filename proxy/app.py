@@ -111,8 +111,11 @@ class App:
         role: Role = "single",
         sockets: Mapping[str, socket.socket] | None = None,
         metrics_registry: CollectorRegistry | None = None,
+        smtp: bool = True,
     ) -> None:
         self.settings = settings
+        #: False in milter mode: the MTA owns the SMTP sessions, no SMTP listener is opened.
+        self.smtp = smtp
         self.role: Role = role
         #: Listening sockets bound by the parent, by listener name (the parent's and a worker's).
         self.sockets = dict(sockets or {})
@@ -355,7 +358,7 @@ class App:
         loop = asyncio.get_running_loop()
         background = self.role != "worker"  # HTTP, API, unsubscribe pages, jobs: once, not per worker
         try:
-            for config in settings.listeners:
+            for config in settings.listeners if self.smtp else ():
                 if self.role == "parent":
                     sockname = self.sockets[config.name].getsockname()
                     self.listeners[config.name] = ListenerState(config)
@@ -859,3 +862,32 @@ async def serve(config_path: str, overrides: Mapping[str, str]) -> int:
     await app.stop()
     log.info("stopped")
     return 0
+
+
+async def serve_milter(config_path: str, overrides: Mapping[str, str], listen: str) -> int:
+    """``sendguard milter``: the policies behind the MTA's milter interface until SIGTERM or
+    SIGINT; SIGHUP reloads. No SMTP listener: the MTA owns the sessions and the queue."""
+    from proxy.milter.server import MilterServer
+
+    tune_allocator()
+    settings = load_config(config_path, overrides=overrides)
+    app = App(settings, config_path=config_path, overrides=overrides, smtp=False)
+    await app.start()
+    loop = asyncio.get_running_loop()
+    largest = max((listener.max_message_size for listener in settings.listeners), default=25 * 1024 * 1024)
+    server = MilterServer(app, loop, listen, max_message_size=int(largest))
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: app._spawn(app.reload("SIGHUP")))
+    runner = loop.run_in_executor(None, server.run)
+    runner.add_done_callback(lambda _: stop.set())
+    log.info("sendguard %s milter ready on %s", __version__, listen)
+    await stop.wait()
+    log.info("stopping: draining transactions in flight")
+    server.stop()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(runner, settings.timeouts.shutdown)
+    await app.stop()
+    log.info("stopped")
+    return 0 if not runner.done() or runner.exception() is None else 1

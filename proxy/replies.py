@@ -216,3 +216,19 @@ def rewrite_aiosmtpd_reply(text: str, *, line_length_limit: int, max_message_siz
         # Anything else of aiosmtpd's: add the class's generic enhanced status.
         return f"{text[:3]} {text[0]}.0.0 {text[4:]}".rstrip()
     return text
+
+
+# ---- where only the one message can leave (milter mode)
+R452_ONE_RECIPIENT_AT_A_TIME = Reply(
+    452,
+    "4.5.3",
+    "Too many recipients for this message: sendguard gives each recipient its own unsubscribe link; "
+    "send to the others in another transaction",
+)
+R550_ONE_RECIPIENT_ONLY = Reply(
+    550, "5.5.3", "This message needs a copy of its own for each recipient; send it to one recipient per message"
+)
+R554_ONE_MESSAGE_ONLY = Reply(
+    554, "5.3.3", "This message needs one copy per recipient, which sendguard's milter mode cannot make"
+)
+R451_MILTER_INTERNAL = Reply(451, "4.3.0", "Temporary sendguard milter error; try again later")

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,28 @@ def need_postfix() -> str:
             pytest.fail(reason)
         pytest.skip(reason)
     return program
+
+
+async def wait_listening(
+    port: int, process: subprocess.Popen[bytes], what: str, log: Callable[[], str], timeout: float = 20.0
+) -> None:
+    """Wait until ``process`` accepts connections on 127.0.0.1:``port``; fails with its log
+    when it exits or does not listen in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"{what} did not start (exit {process.returncode}); its log:\n{log()}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} never listened on {port}; its log:\n{log()}") from None
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
 
 
 # Settings every test instance shares: loopback only, no DNS, no local delivery, retries fast
@@ -210,21 +232,7 @@ async def postfix_instance(
         )
     instance = PostfixInstance(directory, port, process, log_path, ports)
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"Postfix did not start (exit {process.returncode}); its log:\n{instance.log()}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"Postfix never listened on {port}; its log:\n{instance.log()}") from None
-                await asyncio.sleep(0.1)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            break
+        await wait_listening(port, process, "Postfix", instance.log, start_timeout)
         yield instance
     finally:
         await asyncio.to_thread(_stop, program, config_directory, process, environment)

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=_workers, help="SMTP worker processes, or auto (one per core); overrides workers:"
     )
 
+    milter = commands.add_parser(
+        "milter", help="serve the policies to an MTA's milter interface (Postfix smtpd_milters)"
+    )
+    milter.add_argument("--config", required=True, help="YAML config file")
+    milter.add_argument("--listen", required=True, help="inet:HOST:PORT or unix:PATH (as smtpd_milters names it)")
+    milter.add_argument("--http", type=_hostport, help="HOST:PORT for /metrics, /healthz, /readyz")
+
     check = commands.add_parser("check", help="run the policies on a message offline; print the decision as JSON")
     check.add_argument("--config", required=True, help="YAML config file")
     check.add_argument("--from", dest="sender", help="envelope sender (default: from the headers)")
@@ -140,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "milter":
+            return _milter(args)
         if args.command == "check":
             return _check(args)
         if args.command == "config":
@@ -187,14 +196,24 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_config(args.config, overrides=overrides)  # refuse to start on bad config
     worker = os.environ.get(WORKER_ENV)  # set by the supervising parent for its workers
     fields = {"worker": int(worker.split(";", 1)[0]), "pid": os.getpid()} if worker else None
+    if worker:
+        main = serve_worker(args.config, overrides, worker)
+    elif settings.workers > 1:
+        main = Supervisor(settings, args.config, overrides).run()
+    else:
+        main = serve(args.config, overrides)
+    return _run_until_stopped(settings, main, fields=fields)
+
+
+def _run_until_stopped(
+    settings: Settings, main: Coroutine[Any, Any, int], *, fields: dict[str, Any] | None = None
+) -> int:
+    """Run a serving command (serve, a worker, milter) with the config's logging and event loop
+    until it stops."""
     configure_logging(settings.logging.format, settings.logging.level, fields=fields)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
-            if worker:
-                return runner.run(serve_worker(args.config, overrides, worker))
-            if settings.workers > 1:
-                return runner.run(Supervisor(settings, args.config, overrides).run())
-            return runner.run(serve(args.config, overrides))
+            return runner.run(main)
     except (OSError, ConsentStoreError) as exc:
         logging.getLogger("sendguard").error("cannot start: %s", exc)
         return EXIT_START_FAILED
@@ -216,6 +235,36 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
+
+
+def _milter(args: argparse.Namespace) -> int:
+    try:
+        import Milter  # noqa: F401
+    except ImportError:
+        print(
+            "sendguard: milter mode needs pymilter: pip install 'sendguard[milter]' "
+            "(it builds against Sendmail's libmilter: Debian's libmilter-dev)",
+            file=sys.stderr,
+        )
+        return EXIT_START_FAILED
+    from proxy.app import serve_milter
+    from proxy.milter.server import libmilter_address
+    from proxy.milter.session import milter_config_errors
+
+    overrides = {"http": args.http} if args.http else {}
+    settings = load_config(args.config, overrides=overrides)
+    try:
+        libmilter_address(args.listen)
+    except ValueError as exc:
+        print(f"sendguard: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    errors = milter_config_errors(settings)
+    if errors:  # refuse to start rather than let a policy's remedy silently not happen
+        print(f"sendguard: the config has {len(errors)} problem(s) in milter mode:", file=sys.stderr)
+        for error in errors:
+            print(f"  {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return _run_until_stopped(settings, serve_milter(args.config, overrides, args.listen))
 
 
 def _config_check(path: str) -> int:

@@ -660,6 +660,10 @@ def _apply_overrides(settings: Settings, overrides: Mapping[str, str], conv: Con
 CLIENT_DATA_TERMINATION_WAIT = 600.0
 
 
+#: The listener label of the transactions ``sendguard milter`` runs (audit line, metrics, rules).
+MILTER_LISTENER = "milter"
+
+
 def _validate(settings: Settings, conv: Converter) -> None:
     """Cross-field rules, one place, each reported with the path of the value at fault."""
     err = conv.error_at
@@ -766,6 +770,11 @@ def _validate(settings: Settings, conv: Converter) -> None:
     if upstream.pool.max_connections < 1:
         err("upstream.pool.max_connections", "must be at least 1")
 
+    # "milter" names the transactions `sendguard milter` runs (the MTA's sessions): rules and
+    # trusted_listeners may name it, a listener may not be called so.
+    if MILTER_LISTENER in names:
+        err("listeners", f"the listener name {MILTER_LISTENER!r} is reserved for sendguard milter")
+    names.add(MILTER_LISTENER)
     for i, rule in enumerate(settings.classes.rules):
         for j, listener_name in enumerate(rule.listeners):
             if listener_name not in names:

@@ -15,12 +15,13 @@ Nothing here needs a client socket: the SMTP session is one caller, the tests ar
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from policies.base import Action, Reply
+from policies.base import Action, MessageEdit, Reply
 from proxy import replies as R
 from proxy.relay.copies import deliver_copies
 from proxy.relay.intake import MessageRefused, prepare_message
@@ -117,6 +118,12 @@ async def _relay_message(
         await t.upstream.abort()
         return decision.reply, None, "rejected" if decision.action is Action.REJECT else "tempfailed"
 
+    if t.one_message and (decision.held or any(edit.fans_out for edit in decision.edits)):
+        one = as_one_message(decision, txn.recipients)
+        if isinstance(one, Reply):
+            await t.upstream.abort()
+            return one, None, "rejected"
+        decision = one
     # The header edits rewrite the header block only; the body stays the received bytes.
     outgoing = apply_edits(content, runtime, decision)
     del content  # from here on the one copy is referenced by ``outgoing`` (and the parse)
@@ -150,6 +157,30 @@ async def _relay_message(
     if upstream_reply.is_success:
         return client_reply, upstream_reply, "delivered"
     return client_reply, upstream_reply, "tempfailed" if upstream_reply.is_temporary else "rejected"
+
+
+def as_one_message(decision: StageDecision, recipients: Sequence[str]) -> StageDecision | Reply:
+    """The decision for an upstream that takes one message (the milter): a single recipient's
+    own header fields and footer become the message's; what needs copies is a refusal that
+    says so (never a message that silently lacks them)."""
+    if decision.held:  # no copy for the others, no DSN for these: the message is refused
+        first = next(iter(decision.held.values()))
+        names = ", ".join(list(decision.held)[:10])
+        return Reply(first.code, first.status, f"{first.text} (recipients: {names})"[:480])
+    edits: list[MessageEdit] = []
+    for edit in decision.edits:
+        if edit.split_per_recipient:
+            return R.R554_ONE_MESSAGE_ONLY
+        personal = set(edit.per_recipient) | set(edit.per_recipient_footer)
+        if len(recipients) > 1 and personal:
+            return R.R550_ONE_RECIPIENT_ONLY
+        add = list(edit.add)
+        footer = edit.footer
+        for recipient in personal:
+            add.extend(edit.per_recipient.get(recipient, ()))
+            footer = edit.per_recipient_footer.get(recipient, footer)
+        edits.append(MessageEdit(add=tuple(add), remove=edit.remove, footer=footer))
+    return dataclasses.replace(decision, edits=edits)
 
 
 def apply_edits(content: bytes, runtime: Runtime, decision: StageDecision) -> Outgoing:

@@ -103,6 +103,12 @@ class RelayTransaction:
     hop: Hop | None = None
     #: Who told sendguard about the client and what (XCLIENT, XFORWARD), for the audit line.
     forwarded: dict[str, Any] | None = None
+    #: Opens the upstream session for a transaction id (None: the runtime's upstream). The
+    #: milter's is the MTA that called it (``proxy.milter``): it takes the final message back.
+    open_upstream: Callable[[str], Awaitable[UpstreamSession]] | None = None
+    #: Only the one message can leave (the milter: the MTA sends what it received): no
+    #: per-recipient copies; a recipient's own edits apply when it is the only recipient.
+    one_message: bool = False
 
     # ---- MAIL -----------------------------------------------------------------------------
 
@@ -154,7 +160,7 @@ class RelayTransaction:
         runtime = self.runtime
         started = time.perf_counter()
         try:
-            upstream = await runtime.upstream.open(self.txn.txn_id)
+            upstream = await (self.open_upstream or runtime.upstream.open)(self.txn.txn_id)
         except UpstreamUnavailable as exc:
             return exc.reply
         self.upstream = upstream
