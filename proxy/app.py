@@ -116,6 +116,9 @@ class App:
         self.settings = settings
         #: False in milter mode: the MTA owns the SMTP sessions, no SMTP listener is opened.
         self.smtp = smtp
+        #: What the serving mode cannot do with a config (milter mode: copies per recipient);
+        #: a reload to a config with problems is refused as a bad file is.
+        self.mode_problems: Callable[[Settings], list[str]] | None = None
         self.role: Role = role
         #: Listening sockets bound by the parent, by listener name (the parent's and a worker's).
         self.sockets = dict(sockets or {})
@@ -668,6 +671,17 @@ class App:
                     extra={"fields": {"problems": [str(i) for i in exc.issues]}},
                 )
                 return False
+            problems = self.mode_problems(settings) if self.mode_problems is not None else []
+            if problems:
+                metrics.config_reloads.labels("failure").inc()
+                metrics.config_last_reload_success.set(0)
+                log.error(
+                    "config reload (%s) refused, keeping the running config: %d problem(s)",
+                    reason,
+                    len(problems),
+                    extra={"fields": {"problems": problems}},
+                )
+                return False
             old = self.runtime
             unchanged = settings.digest == old.settings.digest
             if unchanged and reason != "SIGHUP":
@@ -871,7 +885,10 @@ async def serve_milter(config_path: str, overrides: Mapping[str, str], listen: s
 
     tune_allocator()
     settings = load_config(config_path, overrides=overrides)
+    from proxy.milter.session import milter_config_errors
+
     app = App(settings, config_path=config_path, overrides=overrides, smtp=False)
+    app.mode_problems = milter_config_errors  # a reload may not bring what a milter cannot do
     await app.start()
     loop = asyncio.get_running_loop()
     largest = max((listener.max_message_size for listener in settings.listeners), default=25 * 1024 * 1024)
