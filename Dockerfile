@@ -9,11 +9,16 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY policies ./policies
-RUN pip install --no-cache-dir --prefix=/install .
+# fast: uvloop (event_loop: auto); milter: pymilter for `sendguard milter`, built against
+# Sendmail's libmilter here, which the runtime stage carries as its shared library only.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev libmilter-dev \
+    && pip install --no-cache-dir --prefix=/install ".[fast,milter]"
 
 FROM python:3.11-slim
 ARG UID=10025
-RUN useradd --system --uid "${UID}" --user-group --home-dir /var/lib/sendguard --create-home \
+RUN apt-get update && apt-get install -y --no-install-recommends libmilter1.0.1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid "${UID}" --user-group --home-dir /var/lib/sendguard --create-home \
         --shell /usr/sbin/nologin sendguard \
     && mkdir -p /etc/sendguard
 COPY --from=build /install /usr/local
