@@ -40,6 +40,10 @@ class Faults:
     #: A line sent right after a reply, in the same write, unasked: stage -> line.
     #: ("data-end": after the reply to the final dot; "mail", "rcpt": after those replies.)
     extra_line: dict[str, str] = field(default_factory=dict)
+    #: Seconds to wait before answering the final dot (lets concurrent transactions overlap).
+    data_delay: float = 0.0
+    #: Recipients whose transaction loses its connection at the final dot, without a reply.
+    drop_data_for: set[str] = field(default_factory=set)
 
 
 class RecordingHandler:
@@ -53,6 +57,9 @@ class RecordingHandler:
         self.dsn = False
         self._raw_mail: list[str] = []
         self._raw_rcpt: dict[str, list[str]] = {}
+        #: Transactions between their final dot and its reply, now and at most.
+        self.in_data = 0
+        self.most_in_data = 0
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
@@ -107,6 +114,20 @@ class RecordingHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.commands.append("DATA")
+        self.in_data += 1
+        self.most_in_data = max(self.most_in_data, self.in_data)
+        try:
+            if self.faults.data_delay:
+                await asyncio.sleep(self.faults.data_delay)
+            if self.faults.drop_data_for & set(envelope.rcpt_tos):
+                assert server.transport is not None
+                server.transport.abort()
+                raise asyncio.CancelledError
+            return await self._data_reply(server, envelope)
+        finally:
+            self.in_data -= 1
+
+    async def _data_reply(self, server: SMTP, envelope: Envelope) -> str:
         await self._fault(server, "data-end")
         if self.faults.data_reply:
             return self.faults.data_reply

@@ -165,6 +165,11 @@ class UpstreamConfig:
     helo_name: str | None = doc("name sendguard gives in EHLO (default: the machine's FQDN)", default=None)
     timeouts: UpstreamTimeouts = doc("upstream time limits", default_factory=UpstreamTimeouts)
     pool: UpstreamPool = doc("upstream connection reuse", default_factory=UpstreamPool)
+    copy_concurrency: int = doc(
+        "copies of one message (one per recipient, e.g. personal unsubscribe links) sent at once, each over its "
+        "own pooled connection; never more than pool.max_connections",
+        default=4,
+    )
 
     @property
     def is_maildir(self) -> bool:
@@ -706,6 +711,8 @@ def _validate(settings: Settings, conv: Converter) -> None:
         err("upstream.address", "maildir: needs a path")
     if upstream.pool.max_connections < 1:
         err("upstream.pool.max_connections", "must be at least 1")
+    if upstream.copy_concurrency < 1:
+        err("upstream.copy_concurrency", "must be at least 1 (1: copies one after another)")
 
     for i, rule in enumerate(settings.classes.rules):
         for j, listener_name in enumerate(rule.listeners):
