@@ -6,7 +6,12 @@ Every target is measured in the same run with the same load, side by side, on 12
 * ``naive``: through bench/naive_relay.py (aiosmtpd in, aiosmtplib out, pooled, no policies);
 * ``sendguard``: through ``sendguard serve`` started as a real process with the shipped config
   (policies, classes, audit log, metrics), ``upstream.tls: none``, logging at warning;
-* ``sendguard-noaudit``: the same with ``audit.path: null``, to show what the audit log costs.
+* ``sendguard-noaudit``: the same with ``audit.path: null``, to show what the audit log costs;
+* ``postfix`` (only when named in ``--targets``; needs root): a private Postfix instance
+  (tests/postfix_config.py, the tests' own) relaying everything to the same smtp-sink. Its
+  figure is the rate it *accepted* at (into its queue); the sink must still count every
+  message before the run counts, and its CPU is the whole process tree's (master, smtpd,
+  cleanup, qmgr, smtp).
 
 For each scenario (concurrent sessions, message size, recipients per message) and target, a fresh
 smtp-sink and a fresh relay process are started, warmed up, then smtp-source sends a fixed number
@@ -43,7 +48,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -56,6 +61,9 @@ CODE_DIR = "code"  # the run directory's copy of the sources sendguard runs from
 NAIVE_RELAY = ROOT / "bench" / "naive_relay.py"
 RESULTS = ROOT / "bench" / "results"
 TARGETS = ("direct", "naive", "sendguard", "sendguard-noaudit")
+# Chosen by name with --targets only (not in the default run): a private Postfix needs root.
+OPTIONAL_TARGETS = ("postfix",)
+POSTFIX_SETTLE_TIMEOUT = 120.0  # Postfix answers at its queue; it delivers the backlog after smtp-source ends
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 HELO, SENDER, RECIPIENT = "bench.example", "sender@bench.example", "rcpt@bench.example"
 START_TIMEOUT = 30.0  # seconds for a relay to be ready
@@ -151,6 +159,30 @@ def machine_busy_seconds() -> float:
     return (sum(ticks[:8]) - idle) / CLOCK_TICKS
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process, its live descendants and the children each of them reaped
+    (cutime + cstime, fields 16 and 17 of /proc/PID/stat): Postfix's master and its daemons."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                text = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(text[text.rindex(")") + 2 :].split()[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    total = 0.0
+    for member in tree:
+        with contextlib.suppress(OSError, IndexError):
+            text = Path(f"/proc/{member}/stat").read_text()
+            fields = text[text.rindex(")") + 2 :].split()
+            total += sum(int(x) for x in fields[11:15]) / CLOCK_TICKS
+    return total
+
+
 def peak_rss_mib(pid: int) -> float | None:
     """VmHWM of /proc/PID/status: the resident set's high-water mark."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -244,8 +276,8 @@ class Sink:
         counts = self._COUNTER.findall(self.output_path.read_bytes())
         return int(counts[-1]) if counts else 0
 
-    def wait_delivered(self, expected: int) -> int:
-        deadline = time.monotonic() + SINK_SETTLE_TIMEOUT
+    def wait_delivered(self, expected: int, timeout: float = SINK_SETTLE_TIMEOUT) -> int:
+        deadline = time.monotonic() + timeout
         count = self.delivered()
         while count < expected and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -263,6 +295,16 @@ class Relay:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    #: Stops it (default: SIGTERM to ``process``); Postfix is stopped with ``postfix stop``.
+    stop: Callable[[], None] | None = None
+    #: Its CPU is the whole process tree's (Postfix), not the one process's.
+    tree: bool = False
+
+    def close(self) -> None:
+        if self.stop is not None:
+            self.stop()
+        else:
+            stop_process(self.process)
 
     def log_lines(self) -> list[str]:
         try:
@@ -308,9 +350,33 @@ def bench_config(workdir: Path, *, audit: bool, max_sessions: int) -> tuple[Path
     return path, changes
 
 
+def start_postfix(sink: Sink) -> Relay:
+    """A private Postfix (the tests' own, tests/postfix_config.py) relaying all to the sink."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests import postfix_config
+
+    if os.geteuid() != 0:
+        raise BenchError("the postfix target needs root (Postfix's master runs as root, its daemons as postfix)")
+    program = find_program("postfix")
+    files = postfix_config.prepare(relayhost=f"[127.0.0.1]:{sink.port}")
+    process = postfix_config.start(program, files)
+    relay = Relay(
+        process, files.port, files.log_path, stop=lambda: postfix_config.stop(program, files, process), tree=True
+    )
+    try:
+        wait_for_greeting(files.port, process, "Postfix", files.log_path)
+    except BenchError:
+        relay.close()
+        raise
+    return relay
+
+
 def start_relay(target: str, sink: Sink, workdir: Path, max_sessions: int) -> Relay | None:
     if target == "direct":
         return None
+    if target == "postfix":
+        return start_postfix(sink)
     port = free_port()
     log_path = workdir / f"{target}-{port}.log"
     with open(log_path, "wb") as log:
@@ -412,13 +478,17 @@ def run_once(load: Load, scenario: Scenario, target: str, workdir: Path, max_ses
         warmup = load.warmup_count(scenario)
         if warmup:
             warm = send(load, scenario, port, warmup)
-            if warm.returncode != 0 or sink.wait_delivered(warmup) != warmup:
+            settle = POSTFIX_SETTLE_TIMEOUT if relay is not None and relay.tree else SINK_SETTLE_TIMEOUT
+            if warm.returncode != 0 or sink.wait_delivered(warmup, settle) != warmup:
                 raise BenchError(f"warm-up failed: exit {warm.returncode}: {warm.stderr.decode(errors='replace')}")
         pid = relay.process.pid if relay else None
+        tree = relay is not None and relay.tree
         if load.quiet_wait > 0:
             result["waited_for_quiet_s"] = wait_until_quiet(load.quiet_wait)
         result["load_average_before"] = round(os.getloadavg()[0], 2)
         relay_user, relay_system = cpu_times(pid) if pid else (0.0, 0.0)
+        if tree and pid is not None:  # user and system not told apart: all of it counts as user
+            relay_user, relay_system = tree_cpu_seconds(pid), 0.0
         sink_cpu, load_cpu, machine_cpu = cpu_seconds(sink.process.pid), children_cpu_seconds(), machine_busy_seconds()
         started = time.perf_counter()
         completed = send(load, scenario, port, load.messages)
@@ -428,10 +498,13 @@ def run_once(load: Load, scenario: Scenario, target: str, workdir: Path, max_ses
         sink_cpu = cpu_seconds(sink.process.pid) - sink_cpu
         relay_cpu = 0.0
         if pid is not None:
-            user, system = cpu_times(pid)
+            user, system = (tree_cpu_seconds(pid), 0.0) if tree else cpu_times(pid)
             relay_user, relay_system = user - relay_user, system - relay_system
             relay_cpu = relay_user + relay_system
-        delivered = sink.wait_delivered(warmup + load.messages) - warmup
+        settle = POSTFIX_SETTLE_TIMEOUT if tree else SINK_SETTLE_TIMEOUT
+        delivered = sink.wait_delivered(warmup + load.messages, settle) - warmup
+        if tree:  # Postfix: when its queue had delivered it all, counted from the timed run's start
+            result["delivered_after_s"] = round(time.perf_counter() - started, 3)
         result.update(
             seconds=round(elapsed, 3),
             messages_per_s=round(load.messages / elapsed, 1),
@@ -450,7 +523,7 @@ def run_once(load: Load, scenario: Scenario, target: str, workdir: Path, max_ses
                 "cpu_system_s": round(relay_system, 2),
                 "cpu_ms_per_message": round(1000 * relay_cpu / load.messages, 3),
                 "cpu_utilisation": round(relay_cpu / elapsed, 2),
-                "peak_rss_mib": peak_rss_mib(pid),
+                "peak_rss_mib": None if tree else peak_rss_mib(pid),
             }
         errors = []
         if completed.returncode != 0:
@@ -464,7 +537,7 @@ def run_once(load: Load, scenario: Scenario, target: str, workdir: Path, max_ses
         result.update(ok=False, error=str(exc))
     finally:
         if relay is not None:
-            stop_process(relay.process)
+            relay.close()
             lines = relay.log_lines()
             if "relay" in result:
                 result["relay"]["log_lines"] = len(lines)
@@ -559,6 +632,8 @@ def summarise(
                 "sendguard_vs_naive": ratio(rates.get("sendguard"), rates.get("naive")),
                 "naive_vs_direct": ratio(rates.get("naive"), rates.get("direct")),
                 "sendguard_audit_on_vs_off": ratio(rates.get("sendguard"), rates.get("sendguard-noaudit")),
+                "sendguard_vs_postfix": ratio(rates.get("sendguard"), rates.get("postfix")),
+                "naive_vs_postfix": ratio(rates.get("naive"), rates.get("postfix")),
                 "only_busy_machine_runs": sorted(t for t, flag in noisy_only.items() if flag),
             }
         )
@@ -615,6 +690,14 @@ def print_summary(summary: list[dict[str, Any]], out: TextIO) -> None:
         if row["only_busy_machine_runs"]:
             line += f"  (busy machine: {', '.join(row['only_busy_machine_runs'])})"
         print(line, file=out)
+    if any(row["messages_per_s"].get("postfix") for row in summary):
+        print(f"\n{'median msg/s':<20}{'postfix':>9}{'sg/postfix':>12}{'naive/postfix':>15}", file=out)
+        for row in summary:
+            print(
+                f"{Scenario(**row['scenario']).label:<20}{_cell(row['messages_per_s'].get('postfix'), 9)}"
+                f"{_cell(row['sendguard_vs_postfix'], 12, 3)}{_cell(row['naive_vs_postfix'], 15, 3)}",
+                file=out,
+            )
 
 
 @contextlib.contextmanager
@@ -702,7 +785,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="S:L:R[:d]",
         help="sessions:size:recipients, ':d' for smtp-source -d (session reuse); repeatable (default: built-in list)",
     )
-    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
+    parser.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"comma-separated subset of {','.join((*TARGETS, *OPTIONAL_TARGETS))} (default: all but postfix)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per scenario and target; the median is reported")
     parser.add_argument(
         "--warmup", type=int, default=-1, help="untimed messages first (default: 2 x sessions, at least 20)"
@@ -717,9 +804,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the run directory (configs, relay logs)")
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = sorted(set(targets) - set(TARGETS))
+    known = (*TARGETS, *OPTIONAL_TARGETS)
+    unknown = sorted(set(targets) - set(known))
     if unknown or not targets:
-        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     args.targets = targets
     if args.messages is None:
         args.messages = QUICK_MESSAGES if args.quick else FULL_MESSAGES
