@@ -55,8 +55,9 @@ class RecordingHandler:
         self.rsets = 0
         #: Offer DSN (RFC 3461) and take its parameters.
         self.dsn = False
-        self._raw_mail: list[str] = []
-        self._raw_rcpt: dict[str, list[str]] = {}
+        #: Each transaction's parameters as written, per connection (copies run concurrently).
+        self._raw_mail: dict[int, list[str]] = {}
+        self._raw_rcpt: dict[int, dict[str, list[str]]] = {}
         #: Transactions between their final dot and its reply, now and at most.
         self.in_data = 0
         self.most_in_data = 0
@@ -86,7 +87,7 @@ class RecordingHandler:
             return self.faults.mail_reply
         envelope.mail_from = address
         envelope.mail_options.extend(options)
-        self._raw_mail, self._raw_rcpt = list(getattr(server, "raw_params", [])), {}
+        self._raw_mail[id(server)], self._raw_rcpt[id(server)] = list(getattr(server, "raw_params", [])), {}
         return self._with_extra("mail", "250 2.1.0 Ok")
 
     def _with_extra(self, stage: str, reply: str) -> str:
@@ -104,7 +105,7 @@ class RecordingHandler:
                 envelope.rcpt_tos.append(address)
             return reply
         envelope.rcpt_tos.append(address)
-        self._raw_rcpt[address] = list(getattr(server, "raw_params", []))
+        self._raw_rcpt.setdefault(id(server), {})[address] = list(getattr(server, "raw_params", []))
         return self._with_extra("rcpt", "250 2.1.5 Ok")
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -141,8 +142,8 @@ class RecordingHandler:
                 list(envelope.rcpt_tos),
                 envelope.original_content,
                 list(envelope.mail_options),
-                self._raw_mail,
-                self._raw_rcpt,
+                self._raw_mail.get(id(server), []),
+                self._raw_rcpt.get(id(server), {}),
             )
         )
         return self._with_extra("data-end", f"250 2.0.0 Ok: queued as Q{len(self.messages)}")
