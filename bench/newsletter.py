@@ -59,7 +59,9 @@ from bench.relay_throughput import (  # noqa: E402
     free_port,
     machine,
     peak_rss_mib,
+    run_errors,
     sendguard_command,
+    serve_command,
     snapshot_code,
     stop_process,
     versions,
@@ -277,18 +279,7 @@ def run_once(workdir: Path, target: str, scenario: Scenario, recipients: int, qu
         data = yaml.safe_load(config.read_text())
         data["unsubscribe"]["listen"] = f"127.0.0.1:{free_port()}"
         config.write_text(yaml.safe_dump(data, sort_keys=False))
-        command = [
-            *sendguard_command(),
-            "serve",
-            "--config",
-            str(config),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--upstream",
-            f"127.0.0.1:{upstream_port}",
-            "--http",
-            f"127.0.0.1:{http_port}",
-        ]
+        command = serve_command(config, port, upstream_port, http_port)
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=environment(workdir)
@@ -342,11 +333,7 @@ def run_once(workdir: Path, target: str, scenario: Scenario, recipients: int, qu
             relay_cpu_utilisation=round(cpu / elapsed, 2),
             peak_rss_mib=peak_rss_mib(process.pid),
         )
-        errors = []
-        if completed.returncode != 0:
-            errors.append(f"smtp-source exited {completed.returncode}: {completed.stderr.decode(errors='replace')}")
-        if delivered != messages * recipients:
-            errors.append(f"smtp-sink counted {delivered} of {messages * recipients} copies")
+        errors = run_errors(completed, delivered, messages * recipients, "copies")
         result["ok"] = not errors
         if errors:
             result["error"] = "; ".join(errors)

@@ -10,8 +10,10 @@ in microseconds per message (the warm-up's share included: its messages are coun
     .venv/bin/python bench/profile_relay.py                       # 3000 messages, top 25
     .venv/bin/python bench/profile_relay.py --scenario 10:102400:1 --top 40
 
-The profile is written to bench/results/profile_relay.prof unless --output says otherwise;
-the top lists to stdout and, with --json, to a JSON file.
+The profile (pstats) is written to a temporary file unless --output says where; the top lists
+go to stdout and, with --json, to a JSON file (bench/results/profile_relay.json is the
+committed one). ``--read FILE`` lists an existing profile instead (``--messages`` then says
+how many messages it covers).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import pstats
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ from bench.relay_throughput import (  # noqa: E402
     find_program,
     free_port,
     send,
+    serve_command,
     snapshot_code,
     stop_process,
     wait_for_ready,
@@ -55,24 +59,8 @@ def profile(scenario: Scenario, messages: int, workdir: Path, output: Path) -> i
     config, _ = bench_config(workdir, audit=True, max_sessions=scenario.sessions)
     sink = Sink(find_program("smtp-sink"), workdir)
     port, http_port = free_port(), free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "cProfile",
-        "-o",
-        str(output),
-        "-m",
-        "proxy",
-        "serve",
-        "--config",
-        str(config),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--upstream",
-        f"127.0.0.1:{sink.port}",
-        "--http",
-        f"127.0.0.1:{http_port}",
-    ]
+    profiled = [sys.executable, "-m", "cProfile", "-o", str(output), "-m", "proxy"]
+    command = serve_command(config, port, sink.port, http_port, program=profiled)
     log_path = workdir / "sendguard-profiled.log"
     environment = {**os.environ, "PYTHONPATH": str(workdir / CODE_DIR)}
     with open(log_path, "wb") as log:
@@ -116,17 +104,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenario", type=Scenario.parse, default=Scenario(10, 4096, 1), metavar="S:L:R[:d]")
     parser.add_argument("--messages", type=int, default=3000, help="messages after a warm-up of 200 (default 3000)")
     parser.add_argument("--top", type=int, default=25, help="functions listed per table (default 25)")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "profile_relay.prof")
+    parser.add_argument(
+        "--output", type=Path, default=Path(tempfile.gettempdir()) / "sendguard-profile_relay.prof", help="pstats file"
+    )
+    parser.add_argument("--read", type=Path, help="list this existing profile instead of making one")
     parser.add_argument("--json", type=Path, help="also write the tables as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
     args = parser.parse_args(argv)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with work_directory(args.keep) as workdir:
-            messages = profile(args.scenario, args.messages, workdir, args.output.resolve())
-    except BenchError as exc:
-        print(f"profile_relay: {exc}", file=sys.stderr)
-        return 2
+    if args.read is not None:
+        args.output, messages = args.read, args.messages
+    else:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with work_directory(args.keep) as workdir:
+                messages = profile(args.scenario, args.messages, workdir, args.output.resolve())
+        except BenchError as exc:
+            print(f"profile_relay: {exc}", file=sys.stderr)
+            return 2
     stats = pstats.Stats(str(args.output))
     total = stats.total_tt  # type: ignore[attr-defined]
     tables = {key: top(stats, key, args.top, messages) for key in ("tottime", "cumtime")}

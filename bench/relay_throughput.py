@@ -313,6 +313,35 @@ class Relay:
             return []
 
 
+def serve_command(
+    config: Path, port: int, upstream_port: int, http_port: int, *, program: Sequence[str] = ()
+) -> list[str]:
+    """``sendguard serve`` on 127.0.0.1 with this config, listener, upstream and HTTP port;
+    ``program`` starts it (default: ``sendguard_command()``)."""
+    return [
+        *(program or sendguard_command()),
+        "serve",
+        "--config",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"127.0.0.1:{upstream_port}",
+        "--http",
+        f"127.0.0.1:{http_port}",
+    ]
+
+
+def run_errors(completed: subprocess.CompletedProcess[bytes], counted: int, expected: int, unit: str) -> list[str]:
+    """What went wrong in a timed run: smtp-source failed, or smtp-sink counted too few."""
+    errors = []
+    if completed.returncode != 0:
+        errors.append(f"smtp-source exited {completed.returncode}: {completed.stderr.decode(errors='replace')}")
+    if counted != expected:
+        errors.append(f"smtp-sink counted {counted} of {expected} {unit}")
+    return errors
+
+
 def snapshot_code(workdir: Path) -> Path:
     """Copy proxy/, policies/ and config/ into the run directory; every sendguard of the run imports this copy.
 
@@ -399,18 +428,7 @@ def start_relay(target: str, sink: Sink, workdir: Path, max_sessions: int) -> Re
             return relay
         config_path, _ = bench_config(workdir, audit=target == "sendguard", max_sessions=max_sessions)
         http_port = free_port()
-        command = [
-            *sendguard_command(),
-            "serve",
-            "--config",
-            str(config_path),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--upstream",
-            f"127.0.0.1:{sink.port}",
-            "--http",
-            f"127.0.0.1:{http_port}",
-        ]
+        command = serve_command(config_path, port, sink.port, http_port)
         environment = dict(os.environ)
         code = workdir / CODE_DIR
         if code.exists():
@@ -525,11 +543,7 @@ def run_once(load: Load, scenario: Scenario, target: str, workdir: Path, max_ses
                 "cpu_utilisation": round(relay_cpu / elapsed, 2),
                 "peak_rss_mib": None if tree else peak_rss_mib(pid),
             }
-        errors = []
-        if completed.returncode != 0:
-            errors.append(f"smtp-source exited {completed.returncode}: {completed.stderr.decode(errors='replace')}")
-        if delivered != load.messages:
-            errors.append(f"smtp-sink counted {delivered} of {load.messages} messages")
+        errors = run_errors(completed, delivered, load.messages, "messages")
         result["ok"] = not errors
         if errors:
             result["error"] = "; ".join(errors)

@@ -11,7 +11,6 @@ is read with sqlite3."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ from proxy.config.settings import ConfigError, UpstreamConfig, UpstreamPool, loa
 from proxy.relay.copies import copy_width
 from tests.conftest import Proxy, eventually, message, submit
 from tests.fakes import FakeUpstream, Faults
+from tests.relay.test_spool import SENDER, copies_to, rows
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 UpstreamFactory = Callable[..., Awaitable[FakeUpstream]]
 
-SENDER = "news@example.com"
 NAMES = ["ann", "ben", "cat", "dan", "eve", "fay", "gus", "hal"]
 RECIPIENTS = [f"{name}@example.org" for name in NAMES]
 HOLD = 0.2  # seconds the fake upstream holds each final dot
@@ -45,19 +44,6 @@ def split_config(tmp_path: Path, **upstream: Any) -> dict[str, Any]:
 
 def content(recipients: list[str]) -> bytes:
     return message(sender=SENDER, to=", ".join(recipients))
-
-
-def rows(tmp_path: Path) -> list[sqlite3.Row]:
-    db = sqlite3.connect(tmp_path / "spool.db")
-    db.row_factory = sqlite3.Row
-    try:
-        return db.execute("SELECT * FROM queue ORDER BY id").fetchall()
-    finally:
-        db.close()
-
-
-def copies_to(upstream: FakeUpstream, recipient: str) -> int:
-    return sum(1 for m in upstream.messages if m.rcpt_tos == [recipient] and m.mail_from == SENDER)
 
 
 def dsn_recipients(upstream: FakeUpstream) -> list[str]:
