@@ -48,7 +48,7 @@ from bench.relay_throughput import (  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SCENARIO = Scenario(10, 4096, 1)
-WARMUP = 2000  # messages before the first sample: the pool, the caches and the allocator settle
+DEFAULT_WARMUP = 2000  # messages before the first sample: the pool, the caches and the allocator settle
 
 
 def rss_mib(pid: int) -> float:
@@ -64,9 +64,9 @@ def decile_medians(values: list[float]) -> tuple[float, float]:
     return statistics.median(values[:tenth]), statistics.median(values[-tenth:])
 
 
-def soak(messages: int, interval: float, workdir: Path) -> dict[str, Any]:
+def soak(messages: int, interval: float, workdir: Path, warmup: int = DEFAULT_WARMUP) -> dict[str, Any]:
     source, sink_program = find_program("smtp-source"), find_program("smtp-sink")
-    load = Load(source=source, sink=sink_program, messages=messages, warmup=WARMUP)
+    load = Load(source=source, sink=sink_program, messages=messages, warmup=warmup)
     snapshot_code(workdir)
     sink = Sink(sink_program, workdir)
     relay = start_relay("sendguard", sink, workdir, SCENARIO.sessions)
@@ -74,8 +74,8 @@ def soak(messages: int, interval: float, workdir: Path) -> dict[str, Any]:
     pid = relay.process.pid
     samples: list[dict[str, float]] = []
     try:
-        warm = send(load, SCENARIO, relay.port, WARMUP)
-        if warm.returncode != 0 or sink.wait_delivered(WARMUP) != WARMUP:
+        warm = send(load, SCENARIO, relay.port, warmup)
+        if warm.returncode != 0 or sink.wait_delivered(warmup) != warmup:
             raise BenchError(f"warm-up failed: {warm.stderr.decode(errors='replace')}")
         cpu_before = cpu_seconds(pid)
         started = time.perf_counter()
@@ -85,14 +85,14 @@ def soak(messages: int, interval: float, workdir: Path) -> dict[str, Any]:
                 samples.append(
                     {
                         "t_s": round(time.perf_counter() - started, 1),
-                        "messages": sink.delivered() - WARMUP,
+                        "messages": sink.delivered() - warmup,
                         "rss_mib": rss_mib(pid),
                     }
                 )
                 time.sleep(interval)
             error = running.stderr.read().decode(errors="replace") if running.stderr else ""
         elapsed = time.perf_counter() - started
-        delivered = sink.wait_delivered(WARMUP + messages) - WARMUP
+        delivered = sink.wait_delivered(warmup + messages) - warmup
         samples.append({"t_s": round(elapsed, 1), "messages": delivered, "rss_mib": rss_mib(pid)})
         cpu = cpu_seconds(pid) - cpu_before
         first, last = decile_medians([s["rss_mib"] for s in samples])
@@ -120,17 +120,18 @@ def soak(messages: int, interval: float, workdir: Path) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="sendguard's RSS over a long run of small messages.")
     parser.add_argument("--messages", type=int, default=100_000, help="messages after the warm-up (default 100000)")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed messages first (default 2000)")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between RSS samples (default 1)")
     parser.add_argument("--output", type=Path, default=RESULTS / "soak.json", help="JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
     args = parser.parse_args(argv)
-    if args.messages <= 0 or args.interval <= 0:
-        parser.error("--messages and --interval must be positive")
+    if args.messages <= 0 or args.interval <= 0 or args.warmup <= 0:
+        parser.error("--messages, --warmup and --interval must be positive")
     started = datetime.datetime.now(datetime.UTC)
     code_versions = versions()
     try:
         with work_directory(args.keep) as workdir:
-            result = soak(args.messages, args.interval, workdir)
+            result = soak(args.messages, args.interval, workdir, args.warmup)
     except BenchError as exc:
         print(f"soak: {exc}", file=sys.stderr)
         return 2
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": code_versions,
         "parameters": {
             "scenario": SCENARIO.as_dict(),
-            "warmup_messages": WARMUP,
+            "warmup_messages": args.warmup,
             "interval_s": args.interval,
             "sendguard_config": "config/sendguard.yaml as bench/relay_throughput.py changes it (audit log on)",
             "rule": "flat: the last tenth's median RSS within a few percent of the first tenth's",
