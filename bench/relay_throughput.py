@@ -14,6 +14,11 @@ Every target is measured in the same run with the same load, side by side, on 12
   the same Redis, to tell the cost of Redis from the gain of the second worker.
   ``sendguard-asyncio`` and ``sendguard-uvloop`` (likewise only when named) are ``sendguard``
   with ``event_loop`` set; the others use ``auto`` (uvloop when installed: see ``versions``).
+* ``postfix`` (only when named in ``--targets``; needs root): a private Postfix instance
+  (tests/postfix_config.py, the tests' own) relaying everything to the same smtp-sink. Its
+  figure is the rate it *accepted* at (into its queue); the sink must still count every
+  message before the run counts, and its CPU is the whole process tree's (master, smtpd,
+  cleanup, qmgr, smtp).
 
 For each scenario (concurrent sessions, message size, recipients per message) and target, a fresh
 smtp-sink and a fresh relay process are started, warmed up, then smtp-source sends a fixed number
@@ -50,7 +55,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -63,7 +68,8 @@ CODE_DIR = "code"  # the run directory's copy of the sources sendguard runs from
 NAIVE_RELAY = ROOT / "bench" / "naive_relay.py"
 RESULTS = ROOT / "bench" / "results"
 TARGETS = ("direct", "naive", "sendguard", "sendguard-noaudit", "sendguard-w2")
-EXTRA_TARGETS = ("sendguard-redis", "sendguard-asyncio", "sendguard-uvloop")
+# Chosen by name with --targets only (not in the default run); a private Postfix needs root.
+EXTRA_TARGETS = ("sendguard-redis", "sendguard-asyncio", "sendguard-uvloop", "postfix")
 #: sendguard targets: (audit log on, worker processes, shared state in Redis, event_loop).
 SENDGUARD_TARGETS = {
     "sendguard": (True, 1, False, "auto"),
@@ -74,6 +80,7 @@ SENDGUARD_TARGETS = {
     "sendguard-uvloop": (True, 1, False, "uvloop"),
 }
 REDIS_URL = os.environ.get("SENDGUARD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+POSTFIX_SETTLE_TIMEOUT = 120.0  # Postfix answers at its queue; it delivers the backlog after smtp-source ends
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 HELO, SENDER, RECIPIENT = "bench.example", "sender@bench.example", "rcpt@bench.example"
 START_TIMEOUT = 30.0  # seconds for a relay to be ready
@@ -195,6 +202,30 @@ def machine_busy_seconds() -> float:
     return (sum(ticks[:8]) - idle) / CLOCK_TICKS
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process, its live descendants and the children each of them reaped
+    (cutime + cstime, fields 16 and 17 of /proc/PID/stat): Postfix's master and its daemons."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                text = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(text[text.rindex(")") + 2 :].split()[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    total = 0.0
+    for member in tree:
+        with contextlib.suppress(OSError, IndexError):
+            text = Path(f"/proc/{member}/stat").read_text()
+            fields = text[text.rindex(")") + 2 :].split()
+            total += sum(int(x) for x in fields[11:15]) / CLOCK_TICKS
+    return total
+
+
 def peak_rss_mib(pid: int) -> float | None:
     """VmHWM of /proc/PID/status: the resident set's high-water mark (summed over the process
     tree: with workers, each process's peak; an upper bound of the tree's peak)."""
@@ -292,8 +323,8 @@ class Sink:
         counts = self._COUNTER.findall(self.output_path.read_bytes())
         return int(counts[-1]) if counts else 0
 
-    def wait_delivered(self, expected: int) -> int:
-        deadline = time.monotonic() + SINK_SETTLE_TIMEOUT
+    def wait_delivered(self, expected: int, timeout: float = SINK_SETTLE_TIMEOUT) -> int:
+        deadline = time.monotonic() + timeout
         count = self.delivered()
         while count < expected and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -311,12 +342,51 @@ class Relay:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    #: Stops it (default: SIGTERM to ``process``); Postfix is stopped with ``postfix stop``.
+    stop: Callable[[], None] | None = None
+    #: Its CPU is the whole process tree's (Postfix), not the one process's.
+    tree: bool = False
+
+    def close(self) -> None:
+        if self.stop is not None:
+            self.stop()
+        else:
+            stop_process(self.process)
 
     def log_lines(self) -> list[str]:
         try:
             return self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return []
+
+
+def serve_command(
+    config: Path, port: int, upstream_port: int, http_port: int, *, program: Sequence[str] = ()
+) -> list[str]:
+    """``sendguard serve`` on 127.0.0.1 with this config, listener, upstream and HTTP port;
+    ``program`` starts it (default: ``sendguard_command()``)."""
+    return [
+        *(program or sendguard_command()),
+        "serve",
+        "--config",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"127.0.0.1:{upstream_port}",
+        "--http",
+        f"127.0.0.1:{http_port}",
+    ]
+
+
+def run_errors(completed: subprocess.CompletedProcess[bytes], counted: int, expected: int, unit: str) -> list[str]:
+    """What went wrong in a timed run: smtp-source failed, or smtp-sink counted too few."""
+    errors = []
+    if completed.returncode != 0:
+        errors.append(f"smtp-source exited {completed.returncode}: {completed.stderr.decode(errors='replace')}")
+    if counted != expected:
+        errors.append(f"smtp-sink counted {counted} of {expected} {unit}")
+    return errors
 
 
 def snapshot_code(workdir: Path) -> Path:
@@ -368,9 +438,33 @@ def bench_config(
     return path, changes
 
 
+def start_postfix(sink: Sink) -> Relay:
+    """A private Postfix (the tests' own, tests/postfix_config.py) relaying all to the sink."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests import postfix_config
+
+    if os.geteuid() != 0:
+        raise BenchError("the postfix target needs root (Postfix's master runs as root, its daemons as postfix)")
+    program = find_program("postfix")
+    files = postfix_config.prepare(relayhost=f"[127.0.0.1]:{sink.port}")
+    process = postfix_config.start(program, files)
+    relay = Relay(
+        process, files.port, files.log_path, stop=lambda: postfix_config.stop(program, files, process), tree=True
+    )
+    try:
+        wait_for_greeting(files.port, process, "Postfix", files.log_path)
+    except BenchError:
+        relay.close()
+        raise
+    return relay
+
+
 def start_relay(target: str, sink: Sink, workdir: Path, max_sessions: int) -> Relay | None:
     if target == "direct":
         return None
+    if target == "postfix":
+        return start_postfix(sink)
     port = free_port()
     log_path = workdir / f"{target}-{port}.log"
     with open(log_path, "wb") as log:
@@ -396,18 +490,7 @@ def start_relay(target: str, sink: Sink, workdir: Path, max_sessions: int) -> Re
             workdir, audit=audit, max_sessions=max_sessions, workers=workers, redis=redis, event_loop=event_loop
         )
         http_port = free_port()
-        command = [
-            *sendguard_command(),
-            "serve",
-            "--config",
-            str(config_path),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--upstream",
-            f"127.0.0.1:{sink.port}",
-            "--http",
-            f"127.0.0.1:{http_port}",
-        ]
+        command = serve_command(config_path, port, sink.port, http_port)
         environment = dict(os.environ)
         code = workdir / CODE_DIR
         if code.exists():
@@ -475,13 +558,17 @@ def run_once(load: Load, scenario: Scenario, target: str, workdir: Path, max_ses
         warmup = load.warmup_count(scenario)
         if warmup:
             warm = send(load, scenario, port, warmup)
-            if warm.returncode != 0 or sink.wait_delivered(warmup) != warmup:
+            settle = POSTFIX_SETTLE_TIMEOUT if relay is not None and relay.tree else SINK_SETTLE_TIMEOUT
+            if warm.returncode != 0 or sink.wait_delivered(warmup, settle) != warmup:
                 raise BenchError(f"warm-up failed: exit {warm.returncode}: {warm.stderr.decode(errors='replace')}")
         pid = relay.process.pid if relay else None
+        tree = relay is not None and relay.tree
         if load.quiet_wait > 0:
             result["waited_for_quiet_s"] = wait_until_quiet(load.quiet_wait)
         result["load_average_before"] = round(os.getloadavg()[0], 2)
         relay_user, relay_system = tree_cpu_times(pid) if pid else (0.0, 0.0)
+        if tree and pid is not None:  # user and system not told apart: all of it counts as user
+            relay_user, relay_system = tree_cpu_seconds(pid), 0.0
         sink_cpu, load_cpu, machine_cpu = cpu_seconds(sink.process.pid), children_cpu_seconds(), machine_busy_seconds()
         started = time.perf_counter()
         completed = send(load, scenario, port, load.messages)
@@ -491,10 +578,13 @@ def run_once(load: Load, scenario: Scenario, target: str, workdir: Path, max_ses
         sink_cpu = cpu_seconds(sink.process.pid) - sink_cpu
         relay_cpu = 0.0
         if pid is not None:
-            user, system = tree_cpu_times(pid)
+            user, system = (tree_cpu_seconds(pid), 0.0) if tree else tree_cpu_times(pid)
             relay_user, relay_system = user - relay_user, system - relay_system
             relay_cpu = relay_user + relay_system
-        delivered = sink.wait_delivered(warmup + load.messages) - warmup
+        settle = POSTFIX_SETTLE_TIMEOUT if tree else SINK_SETTLE_TIMEOUT
+        delivered = sink.wait_delivered(warmup + load.messages, settle) - warmup
+        if tree:  # Postfix: when its queue had delivered it all, counted from the timed run's start
+            result["delivered_after_s"] = round(time.perf_counter() - started, 3)
         result.update(
             seconds=round(elapsed, 3),
             messages_per_s=round(load.messages / elapsed, 1),
@@ -513,13 +603,9 @@ def run_once(load: Load, scenario: Scenario, target: str, workdir: Path, max_ses
                 "cpu_system_s": round(relay_system, 2),
                 "cpu_ms_per_message": round(1000 * relay_cpu / load.messages, 3),
                 "cpu_utilisation": round(relay_cpu / elapsed, 2),
-                "peak_rss_mib": peak_rss_mib(pid),
+                "peak_rss_mib": None if tree else peak_rss_mib(pid),
             }
-        errors = []
-        if completed.returncode != 0:
-            errors.append(f"smtp-source exited {completed.returncode}: {completed.stderr.decode(errors='replace')}")
-        if delivered != load.messages:
-            errors.append(f"smtp-sink counted {delivered} of {load.messages} messages")
+        errors = run_errors(completed, delivered, load.messages, "messages")
         result["ok"] = not errors
         if errors:
             result["error"] = "; ".join(errors)
@@ -527,7 +613,7 @@ def run_once(load: Load, scenario: Scenario, target: str, workdir: Path, max_ses
         result.update(ok=False, error=str(exc))
     finally:
         if relay is not None:
-            stop_process(relay.process)
+            relay.close()
             lines = relay.log_lines()
             if "relay" in result:
                 result["relay"]["log_lines"] = len(lines)
@@ -625,6 +711,8 @@ def summarise(
                 "sendguard_audit_on_vs_off": ratio(rates.get("sendguard"), rates.get("sendguard-noaudit")),
                 "sendguard_w2_vs_w1": ratio(rates.get("sendguard-w2"), rates.get("sendguard")),
                 "sendguard_w2_vs_naive": ratio(rates.get("sendguard-w2"), rates.get("naive")),
+                "sendguard_vs_postfix": ratio(rates.get("sendguard"), rates.get("postfix")),
+                "naive_vs_postfix": ratio(rates.get("naive"), rates.get("postfix")),
                 "only_busy_machine_runs": sorted(t for t, flag in noisy_only.items() if flag),
             }
         )
@@ -683,6 +771,14 @@ def print_summary(summary: list[dict[str, Any]], out: TextIO) -> None:
         if row["only_busy_machine_runs"]:
             line += f"  (busy machine: {', '.join(row['only_busy_machine_runs'])})"
         print(line, file=out)
+    if any(row["messages_per_s"].get("postfix") for row in summary):
+        print(f"\n{'median msg/s':<20}{'postfix':>9}{'sg/postfix':>12}{'naive/postfix':>15}", file=out)
+        for row in summary:
+            print(
+                f"{Scenario(**row['scenario']).label:<20}{_cell(row['messages_per_s'].get('postfix'), 9)}"
+                f"{_cell(row['sendguard_vs_postfix'], 12, 3)}{_cell(row['naive_vs_postfix'], 15, 3)}",
+                file=out,
+            )
 
 
 @contextlib.contextmanager
@@ -770,7 +866,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="S:L:R[:d]",
         help="sessions:size:recipients, ':d' for smtp-source -d (session reuse); repeatable (default: built-in list)",
     )
-    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
+    parser.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"comma-separated subset of {','.join((*TARGETS, *EXTRA_TARGETS))} "
+        "(default: all but the extra targets sendguard-redis, -asyncio, -uvloop and postfix)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per scenario and target; the median is reported")
     parser.add_argument(
         "--warmup", type=int, default=-1, help="untimed messages first (default: 2 x sessions, at least 20)"
@@ -785,9 +886,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the run directory (configs, relay logs)")
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = sorted(set(targets) - set(TARGETS) - set(EXTRA_TARGETS))
+    known = (*TARGETS, *EXTRA_TARGETS)
+    unknown = sorted(set(targets) - set(known))
     if unknown or not targets:
-        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     args.targets = targets
     if args.messages is None:
         args.messages = QUICK_MESSAGES if args.quick else FULL_MESSAGES

@@ -40,6 +40,10 @@ class Faults:
     #: A line sent right after a reply, in the same write, unasked: stage -> line.
     #: ("data-end": after the reply to the final dot; "mail", "rcpt": after those replies.)
     extra_line: dict[str, str] = field(default_factory=dict)
+    #: Seconds to wait before answering the final dot (lets concurrent transactions overlap).
+    data_delay: float = 0.0
+    #: Recipients whose transaction loses its connection at the final dot, without a reply.
+    drop_data_for: set[str] = field(default_factory=set)
 
 
 class RecordingHandler:
@@ -51,8 +55,12 @@ class RecordingHandler:
         self.rsets = 0
         #: Offer DSN (RFC 3461) and take its parameters.
         self.dsn = False
-        self._raw_mail: list[str] = []
-        self._raw_rcpt: dict[str, list[str]] = {}
+        #: Each transaction's parameters as written, per connection (copies run concurrently).
+        self._raw_mail: dict[int, list[str]] = {}
+        self._raw_rcpt: dict[int, dict[str, list[str]]] = {}
+        #: Transactions between their final dot and its reply, now and at most.
+        self.in_data = 0
+        self.most_in_data = 0
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
@@ -79,7 +87,7 @@ class RecordingHandler:
             return self.faults.mail_reply
         envelope.mail_from = address
         envelope.mail_options.extend(options)
-        self._raw_mail, self._raw_rcpt = list(getattr(server, "raw_params", [])), {}
+        self._raw_mail[id(server)], self._raw_rcpt[id(server)] = list(getattr(server, "raw_params", [])), {}
         return self._with_extra("mail", "250 2.1.0 Ok")
 
     def _with_extra(self, stage: str, reply: str) -> str:
@@ -97,7 +105,7 @@ class RecordingHandler:
                 envelope.rcpt_tos.append(address)
             return reply
         envelope.rcpt_tos.append(address)
-        self._raw_rcpt[address] = list(getattr(server, "raw_params", []))
+        self._raw_rcpt.setdefault(id(server), {})[address] = list(getattr(server, "raw_params", []))
         return self._with_extra("rcpt", "250 2.1.5 Ok")
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -107,6 +115,20 @@ class RecordingHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.commands.append("DATA")
+        self.in_data += 1
+        self.most_in_data = max(self.most_in_data, self.in_data)
+        try:
+            if self.faults.data_delay:
+                await asyncio.sleep(self.faults.data_delay)
+            if self.faults.drop_data_for & set(envelope.rcpt_tos):
+                assert server.transport is not None
+                server.transport.abort()
+                raise asyncio.CancelledError
+            return await self._data_reply(server, envelope)
+        finally:
+            self.in_data -= 1
+
+    async def _data_reply(self, server: SMTP, envelope: Envelope) -> str:
         await self._fault(server, "data-end")
         if self.faults.data_reply:
             return self.faults.data_reply
@@ -120,8 +142,8 @@ class RecordingHandler:
                 list(envelope.rcpt_tos),
                 envelope.original_content,
                 list(envelope.mail_options),
-                self._raw_mail,
-                self._raw_rcpt,
+                self._raw_mail.get(id(server), []),
+                self._raw_rcpt.get(id(server), {}),
             )
         )
         return self._with_extra("data-end", f"250 2.0.0 Ok: queued as Q{len(self.messages)}")

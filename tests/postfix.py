@@ -17,10 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,12 +26,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import IN_CI, need_program
+from tests.postfix_config import BASE_MAIN_CF, free_port, prepare, start, stop
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+__all__ = ("BASE_MAIN_CF", "PostfixInstance", "free_port", "need_postfix", "postfix_instance")
 
 
 def need_postfix() -> str:
@@ -68,39 +62,6 @@ async def wait_listening(
         with contextlib.suppress(OSError):
             await writer.wait_closed()
         return
-
-
-# Settings every test instance shares: loopback only, no DNS, no local delivery, retries fast
-# enough for a test, and no TLS unless a test asks (the machine has no certificates for it).
-BASE_MAIN_CF: dict[str, str] = {
-    "compatibility_level": "3.6",
-    "mail_owner": "postfix",
-    "setgid_group": "postdrop",
-    "inet_interfaces": "127.0.0.1",
-    "inet_protocols": "ipv4",
-    "myhostname": "postfix.example.test",
-    "mydomain": "example.test",
-    "myorigin": "$myhostname",
-    "mydestination": "",
-    "local_transport": "error:local delivery is disabled in this test instance",
-    "mynetworks": "127.0.0.0/8",
-    "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
-    "alias_maps": "",
-    "alias_database": "",
-    "biff": "no",
-    "append_dot_mydomain": "no",
-    "disable_dns_lookups": "yes",
-    "smtp_dns_support_level": "disabled",
-    "smtp_tls_security_level": "none",
-    "smtpd_tls_security_level": "none",
-    "smtp_connect_timeout": "5s",
-    "queue_run_delay": "1s",
-    "minimal_backoff_time": "1s",
-    "maximal_backoff_time": "2s",
-    "delay_warning_time": "0",
-    "smtputf8_enable": "yes",
-    "maillog_file": "/dev/stdout",
-}
 
 
 @dataclass
@@ -152,35 +113,6 @@ class PostfixInstance:
             await asyncio.sleep(0.1)
 
 
-def _write_main_cf(config_directory: Path, settings: Mapping[str, str]) -> None:
-    lines = [f"{name} = {value}" for name, value in settings.items()]
-    (config_directory / "main.cf").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _write_master_cf(
-    config_directory: Path, port: int, smtpd_options: Mapping[str, str], services: Sequence[str]
-) -> None:
-    """Debian's master.cf.proto with its public smtp listener moved to 127.0.0.1:PORT, no
-    chroot anywhere (a chroot would need copies of /etc files in the queue directory), and
-    the test's own services appended."""
-    proto = Path("/etc/postfix/master.cf.proto")
-    if not proto.exists():
-        proto = Path("/etc/postfix/master.cf")
-    lines: list[str] = []
-    for line in proto.read_text(encoding="utf-8").splitlines():
-        fields = line.split()
-        if fields[:2] == ["smtp", "inet"]:
-            lines.append(f"127.0.0.1:{port} inet n - n - - smtpd")
-            lines.extend(f"  -o {name}={value}" for name, value in smtpd_options.items())
-            continue
-        if len(fields) >= 8 and not line[0].isspace() and not line.startswith("#"):
-            fields[4] = "n"
-            line = " ".join(fields)
-        lines.append(line)
-    lines.extend(services)
-    (config_directory / "master.cf").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
 @contextlib.asynccontextmanager
 async def postfix_instance(
     *,
@@ -199,53 +131,14 @@ async def postfix_instance(
     ports named in ``extra_ports``, which are allocated here and exposed as
     ``instance.extra_ports``)."""
     program = need_postfix()
-    directory = Path(tempfile.mkdtemp(prefix="sendguard-postfix-"))
-    directory.chmod(0o755)
-    config_directory = directory / "etc"
-    config_directory.mkdir()
-    (directory / "queue").mkdir()
-    data_directory = directory / "data"
-    data_directory.mkdir()
-    shutil.chown(data_directory, user="postfix")
-    port = free_port()
-    ports = {name: free_port() for name in extra_ports}
-    settings = dict(BASE_MAIN_CF)
-    settings.update(
-        queue_directory=str(directory / "queue"),
-        data_directory=str(data_directory),
-        syslog_name=f"postfix-{port}",
+    files = prepare(
+        relayhost=relayhost, main_cf=main_cf, smtpd_options=smtpd_options, services=services, extra_ports=extra_ports
     )
-    if relayhost is not None:
-        settings["relayhost"] = relayhost
-    settings.update(main_cf or {})
-    _write_main_cf(config_directory, settings)
-    _write_master_cf(config_directory, port, smtpd_options or {}, [line.format(**ports) for line in services])
-    log_path = directory / "maillog"
-    environment = {**os.environ, "MAIL_CONFIG": str(config_directory)}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [program, "-c", str(config_directory), "start-fg"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=environment,
-            start_new_session=True,
-        )
+    directory, port, ports, log_path = files.directory, files.port, files.extra_ports, files.log_path
+    process = start(program, files)
     instance = PostfixInstance(directory, port, process, log_path, ports)
     try:
         await wait_listening(port, process, "Postfix", instance.log, start_timeout)
         yield instance
     finally:
-        await asyncio.to_thread(_stop, program, config_directory, process, environment)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def _stop(program: str, config_directory: Path, process: subprocess.Popen[bytes], environment: dict[str, str]) -> None:
-    subprocess.run(
-        [program, "-c", str(config_directory), "stop"], env=environment, capture_output=True, timeout=30, check=False
-    )
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, 9)
-        process.wait(timeout=5)
+        await asyncio.to_thread(stop, program, files, process)

@@ -187,6 +187,11 @@ class UpstreamConfig:
     )
     timeouts: UpstreamTimeouts = doc("upstream time limits", default_factory=UpstreamTimeouts)
     pool: UpstreamPool = doc("upstream connection reuse", default_factory=UpstreamPool)
+    copy_concurrency: int = doc(
+        "copies of one message (one per recipient, e.g. personal unsubscribe links) sent at once, each over its "
+        "own pooled connection; never more than pool.max_connections",
+        default=4,
+    )
 
     @property
     def is_maildir(self) -> bool:
@@ -769,6 +774,8 @@ def _validate(settings: Settings, conv: Converter) -> None:
         err("upstream.address", "maildir: needs a path")
     if upstream.pool.max_connections < 1:
         err("upstream.pool.max_connections", "must be at least 1")
+    if upstream.copy_concurrency < 1:
+        err("upstream.copy_concurrency", "must be at least 1 (1: copies one after another)")
 
     # "milter" names the transactions `sendguard milter` runs (the MTA's sessions): rules and
     # trusted_listeners may name it, a listener may not be called so.

@@ -3,7 +3,8 @@ go to the retry queue, and the DSN to the sender for the copies refused for good
 
 A policy asks for copies when each recipient must get a different message (a personal
 unsubscribe link, a To: naming only that recipient). The shared upstream transaction the
-session opened is then never completed.
+session opened is then never completed. Up to ``upstream.copy_concurrency`` copies go out at
+once, each over its own pooled connection; a pushback from the upstream stops new ones.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from policies.base import Reply
 from policies.message import VISIBLE_RECIPIENT_FIELDS
 from proxy import replies as R
+from proxy.config.settings import UpstreamConfig
 from proxy.relay.drain import attempt_budget, dsn_for, send_one
 from proxy.relay.dsn import notify_failure
 from proxy.relay.pipeline import StageDecision
@@ -25,7 +28,7 @@ from proxy.relay.spool import Queued
 from proxy.relay.transaction import RelayTransaction
 from proxy.unsubscribe.footer import NoReadablePart, append_footer
 
-__all__ = ("deliver_copies",)
+__all__ = ("copy_width", "deliver_copies")
 
 log = logging.getLogger("sendguard.smtp")
 
@@ -42,14 +45,15 @@ async def deliver_copies(
     *,
     received: bytes = b"",
 ) -> tuple[Reply, Reply | None, str]:
-    """One copy per recipient, each in its own upstream transaction.
+    """One copy per recipient, each in its own upstream transaction, ``copy_width`` at a time.
 
     The client gets 250 only when every copy was accepted by the upstream or is durably in
     the retry queue (``proxy.relay.spool``: committed and fsync'd before the reply), and a
     DSN for every copy refused for good is queued too. All copies refused: the client gets
     the refusal (4xx when any was temporary) and nothing is queued, so it keeps its message.
-    ``keepalive(seconds)``, when given, is called before each copy with the time that copy
-    may take (the session resets its idle timer: each copy gets the whole upstream budget).
+    ``keepalive(seconds)``, when given, is called as each copy starts with the time that copy
+    may take (the session resets its idle timer: each copy gets the whole upstream budget,
+    and the last one to start is the last to need it).
     """
     txn = t.txn
     assert t.upstream is not None
@@ -66,34 +70,37 @@ async def deliver_copies(
     t.held = frozenset(decision.held)
     retry: list[Queued] = []  # copies refused for now, with the exact bytes to send again
     retry_at = time.time() + t.runtime.settings.spool.retry_min
-    deadline = time.monotonic() + _FANOUT_BUDGET
-    for recipient in txn.recipients:
-        if recipient in decision.held:
-            continue
-        if keepalive is not None:  # each copy gets the whole upstream budget again
-            keepalive(attempt_budget(t.runtime))
-        try:
-            prepared = await _prepare_copy(
-                t, outgoing, recipient, split, extra.get(recipient, ()), footers.get(recipient), received
+    fanout = _Fanout(deadline=time.monotonic() + _FANOUT_BUDGET)
+    plan = [r for r in txn.recipients if r not in decision.held]
+    outcomes: dict[str, tuple[Reply, Outgoing | None, bool]] = {}
+    pending = iter(plan)  # shared by the workers: copies start in recipient order
+
+    async def worker() -> None:
+        for recipient in pending:
+            outcomes[recipient] = await _copy(
+                t,
+                fanout,
+                outgoing,
+                recipient,
+                split,
+                extra.get(recipient, ()),
+                footers.get(recipient),
+                received,
+                keepalive,
             )
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("txn %s: copy for %s could not be prepared", txn.txn_id, recipient)
-            prepared = R.r451_internal(txn.txn_id)
-        if isinstance(prepared, Reply):  # no bytes to send: nothing to queue either
-            t.copies[recipient] = prepared
-            continue
-        tried = time.monotonic() <= deadline  # past it, straight to the queue
-        try:
-            reply = await _deliver_one(t, recipient, prepared) if tried else R.r451_not_attempted(txn.txn_id)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("txn %s: copy for %s failed", txn.txn_id, recipient)
-            reply = R.r451_internal(txn.txn_id)
+
+    # Several copies at once, each over its own pooled connection (never more than the pool
+    # holds); a child's failure is its copy's reply, so the group fails only when cancelled
+    # (the client went away), and then every copy in flight is cancelled with it.
+    async with asyncio.TaskGroup() as group:
+        for _ in range(min(copy_width(t.runtime.settings.upstream), len(plan))):
+            group.create_task(worker())
+    # Recorded in recipient order, whatever order the copies finished in: the audit line, the
+    # metrics and the DSN list the recipients as the client gave them.
+    for recipient in plan:
+        reply, prepared, tried = outcomes[recipient]
         t.copies[recipient] = reply
-        if reply.is_temporary:
+        if prepared is not None and reply.is_temporary:
             retry.append(
                 Queued(
                     kind="copy",
@@ -209,7 +216,76 @@ async def _prepare_copy(
     return await sign_outgoing(t, copy)  # each copy differs, so each is signed
 
 
-async def _deliver_one(t: RelayTransaction, recipient: str, content: Outgoing) -> Reply:
+def copy_width(upstream: UpstreamConfig) -> int:
+    """How many copies of one message go out at once: ``copy_concurrency``, and never more
+    than the pool's connections (a copy waits for a free slot; more would only queue)."""
+    if upstream.is_maildir:
+        return max(1, upstream.copy_concurrency)
+    return max(1, min(upstream.copy_concurrency, upstream.pool.max_connections))
+
+
+@dataclass
+class _Fanout:
+    """What the copies of one message share while they go out."""
+
+    deadline: float  # time.monotonic(): copies not started by then go straight to the queue
+    #: The upstream pushed back (see ``_pushback``): copies not yet started are queued untried.
+    stopped: bool = False
+
+
+def _pushback(stage: str, reply: Reply) -> bool:
+    """A reply that says the upstream wants less from us now, not that one recipient cannot
+    take this copy: no session at all (unreachable, our pool full), a 421 (the upstream is
+    closing the connection, RFC 5321 3.8), or a 4xx to MAIL (the sender is deferred). The
+    copies still to start would draw the same answer and feed the backoff rules more of it."""
+    if reply.is_success:
+        return False
+    return stage == "connect" or reply.upstream_code == 421 or (stage == "mail" and reply.is_temporary)
+
+
+async def _copy(
+    t: RelayTransaction,
+    fanout: _Fanout,
+    outgoing: Outgoing,
+    recipient: str,
+    split: bool,
+    fields: Sequence[tuple[str, str]],
+    footer: tuple[str, str] | None,
+    received: bytes,
+    keepalive: Callable[[float], None] | None,
+) -> tuple[Reply, Outgoing | None, bool]:
+    """One recipient's copy, prepared and sent: its reply, its bytes (None when it could not
+    be prepared: nothing to queue) and whether it was tried."""
+    txn_id = t.txn.txn_id
+    if keepalive is not None:  # each copy gets the whole upstream budget again
+        keepalive(attempt_budget(t.runtime))
+    try:
+        prepared = await _prepare_copy(t, outgoing, recipient, split, fields, footer, received)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("txn %s: copy for %s could not be prepared", txn_id, recipient)
+        return R.r451_internal(txn_id), None, False
+    if isinstance(prepared, Reply):  # no bytes to send: nothing to queue either
+        return prepared, None, False
+    if fanout.stopped or time.monotonic() > fanout.deadline:  # straight to the queue
+        return R.r451_not_attempted(txn_id), prepared, False
+    try:
+        stage, reply = await _deliver_one(t, recipient, prepared)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("txn %s: copy for %s failed", txn_id, recipient)
+        return R.r451_internal(txn_id), prepared, True
+    if _pushback(stage, reply) and not fanout.stopped:
+        fanout.stopped = True
+        log.warning(
+            "txn %s: upstream pushed back (%s at %s); the copies not yet sent are queued", txn_id, reply.line(), stage
+        )
+    return reply, prepared, True
+
+
+async def _deliver_one(t: RelayTransaction, recipient: str, content: Outgoing) -> tuple[str, Reply]:
     sender = t.txn.mail_from
     options = (*t.relayed_options, *t.rcpt_options.get(recipient, ()))
     stage, reply = await send_one(t.runtime.upstream, t.txn.txn_id, sender, recipient, content, options)
@@ -217,4 +293,4 @@ async def _deliver_one(t: RelayTransaction, recipient: str, content: Outgoing) -
         await t.observe(stage, reply)
     if sender and stage in ("rcpt", "data"):  # a copy's DATA reply is this recipient's
         await t.bounce(recipient, reply, tried=False)  # counted at its RCPT already
-    return reply
+    return stage, reply
