@@ -37,7 +37,6 @@ from proxy.reputation.bounces import address_counter
 from proxy.reputation.dkim import generate_private_key, write_private_key
 from proxy.stores.pauses import Pause
 from tests.api.harness import SECRET, WRITER, Receiver, api_section, until
-from tests.api.harness import receiver  # noqa: F401 - the fixture
 from tests.conftest import Proxy
 from tests.fakes import FakeUpstream
 from tests.services import PostgresTarget
@@ -49,7 +48,7 @@ from tests.unsubscribe.test_erasure_relay import send
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 KEY = "erasure-key-of-the-end-to-end-test-0123456789"
-EXPORT = Path(__file__).resolve().parent / "fixtures" / "exports" / "mailchimp_subscribed.csv"
+EXPORT = Path(__file__).resolve().parents[1] / "fixtures" / "exports" / "mailchimp_subscribed.csv"
 ANNA = "anna.jansen@example.nl"  # from the Mailchimp export; erased
 PIET = "piet@example.org"  # from the Mailchimp export
 CAROL = "carol@example.org"  # through the API; complains
@@ -162,7 +161,7 @@ async def everything_stored(setup: Setup, tmp_path: Path) -> dict[str, str]:
         with sqlite3.connect(path) as db:
             tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
             for table in tables:
-                rows = db.execute(f'SELECT * FROM "{table}"').fetchall()  # noqa: S608 - names from the schema
+                rows = db.execute(f'SELECT * FROM "{table}"').fetchall()
                 found[f"{label}:{table}"] = "\n".join(
                     " ".join(v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in row) for row in rows
                 )
@@ -179,13 +178,15 @@ async def everything_stored(setup: Setup, tmp_path: Path) -> dict[str, str]:
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (setup.pg.schema,)
             )
             for (table,) in await cursor.fetchall():
-                rows = await (await conn.execute(f'SELECT t::text FROM "{table}" t')).fetchall()  # noqa: S608
+                rows = await (await conn.execute(f'SELECT t::text FROM "{table}" t')).fetchall()
                 found[f"consent:{table}"] = "\n".join(row[0] for row in rows)
     return found
 
 
 def traces_in(stored: dict[str, str], traces: tuple[str, ...]) -> list[str]:
-    return [f"{trace} in {where}" for where, text in stored.items() for trace in traces if trace.lower() in text.lower()]
+    return [
+        f"{trace} in {where}" for where, text in stored.items() for trace in traces if trace.lower() in text.lower()
+    ]
 
 
 async def test_a_crm_an_import_a_complaint_and_an_erasure_then_the_report(
