@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from proxy.stores.consent import ConsentStoreConfig
+from proxy.stores.consent_events import ERASED_FIELDS
 from proxy.stores.migrations import Migration, apply_postgres, apply_sqlite
 
 __all__ = ("ApiState", "Claim", "OutboxRow", "QueuedRow", "open_api_state")
@@ -197,9 +198,28 @@ def needles(spellings: Sequence[str]) -> list[str]:
 
 
 def anonymise(text: str, spellings: Sequence[str], tombstone: str) -> str:
-    for needle in needles(spellings):
-        text = re.sub(re.escape(needle), tombstone, text, flags=re.IGNORECASE)
-    return text
+    """A stored answer as its tombstone would read: the address replaced by the tombstone
+    subject, and in every JSON object that named it the personal fields an erasure empties
+    (IP, user agent, source, ...) removed."""
+    patterns = [re.compile(re.escape(needle), re.IGNORECASE) for needle in needles(spellings)]
+
+    def replace(value: str) -> str:
+        for pattern in patterns:
+            value = pattern.sub(tombstone, value)
+        return value
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            named = any(isinstance(v, str) and replace(v) != v for v in value.values())
+            return {k: walk(v) for k, v in value.items() if not (named and k in ERASED_FIELDS)}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return replace(value) if isinstance(value, str) else value
+
+    try:
+        return json.dumps(walk(json.loads(text)), separators=(",", ":"))
+    except ValueError:  # not JSON: at least the address goes
+        return replace(text)
 
 
 def _claim_from(row: Sequence[Any] | None, request_hash: str) -> Claim:

@@ -312,3 +312,48 @@ async def test_a_crm_an_import_a_complaint_and_an_erasure_then_the_report(
     carol = json.loads(await report_cli(setup, address=CAROL, start=None, end=None))
     (complaint,) = [o for o in carol["opt_outs"] if o["channel"] == "complaint"]
     assert complaint["refused_after"] == 1 and complaint["not_honoured"] == 0 and carol["erasure"] is None
+
+
+async def test_erased_from_the_recipients_page_the_running_proxy_clears_its_own_stores(
+    setup: Setup, upstream: FakeUpstream, receiver: Receiver, tmp_path: Path
+) -> None:
+    """The same erasure asked for on the recipient's page: the running process's erasers reach
+    the retry queue, the API's tables and the bounce counter in its own shared state (memory
+    too, which the command cannot reach)."""
+    import aiohttp
+
+    from tests.unsubscribe.harness import https_link
+    from tests.unsubscribe.test_web import csrf_of
+
+    app = setup.proxy.app
+    body = {"address": PIET, "event": "opted_in", "method": "web_form", "topic": "newsletter",
+            "sender": "shop.example", "ip": "203.0.113.77"}  # fmt: skip
+    assert (await api(setup, "POST", "/v1/events", body, key="crm-1"))[0] == 201
+    assert (await api(setup, "POST", "/v1/events", {**body, "address": CAROL, "ip": None}, key="crm-3"))[0] == 201
+    assert (await api(setup, "POST", "/v1/opt-outs", {"address": PIET, "topic": "offers"}, key="crm-2"))[0] == 201
+    assert (await send(setup.relay, newsletter(PIET), [PIET]))[0] == 250
+    link = https_link(upstream.messages[-1].content)
+    upstream.faults.data_replies.update({PIET: "550 5.1.1 no such user", SENDER: "452 4.2.2 mailbox full"})
+    assert (await send(setup.relay, newsletter(CAROL, "Sale"), [PIET, CAROL]))[0] == 250
+    upstream.faults.data_replies[PIET] = "451 4.2.0 mailbox busy"
+    assert (await send(setup.relay, newsletter(CAROL, "Sale 2"), [PIET, CAROL]))[0] == 250
+    assert await app.runtime.pauses.count(address_counter(PIET), 3600) == 1
+    await until(lambda: any(e["type"] == "opted_out" for e in receiver.events()))
+    assert traces_in(await everything_stored(setup, tmp_path), (PIET, "203.0.113.77"))
+
+    page_url = setup.relay.local(link).replace("/u/", "/p/")
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        async with http.get(page_url + "?lang=en") as response:
+            page = await response.text()
+        async with http.post(
+            page_url + "/erase", data={"csrf": csrf_of(page, "/erase"), "lang": "en"}, allow_redirects=False
+        ) as response:
+            assert response.status == 303 and "done=erased" in response.headers["Location"]
+
+    assert traces_in(await everything_stored(setup, tmp_path), (PIET, "203.0.113.77")) == []
+    assert await app.runtime.pauses.count(address_counter(PIET), 3600) == 0
+    code, text = await send(setup.relay, newsletter(PIET, "After"), [PIET])
+    assert code == 550 and "suppressed" in text
+    audit = await setup.proxy.wait_audit(1)
+    (erasure,) = [line for line in audit if line.get("event") == "erasure"]
+    assert PIET not in json.dumps(erasure)
