@@ -15,6 +15,7 @@ import asyncio
 import csv
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -173,12 +174,23 @@ async def _erase(
         for issue in exc.issues:
             print(f"  {issue}", file=err)
         return EXIT_BAD_INPUT
-    api_state = await open_api_state(store_config)
+    # Everything is opened before anything is erased: a place that cannot be reached stops the
+    # erasure with nothing half done.
+    try:
+        spool = Spool(spool_config.path) if os.path.exists(spool_config.path) else None  # noqa: ASYNC240
+    except (sqlite3.Error, OSError) as exc:
+        print(f"sendguard: cannot open the retry queue {spool_config.path}: {exc}; nothing was erased", file=err)
+        return EXIT_STORE_DOWN
+    try:
+        api_state = await open_api_state(store_config)
+    except (sqlite3.Error, OSError) as exc:
+        print(f"sendguard: cannot open the API's tables in the consent store: {exc}; nothing was erased", file=err)
+        return EXIT_STORE_DOWN
     pauses = open_pause_store(state_config) if state_config.backend == "redis" else None
     try:
         erasers = [api_eraser(api_state)]
-        if os.path.exists(spool_config.path):  # noqa: ASYNC240 (one stat, before any waiting)
-            erasers.append(spool_eraser(Spool(spool_config.path)))
+        if spool is not None:
+            erasers.append(spool_eraser(spool))
         if pauses is not None:
             erasers.append(counter_eraser(pauses))
         attach_erasers(store, erasers)
