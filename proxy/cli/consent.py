@@ -161,6 +161,13 @@ def load_erasure_places(path: str) -> tuple[SpoolConfig, LimitStoreConfig]:
     return spool, state
 
 
+def _config_problems(exc: ConfigError, err: TextIO) -> int:
+    print(f"sendguard: the config has {len(exc.issues)} problem(s):", file=err)
+    for issue in exc.issues:
+        print(f"  {issue}", file=err)
+    return EXIT_BAD_INPUT
+
+
 async def _erase(
     store: ConsentStore, store_config: ConsentStoreConfig, args: argparse.Namespace, out: TextIO, err: TextIO
 ) -> int:
@@ -170,10 +177,7 @@ async def _erase(
     try:
         spool_config, state_config = load_erasure_places(args.config)
     except ConfigError as exc:
-        print(f"sendguard: the config has {len(exc.issues)} problem(s):", file=err)
-        for issue in exc.issues:
-            print(f"  {issue}", file=err)
-        return EXIT_BAD_INPUT
+        return _config_problems(exc, err)
     # Everything is opened before anything is erased: a place that cannot be reached stops the
     # erasure with nothing half done.
     try:
@@ -344,10 +348,7 @@ async def run_consent(args: argparse.Namespace, *, out: TextIO | None = None, er
     try:
         store_config, rules = load_consent_config(args.config)
     except ConfigError as exc:
-        print(f"sendguard: the config has {len(exc.issues)} problem(s):", file=err)
-        for issue in exc.issues:
-            print(f"  {issue}", file=err)
-        return EXIT_BAD_INPUT
+        return _config_problems(exc, err)
     command = args.consent_command
     try:
         event = _event_from_args(args) if command in _RECORDERS else None
