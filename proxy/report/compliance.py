@@ -248,6 +248,9 @@ class ComplianceReport:
     opt_outs: list[OptOutTrack] = field(default_factory=list)
     suppressions: Counter[str] = field(default_factory=Counter)
     erasures: list[ConsentEvent] = field(default_factory=list)
+    #: The tombstone subjects with an opt-out still waiting for its next message: while there
+    #: is one, each commercial recipient is also looked up by its keyed hash (one HMAC).
+    _erased_keys: set[str] = field(default_factory=set)
     _pending: dict[str, list[OptOutTrack]] = field(default_factory=lambda: defaultdict(list))
     _unattributed: dict[str, list[OptOutTrack]] = field(default_factory=lambda: defaultdict(list))
 
@@ -275,6 +278,8 @@ class ComplianceReport:
             self.opt_outs.append(track)
             key = f"@{event.subject}" if event.subject_kind == DOMAIN else event.subject
             self._pending[key].append(track)
+            if key.startswith(ERASED_PREFIX):
+                self._erased_keys.add(key)
 
     # ---- the audit log ----------------------------------------------------------------------
 
@@ -411,7 +416,7 @@ class ComplianceReport:
                 continue  # not decided: the client retries, and that try is the next message
             recipient = fate.recipient.lower()
             keys: tuple[str, ...] = (recipient, "@" + sender_domain_of(recipient))
-            if self.erasure_key is not None and self._erased_pending():
+            if self.erasure_key is not None and self._erased_keys:
                 tombstone = tombstone_of(self.erasure_key, recipient)
                 keys = (*keys, tombstone) if tombstone else keys
             for key in keys:
@@ -427,9 +432,8 @@ class ComplianceReport:
                         continue
                     self._judge(track, fate, at, entry, sender)
                     tracks.remove(track)
-
-    def _erased_pending(self) -> bool:
-        return any(key.startswith(ERASED_PREFIX) and tracks for key, tracks in self._pending.items())
+                if not tracks:
+                    self._erased_keys.discard(key)  # nothing left to follow by the keyed hash
 
     @staticmethod
     def _judge(track: OptOutTrack, fate: RecipientFate, at: datetime, entry: dict[str, Any], sender: str) -> None:
