@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from policies.base import MESSAGE_CLASSES
 from proxy import __version__
+from proxy.api.erasure import api_eraser, attach_erasers, counter_eraser, spool_eraser
 from proxy.api.server import ApiContext, ApiServer
 from proxy.api.state import ApiState, open_api_state
 from proxy.api.webhooks import Deliverer, Notifier, WebhookMetrics
@@ -355,6 +356,7 @@ class App:
         self._runtime = self._build_runtime(settings, consent=await self._open_consent(settings, None))
         self._runtimes.append(self._runtime)
         await self._open_api(settings)
+        self._observe(self._runtime)
         self._announce(settings)
         for warning in [] if self.role == "worker" else self._start_warnings(settings, hostname):
             log.warning("%s", warning)
@@ -434,8 +436,17 @@ class App:
             await asyncio.sleep(3600)
 
     def _observe(self, runtime: Runtime) -> None:
-        """Let the notifier hear of the opt-outs, suppressions and pauses this generation's
-        stores record (each store once, however many generations share it)."""
+        """Let the audit log and the notifier hear of the opt-outs, suppressions and pauses this
+        generation's stores record (each store once, however many generations share it), and
+        let an erasure reach the other places the address may be (``api/erasure.py``)."""
+        if self._audit_pause not in runtime.pauses.observers:
+            runtime.pauses.observers.append(self._audit_pause)
+        if runtime.consent is not None:
+            erasers = [spool_eraser(self.services.spool)] if self.services.spool is not None else []
+            erasers.append(counter_eraser(runtime.pauses))
+            if self.api_state is not None:
+                erasers.append(api_eraser(self.api_state))
+            attach_erasers(runtime.consent, erasers)
         notifier = self.notifier
         if notifier is None:
             return
@@ -443,6 +454,22 @@ class App:
             runtime.consent.observers.append(notifier.consent_events)
         if notifier.pause not in runtime.pauses.observers:
             runtime.pauses.observers.append(notifier.pause)
+
+    async def _audit_pause(self, pause: Pause) -> None:
+        """A pause on record as it is set, so that the report shows it even when it held no
+        message (a transaction it held names it too)."""
+        self.services.audit.write(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "event": "pause",
+                "scope": pause.scope,
+                "value": pause.value,
+                "class": pause.message_class if pause.scope != "class" else pause.value,
+                "until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pause.until)),
+                "reason": pause.reason,
+                "source": pause.source,
+            }
+        )
 
     def _start_drainer(self) -> None:
         spool = self.services.spool

@@ -68,7 +68,8 @@ _IDEMPOTENCY = {
     "in": "header",
     "required": False,
     "description": "any unique string per logical request; a retry with the same key and body records once and "
-    "gets the first answer (header Idempotent-Replayed: true)",
+    "gets the first answer (header Idempotent-Replayed: true); after the address was erased that answer names "
+    "its tombstone (erased:...) instead, without IP, user agent or source",
     "schema": {"type": "string", "minLength": 1, "maxLength": 200},
 }
 

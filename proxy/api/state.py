@@ -16,6 +16,8 @@ import abc
 import asyncio
 import functools
 import json
+import logging
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -24,11 +26,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from proxy.stores.consent import ConsentStoreConfig
+from proxy.stores.consent_events import ERASED_FIELDS
 from proxy.stores.migrations import Migration, apply_postgres, apply_sqlite
 
 __all__ = ("ApiState", "Claim", "OutboxRow", "QueuedRow", "open_api_state")
 
 T = TypeVar("T")
+log = logging.getLogger("sendguard.api")
 
 _V1_SQLITE = (
     """
@@ -166,12 +170,63 @@ class ApiState(abc.ABC):
         """Rows per state: pending, failed (delivered rows are purged after a while)."""
 
     @abc.abstractmethod
+    async def forget_address(self, spellings: Sequence[str], tombstone: str) -> dict[str, int]:
+        """An erasure (``ConsentStore.erasers``): outbox rows whose body names the address are
+        deleted, whatever their state (a pending one would carry the address out after its
+        erasure; the CRM is not told of an erasure by webhook); idempotency rows keep their key
+        (a retry still records nothing twice) but their answer names the tombstone instead and
+        their request hash, a plain hash of a body with the address in it, is dropped."""
+
+    @abc.abstractmethod
     async def close(self) -> None: ...
+
+
+#: The request hash of an idempotency row an erasure rewrote: a retry with its key gets the
+#: (anonymised) first answer, whatever its body.
+ERASED_REQUEST = "erased"
+
+
+def needles(spellings: Sequence[str]) -> list[str]:
+    """What to look for in stored JSON: each spelling in lower case, and as JSON writes it
+    (non-ASCII escaped)."""
+    found: list[str] = []
+    for spelling in spellings:
+        for text in (spelling.lower(), json.dumps(spelling.lower())[1:-1]):
+            if text not in found:
+                found.append(text)
+    return found
+
+
+def anonymise(text: str, spellings: Sequence[str], tombstone: str) -> str:
+    """A stored answer as its tombstone would read: the address replaced by the tombstone
+    subject, and in every JSON object that named it the personal fields an erasure empties
+    (IP, user agent, source, ...) removed."""
+    patterns = [re.compile(re.escape(needle), re.IGNORECASE) for needle in needles(spellings)]
+
+    def replace(value: str) -> str:
+        for pattern in patterns:
+            value = pattern.sub(tombstone, value)
+        return value
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            named = any(isinstance(v, str) and replace(v) != v for v in value.values())
+            return {k: walk(v) for k, v in value.items() if not (named and k in ERASED_FIELDS)}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return replace(value) if isinstance(value, str) else value
+
+    try:
+        return json.dumps(walk(json.loads(text)), separators=(",", ":"))
+    except ValueError:  # not JSON: at least the address goes
+        return replace(text)
 
 
 def _claim_from(row: Sequence[Any] | None, request_hash: str) -> Claim:
     if row is None:
         return Claim("busy")  # it was deleted between our insert and select: treat as in flight
+    if row[0] == ERASED_REQUEST and row[1] is not None:
+        return Claim("done", int(row[1]), str(row[2]))
     if row[0] != request_hash:
         return Claim("mismatch")
     if row[1] is None:
@@ -335,6 +390,32 @@ class SQLiteApiState(ApiState):
 
         return await self._call(work)
 
+    async def forget_address(self, spellings: Sequence[str], tombstone: str) -> dict[str, int]:
+        def work(conn: sqlite3.Connection) -> dict[str, int]:
+            outbox = keys = 0
+            for needle in needles(spellings):
+                outbox += conn.execute("DELETE FROM webhook_outbox WHERE instr(lower(body), ?) > 0", (needle,)).rowcount
+                rows = conn.execute(
+                    "SELECT token, key, body FROM api_idempotency WHERE instr(lower(body), ?) > 0", (needle,)
+                ).fetchall()
+                for token, key, body in rows:
+                    conn.execute(
+                        "UPDATE api_idempotency SET request_hash = ?, body = ? WHERE token = ? AND key = ?",
+                        (ERASED_REQUEST, anonymise(body, spellings, tombstone), token, key),
+                    )
+                keys += len(rows)
+            return {"webhook outbox rows": outbox, "idempotency answers": keys}
+
+        def erase() -> dict[str, int]:
+            conn = self._conn
+            assert conn is not None
+            conn.execute("PRAGMA secure_delete = ON")  # the old rows' bytes go, not just their entries
+            result = self._tx(work)
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # and the WAL's copies of the pages
+            return result
+
+        return await self._call(erase)
+
     async def close(self) -> None:
         def shut() -> None:
             if self._conn is not None:
@@ -478,6 +559,34 @@ class PostgresApiState(ApiState):
             "SELECT state, count(*) FROM webhook_outbox WHERE state != 'delivered' GROUP BY state", ()
         )
         return {"pending": 0, "failed": 0} | {str(state): int(n) for state, n in rows}
+
+    async def forget_address(self, spellings: Sequence[str], tombstone: str) -> dict[str, int]:
+        await self._ensure()
+        outbox = keys = 0
+        async with self._pool.connection() as conn:
+            async with conn.transaction():
+                for needle in needles(spellings):
+                    cursor = await conn.execute(
+                        "DELETE FROM webhook_outbox WHERE strpos(lower(body), %s) > 0", (needle,)
+                    )
+                    outbox += cursor.rowcount
+                    cursor = await conn.execute(
+                        "SELECT token, key, body FROM api_idempotency WHERE strpos(lower(body), %s) > 0 FOR UPDATE",
+                        (needle,),
+                    )
+                    rows = await cursor.fetchall()
+                    for token, key, body in rows:
+                        await conn.execute(
+                            "UPDATE api_idempotency SET request_hash = %s, body = %s WHERE token = %s AND key = %s",
+                            (ERASED_REQUEST, anonymise(body, spellings, tombstone), token, key),
+                        )
+                    keys += len(rows)
+            # Dead row versions keep the old bytes until vacuumed (as for the consent events).
+            try:
+                await conn.execute("VACUUM webhook_outbox, api_idempotency")
+            except Exception as exc:  # best effort: autovacuum gets there later
+                log.warning("VACUUM after an erasure failed: %s", exc)
+        return {"webhook outbox rows": outbox, "idempotency answers": keys}
 
     async def close(self) -> None:
         await self._pool.close()

@@ -14,6 +14,8 @@ import argparse
 import asyncio
 import csv
 import json
+import os
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -23,6 +25,10 @@ from typing import Any, TextIO
 import yaml
 
 from policies.consent import ConsentPolicy
+from proxy.api.erasure import api_eraser, attach_erasers, counter_eraser, spool_eraser
+from proxy.api.state import open_api_state
+from proxy.config.settings import SpoolConfig
+from proxy.relay.spool import Spool
 from proxy.schema import ConfigError, ConfigIssue, Converter, compose, is_invalid
 from proxy.stores.consent import (
     ADDRESS,
@@ -49,6 +55,8 @@ from proxy.stores.consent import (
     parse_time,
 )
 from proxy.stores.consent_formats import FORMATS, ImportOptions, ImportReader, parse_mapping
+from proxy.stores.limits_store import LimitStoreConfig
+from proxy.stores.pauses import open_pause_store
 
 __all__ = ("add_consent_parser", "load_consent_config", "main", "run_consent", "run_consent_command")
 
@@ -131,6 +139,81 @@ def load_consent_config(path: str) -> tuple[ConsentStoreConfig, SoftOptInRules]:
     if conv.issues:
         raise ConfigError(conv.issues)
     return store_config, rules
+
+
+def load_erasure_places(path: str) -> tuple[SpoolConfig, LimitStoreConfig]:
+    """``spool`` and ``stores.state`` of a config file: where else an erasure must reach (the
+    retry queue, the bounce counters). Read the same way as ``load_consent_config``."""
+    node = compose(Path(path).read_text(encoding="utf-8"), path)
+    conv = Converter(path)
+    spool, state = SpoolConfig(), LimitStoreConfig()
+    for key, _, value in (conv.mapping_items(node, "") if node is not None else None) or []:
+        if key == "spool":
+            converted = conv.dataclass(value, SpoolConfig, "spool")
+            spool = spool if is_invalid(converted) else converted
+        elif key == "stores":
+            for store_key, _, store_node in conv.mapping_items(value, "stores") or []:
+                if store_key == "state":
+                    found = conv.dataclass(store_node, LimitStoreConfig, "stores.state")
+                    state = state if is_invalid(found) else found
+    if conv.issues:
+        raise ConfigError(conv.issues)
+    return spool, state
+
+
+def _config_problems(exc: ConfigError, err: TextIO) -> int:
+    print(f"sendguard: the config has {len(exc.issues)} problem(s):", file=err)
+    for issue in exc.issues:
+        print(f"  {issue}", file=err)
+    return EXIT_BAD_INPUT
+
+
+async def _erase(
+    store: ConsentStore, store_config: ConsentStoreConfig, args: argparse.Namespace, out: TextIO, err: TextIO
+) -> int:
+    """Erase in the consent store, then wherever else the address is: the API's tables, the
+    retry queue (when its file exists) and the bounce counters (in Redis: counters kept in a
+    running proxy's memory are out of reach here; they end with bounces.suppress_window)."""
+    try:
+        spool_config, state_config = load_erasure_places(args.config)
+    except ConfigError as exc:
+        return _config_problems(exc, err)
+    # Everything is opened before anything is erased: a place that cannot be reached stops the
+    # erasure with nothing half done.
+    try:
+        spool = Spool(spool_config.path) if os.path.exists(spool_config.path) else None  # noqa: ASYNC240
+    except (sqlite3.Error, OSError) as exc:
+        print(f"sendguard: cannot open the retry queue {spool_config.path}: {exc}; nothing was erased", file=err)
+        return EXIT_STORE_DOWN
+    try:
+        api_state = await open_api_state(store_config)
+    except (sqlite3.Error, OSError) as exc:
+        print(f"sendguard: cannot open the API's tables in the consent store: {exc}; nothing was erased", file=err)
+        return EXIT_STORE_DOWN
+    pauses = open_pause_store(state_config) if state_config.backend == "redis" else None
+    try:
+        erasers = [api_eraser(api_state)]
+        if spool is not None:
+            erasers.append(spool_eraser(spool))
+        if pauses is not None:
+            erasers.append(counter_eraser(pauses))
+        attach_erasers(store, erasers)
+        erasure = await store.erase(args.address, requested_via=args.via)
+    finally:
+        await api_state.close()
+        if pauses is not None:
+            await pauses.close()
+    print(
+        f"erased {erasure.suppression.subject}: {erasure.erased} event(s) made anonymous at "
+        f"{format_time(erasure.at)}; commercial mail to it stays refused (record #{erasure.suppression.id})",
+        file=out,
+    )
+    print("also removed: " + ", ".join(f"{what} {count}" for what, count in erasure.purged.items()), file=out)
+    if erasure.failures:
+        for failure in erasure.failures:
+            print(f"sendguard: not erased everywhere: {failure}; run the erasure again", file=err)
+        return EXIT_STORE_DOWN
+    return EXIT_OK
 
 
 # ---- parser --------------------------------------------------------------------------------------
@@ -265,10 +348,7 @@ async def run_consent(args: argparse.Namespace, *, out: TextIO | None = None, er
     try:
         store_config, rules = load_consent_config(args.config)
     except ConfigError as exc:
-        print(f"sendguard: the config has {len(exc.issues)} problem(s):", file=err)
-        for issue in exc.issues:
-            print(f"  {issue}", file=err)
-        return EXIT_BAD_INPUT
+        return _config_problems(exc, err)
     command = args.consent_command
     try:
         event = _event_from_args(args) if command in _RECORDERS else None
@@ -299,13 +379,7 @@ async def run_consent(args: argparse.Namespace, *, out: TextIO | None = None, er
             print(await store.count(), file=out)
             return EXIT_OK
         if command == "erase":
-            erasure = await store.erase(args.address, requested_via=args.via)
-            print(
-                f"erased {erasure.suppression.subject}: {erasure.erased} event(s) made anonymous at "
-                f"{format_time(erasure.at)}; commercial mail to it stays refused (record #{erasure.suppression.id})",
-                file=out,
-            )
-            return EXIT_OK
+            return await _erase(store, store_config, args, out, err)
         raise AssertionError(f"unknown consent command {command!r}")
     except ConsentInputError as exc:
         print(f"sendguard: {exc}", file=err)

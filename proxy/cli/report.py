@@ -21,15 +21,19 @@ from proxy.config.settings import Settings
 from proxy.report.auditlog import AuditFiles
 from proxy.report.compliance import ComplianceReport, Period
 from proxy.report.evidence import EvidencePack
+from proxy.report.redact import Redactor
 from proxy.report.render import render
 from proxy.stores.consent import (
     ANY,
+    ConsentEvent,
     ConsentInputError,
     ConsentStoreError,
+    erasure_subject,
     normalize_sender,
     open_consent_store,
     parse_subject,
 )
+from proxy.stores.consent_events import ERASED_ORIGINAL
 
 __all__ = ("add_report_parser", "build_report", "run_report")
 
@@ -98,26 +102,34 @@ async def build_report(
         data: dict[str, Any]
         if address is not None:
             pack = EvidencePack(address, period)
+            key = store.erasure_key
+            pack.tombstone = erasure_subject(key, address) if key is not None else None
             pack.set_history(await store.history(address), await store.basis(address, ANY, sender or ANY, rules=rules))
             for entry in files:
                 pack.add(entry)
             pack.sources = _sources(files, f"{store_config.backend} {where}", started)
             data = pack.as_dict()
+            if pack.erased_at is not None and pack.tombstone is not None:
+                data = Redactor(key, [pack.tombstone]).scrub(data)
         else:
             assert period is not None
-            report = ComplianceReport(period, sender, dead_statuses=settings.bounces.statuses)
-            # Only the period's opt-outs and suppressions are kept; the store is read page by page.
-            report.add_consent_events(
-                [
-                    event
-                    async for event in store.export()
-                    if event.kind in ("opted_out", "suppressed") and event.effective_at in period
-                ]
+            report = ComplianceReport(
+                period, sender, erasure_key=store.erasure_key, dead_statuses=settings.bounces.statuses
             )
+            # Only the period's opt-outs and suppressions are kept, and the subjects of the
+            # erasures (to keep erased addresses out of it); the store is read page by page.
+            kept: list[ConsentEvent] = []
+            tombstones: set[str] = set()
+            async for event in store.export():
+                if event.subject_original == ERASED_ORIGINAL:
+                    tombstones.add(event.subject)
+                if event.kind in ("opted_out", "suppressed") and event.effective_at in period:
+                    kept.append(event)
+            report.add_consent_events(kept)
             for entry in files:
                 report.add(entry)
             report.sources = _sources(files, f"{store_config.backend} {where}", started)
-            data = report.as_dict()
+            data = Redactor(store.erasure_key, tombstones).scrub(report.as_dict())
     except ConsentStoreError as exc:
         print(f"sendguard: cannot read the consent store: {exc}", file=err)
         return EXIT_STORE_DOWN

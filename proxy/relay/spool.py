@@ -241,6 +241,28 @@ class Spool:
                 return db.execute("DELETE FROM queue").rowcount
             return sum(db.execute("DELETE FROM queue WHERE id = ?", (entry_id,)).rowcount for entry_id in ids)
 
+    def forget_sync(self, spellings: Sequence[str]) -> list[str]:
+        """An erasure (AVG art. 17): delete the copies queued for the address, and the DSNs
+        whose text names it (a DSN goes to the sender and quotes the recipient); the
+        transaction ids of the rows deleted. Copies for other recipients of the same message
+        stay: they are someone else's mail, and it is theirs to have, even where its header
+        names the address. The old bytes are overwritten (``secure_delete``) and the WAL
+        folded in, as for the consent store."""
+        lowered = sorted({spelling.lower() for spelling in spellings})
+        with self._write() as db:
+            db.execute("PRAGMA secure_delete = ON")
+            gone: list[str] = []
+            for spelling in lowered:
+                rows = db.execute(
+                    "DELETE FROM queue WHERE (kind = 'copy' AND lower(recipient) = ?)"
+                    " OR (kind = 'dsn' AND instr(lower(CAST(content AS TEXT)), ?) > 0) RETURNING txn_id",
+                    (spelling, spelling),
+                ).fetchall()
+                gone.extend(str(row["txn_id"]) for row in rows)
+        with self._connect() as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return gone
+
     def stats_sync(self) -> tuple[dict[str, int], float | None]:
         """Rows by kind and the creation time of the oldest row (None when empty)."""
         with self._connect() as db:
@@ -274,3 +296,6 @@ class Spool:
 
     async def stats(self) -> tuple[dict[str, int], float | None]:
         return await asyncio.to_thread(self.stats_sync)
+
+    async def forget(self, spellings: Sequence[str]) -> list[str]:
+        return await asyncio.to_thread(self.forget_sync, spellings)

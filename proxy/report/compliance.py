@@ -21,7 +21,16 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from proxy.report.auditlog import RecipientFate, line_time, parse_reply, parse_time, recipient_fates
-from proxy.stores.consent_events import ANY, DOMAIN, OPTED_OUT, SUPPRESSED, ConsentEvent, format_time
+from proxy.report.redact import tombstone_of
+from proxy.stores.consent_events import (
+    ANY,
+    DOMAIN,
+    ERASED_PREFIX,
+    OPTED_OUT,
+    SUPPRESSED,
+    ConsentEvent,
+    format_time,
+)
 
 __all__ = (
     "BOUNCE_THRESHOLDS",
@@ -175,10 +184,33 @@ class _Rates:
 
 @dataclass
 class _Pause:
+    """One cause of pauses: the transactions it held (their lines), and the pauses it set (the
+    ``pause`` lines the process writes as it sets one, so a pause that held nothing shows)."""
+
     transactions: int = 0
     first: datetime | None = None
     last: datetime | None = None
     example: str = ""
+    set_times: int = 0
+    set_first: datetime | None = None
+    until: datetime | None = None
+    paused: str = ""  # scope:value of the latest pause line
+
+    def as_dict(self, source: str) -> dict[str, Any]:
+        return {
+            "source": source,
+            "paused": self.paused or None,
+            "set": self.set_times,
+            "set_first": format_time(self.set_first),
+            "until": format_time(self.until),
+            "transactions": self.transactions,
+            "first": format_time(self.first),
+            "last": format_time(self.last),
+            "reason": self.example,
+        }
+
+
+_ERASED_COUNT = re.compile(r"of (\d+) earlier event")
 
 
 @dataclass
@@ -188,6 +220,9 @@ class ComplianceReport:
 
     period: Period
     sender_domain: str | None = None
+    #: stores.consent.erasure_key: with it, the next message to an erased address is found
+    #: by the keyed hash of each recipient (the address itself is gone from the store).
+    erasure_key: bytes | None = None
     dead_statuses: tuple[str, ...] = ("5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1")
     generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     sources: dict[str, Any] = field(default_factory=dict)
@@ -212,6 +247,10 @@ class ComplianceReport:
     pauses: dict[str, _Pause] = field(default_factory=dict)
     opt_outs: list[OptOutTrack] = field(default_factory=list)
     suppressions: Counter[str] = field(default_factory=Counter)
+    erasures: list[ConsentEvent] = field(default_factory=list)
+    #: The tombstone subjects with an opt-out still waiting for its next message: while there
+    #: is one, each commercial recipient is also looked up by its keyed hash (one HMAC).
+    _erased_keys: set[str] = field(default_factory=set)
     _pending: dict[str, list[OptOutTrack]] = field(default_factory=lambda: defaultdict(list))
     _unattributed: dict[str, list[OptOutTrack]] = field(default_factory=lambda: defaultdict(list))
 
@@ -226,6 +265,8 @@ class ComplianceReport:
                 continue
             if event.kind == SUPPRESSED:
                 self.suppressions[event.method] += 1
+                if event.method == "erasure":
+                    self.erasures.append(event)
             track = OptOutTrack(event)
             if event.method == "complaint":
                 if event.sender != ANY:
@@ -237,12 +278,17 @@ class ComplianceReport:
             self.opt_outs.append(track)
             key = f"@{event.subject}" if event.subject_kind == DOMAIN else event.subject
             self._pending[key].append(track)
+            if key.startswith(ERASED_PREFIX):
+                self._erased_keys.add(key)
 
     # ---- the audit log ----------------------------------------------------------------------
 
     def add(self, entry: dict[str, Any]) -> None:
         moment = line_time(entry)
         if moment is None:
+            return
+        if entry.get("event") == "pause" and "txn" not in entry:
+            self._pause_line(entry, moment)
             return
         if self.sender_domain and _line_sender(entry) != self.sender_domain:
             return
@@ -337,6 +383,24 @@ class ComplianceReport:
             pause.last = max(pause.last or moment, moment)
             pause.example = reason  # the latest wording: the state the period ended in
 
+    def _pause_line(self, entry: dict[str, Any], moment: datetime) -> None:
+        """A pause set (written by the process when a pause store set it): it counts when it
+        held in the period, even if no message came while it did."""
+        until = parse_time(str(entry.get("until") or "")) or moment
+        if moment >= self.period.end or until <= self.period.start:
+            return
+        scope, value = str(entry.get("scope") or ""), str(entry.get("value") or "")
+        if self.sender_domain and scope == "sender" and value != self.sender_domain:
+            return
+        reason = str(entry.get("reason") or "")
+        pause = self.pauses.setdefault(str(entry.get("source") or "unknown"), _Pause(example=reason))
+        pause.set_times += 1
+        pause.set_first = min(pause.set_first or moment, moment)
+        pause.until = max(pause.until or until, until)
+        pause.paused = f"{scope}:{value}"
+        if not pause.transactions:
+            pause.example = reason
+
     def _attribute_complaints(self, entry: dict[str, Any], moment: datetime, fates: list[RecipientFate]) -> None:
         for fate in fates:
             if fate.fate != "delivered":
@@ -351,7 +415,10 @@ class ComplianceReport:
             if fate.fate == "pending":
                 continue  # not decided: the client retries, and that try is the next message
             recipient = fate.recipient.lower()
-            keys = (recipient, "@" + sender_domain_of(recipient))
+            keys: tuple[str, ...] = (recipient, "@" + sender_domain_of(recipient))
+            if self.erasure_key is not None and self._erased_keys:
+                tombstone = tombstone_of(self.erasure_key, recipient)
+                keys = (*keys, tombstone) if tombstone else keys
             for key in keys:
                 tracks = self._pending.get(key)
                 if not tracks:
@@ -365,6 +432,8 @@ class ComplianceReport:
                         continue
                     self._judge(track, fate, at, entry, sender)
                     tracks.remove(track)
+                if not tracks:
+                    self._erased_keys.discard(key)  # nothing left to follow by the keyed hash
 
     @staticmethod
     def _judge(track: OptOutTrack, fate: RecipientFate, at: datetime, entry: dict[str, Any], sender: str) -> None:
@@ -461,15 +530,25 @@ class ComplianceReport:
             },
             "rates": self._rate_rows(),
             "pauses": [
-                {
-                    "source": source,
-                    "transactions": pause.transactions,
-                    "first": format_time(pause.first),
-                    "last": format_time(pause.last),
-                    "reason": pause.example,
-                }
-                for source, pause in sorted(self.pauses.items(), key=lambda kv: -kv[1].transactions)
+                pause.as_dict(source)
+                for source, pause in sorted(
+                    self.pauses.items(), key=lambda kv: (-kv[1].transactions, format_time(kv[1].set_first) or "")
+                )
             ],
+            "erasures": {
+                "total": len(self.erasures),
+                # When and how much, never whom: the subject is the keyed hash (AVG art. 17).
+                "events": [
+                    {
+                        "record": event.id,
+                        "at": format_time(event.recorded_at or event.effective_at),
+                        "events_erased": _erased_count(event.reason),
+                        "requested": event.note,
+                        "commercial_mail": "refused (suppression under the keyed hash)",
+                    }
+                    for event in sorted(self.erasures, key=lambda e: (e.effective_at, e.id or 0))
+                ],
+            },
         }
 
     def _rate_rows(self) -> list[dict[str, Any]]:
@@ -494,6 +573,11 @@ class ComplianceReport:
             "complaint_rate": round(complaint, 6) if complaint is not None else None,
             "complaint_status": _status(complaint, COMPLAINT_THRESHOLDS, rates.delivered),
         }
+
+
+def _erased_count(reason: str | None) -> int | None:
+    match = _ERASED_COUNT.search(reason or "")
+    return int(match.group(1)) if match else None
 
 
 def _status(rate: float | None, thresholds: dict[str, float], volume: int) -> str:

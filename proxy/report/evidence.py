@@ -7,6 +7,11 @@ person themself, AVG art. 15).
   and the record that basis rested on;
 * its opt-outs and suppressions, and for each what happened after: refused (as it must be),
   or delivered (flagged, with the reason the consent policy gave, if any).
+
+For an erased address the pack says so (when, how many records, the suppression that keeps
+refusing commercial mail) and shows only what happened after the latest erasure: what came
+before was erased from the store, and the pack must not rebuild it from the audit log. The
+address itself is not written (the CLI also runs the pack through ``redact.Redactor``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ class EvidencePack:
     basis_now: Basis | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
     unsubscribe_lines: list[dict[str, Any]] = field(default_factory=list)
+    #: The tombstone subject and the time of the latest erasure, when the address was erased.
+    tombstone: str | None = None
+    erased_at: datetime | None = None
+    erasures: list[ConsentEvent] = field(default_factory=list)
+    before_erasure: int = 0
     _opt_outs: list[_AfterOptOut] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -53,6 +63,9 @@ class EvidencePack:
     def set_history(self, events: Iterable[ConsentEvent], basis_now: Basis | None) -> None:
         self.history = sorted(events, key=lambda e: e.order)
         self.basis_now = basis_now
+        self.erasures = [e for e in self.history if e.kind == SUPPRESSED and e.method == "erasure"]
+        if self.erasures:
+            self.erased_at = max(e.recorded_at or e.effective_at for e in self.erasures)
         self._opt_outs = [_AfterOptOut(OptOutTrack(e)) for e in self.history if e.kind in (OPTED_OUT, SUPPRESSED)]
 
     def add(self, entry: dict[str, Any]) -> None:
@@ -61,7 +74,10 @@ class EvidencePack:
             return
         if "txn" not in entry:
             if str(entry.get("recipient", "")).lower() == self.address:
-                self.unsubscribe_lines.append(entry)
+                if self.erased_at is not None and moment < self.erased_at:
+                    self.before_erasure += 1
+                else:
+                    self.unsubscribe_lines.append(entry)
             return
         recipients = entry.get("recipients")
         refused = entry.get("refused")
@@ -76,6 +92,9 @@ class EvidencePack:
             basis = fate.basis or {}
             record = basis.get("record") if isinstance(basis.get("record"), dict) else None
             at = parse_time(str(basis["at"])) if basis.get("at") else None
+            if self.erased_at is not None and (at or moment) < self.erased_at:
+                self.before_erasure += 1
+                continue
             row = {
                 "time": format_time(at or moment),
                 "txn": entry.get("txn"),
@@ -109,19 +128,52 @@ class EvidencePack:
                 track.result, track.detail = verdict, row["reply"]
             item.after.append({**{k: row[k] for k in ("time", "txn", "sender", "reply", "basis")}, "result": verdict})
 
+    def _erasure(self) -> dict[str, Any] | None:
+        if self.erased_at is None:
+            return None
+        refused = self.basis_now is not None and not self.basis_now.allowed
+        return {
+            "erased": True,
+            "at": format_time(self.erased_at),
+            "subject": self.tombstone,
+            "erasures": [
+                {
+                    "record": e.id,
+                    "at": format_time(e.recorded_at or e.effective_at),
+                    "reason": e.reason,
+                    "requested": e.note,
+                }
+                for e in self.erasures
+            ],
+            "commercial_mail": "refused" if refused else "allowed",
+            "explanation": (
+                "the personal data on record was erased; a suppression under the keyed hash of the address "
+                "keeps refusing commercial mail to it"
+                if refused
+                else "erased, but a later consent allows commercial mail again (an admin lifted the suppression)"
+            ),
+            "decisions_before_erasure": self.before_erasure,
+        }
+
     def as_dict(self) -> dict[str, Any]:
+        erased = self.erased_at is not None
         return {
             "format": EVIDENCE_FORMAT,
             "version": EVIDENCE_VERSION,
             "generated_at": format_time(self.generated_at),
-            "address": self.address,
+            "address": (self.tombstone or "[erased]") if erased else self.address,
+            "erasure": self._erasure(),
             "period": None
             if self.period is None
             else {"from": format_time(self.period.start), "to": format_time(self.period.end)},
             "sources": self.sources,
             "basis_now": self.basis_now.as_dict() if self.basis_now is not None else None,
             "consent_history": [
-                {**event.as_dict(), "scope": "domain" if event.subject_kind == DOMAIN else "address"}
+                {
+                    **event.as_dict(),
+                    "scope": "domain" if event.subject_kind == DOMAIN else "address",
+                    **({"address": self.tombstone or "[erased]"} if erased and event.subject_kind != DOMAIN else {}),
+                }
                 for event in self.history
             ],
             "messages": self.messages,

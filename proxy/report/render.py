@@ -134,8 +134,11 @@ def _rows(data: dict[str, Any]) -> list[tuple[str, str, str, Any]]:
         ):
             rows.append(("rate", rate["sender_domain"], key, rate[key]))
     for pause in data["pauses"]:
-        for key in ("transactions", "first", "last", "reason"):
+        for key in ("paused", "set", "set_first", "until", "transactions", "first", "last", "reason"):
             rows.append(("pause", pause["source"], key, pause[key]))
+    for erasure in data["erasures"]["events"]:
+        for key in ("at", "events_erased", "requested"):
+            rows.append(("erasure", f"#{erasure['record']}", key, erasure[key]))
     return rows
 
 

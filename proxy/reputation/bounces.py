@@ -43,9 +43,17 @@ from proxy.stores.consent import (
 )
 from proxy.stores.pauses import Pause, PauseStore
 
-__all__ = ("BounceConfig", "Bounces")
+__all__ = ("BounceConfig", "Bounces", "address_counter")
 
 log = logging.getLogger("sendguard.bounces")
+
+
+def address_counter(recipient: str) -> str:
+    """The shared-state counter of one address's hard bounces. A plain hash of the address, so
+    it names a person to anyone who tries addresses: an erasure deletes it
+    (``PauseStore.forget``)."""
+    return "bounces:address:" + hashlib.sha256(recipient.strip().lower().encode()).hexdigest()[:32]
+
 
 #: RFC 3463 / RFC 7505 statuses that mean "this address will never take mail".
 DEAD_ADDRESS_STATUSES = ("5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1")
@@ -191,7 +199,7 @@ class Bounces:
         """Count this hard bounce of ``recipient``; True once it has bounced ``suppress_after``
         times, the first at least ``suppress_span`` before this one."""
         config = self.config
-        key = "bounces:address:" + hashlib.sha256(recipient.strip().lower().encode()).hexdigest()[:32]
+        key = address_counter(recipient)
         total = await self.pauses.hit(key, config.suppress_window)
         if total < config.suppress_after:
             return False

@@ -58,7 +58,7 @@ from proxy.stores.consent_events import (
     stored_values,
     utcnow,
 )
-from proxy.stores.consent_store import ConsentStore, ConsentStoreError, Erasure
+from proxy.stores.consent_store import ConsentStore, ConsentStoreError, Eraser, Erasure
 
 __all__ = (
     "ADDRESS",
@@ -68,6 +68,7 @@ __all__ = (
     "CUSTOMER",
     "DOMAIN",
     "EVENT_KINDS",
+    "Eraser",
     "Erasure",
     "METHODS",
     "NO_SOFT_OPT_IN",

@@ -36,6 +36,7 @@ __all__ = (
     "ANY",
     "CUSTOMER",
     "DOMAIN",
+    "ERASED_FIELDS",
     "ERASED_ORIGINAL",
     "ERASED_PREFIX",
     "EVENT_KINDS",
@@ -274,6 +275,9 @@ def _clean_text(value: str | None) -> str | None:
 #: nothing about who it was (a plain hash of an address is reversed by trying addresses).
 ERASED_PREFIX = "erased:"
 ERASED_ORIGINAL = "erased"
+#: The personal fields an erasure empties (migration v3's tombstone rule); what is left (kind,
+#: topic, sender, method, times) says what happened, not to whom.
+ERASED_FIELDS = ("source", "ip", "user_agent", "relation", "reason", "upstream_reply", "note")
 
 
 def erasure_subject(key: bytes, address: str) -> str:

@@ -33,7 +33,7 @@ from proxy.stores.consent_events import (
     utcnow,
 )
 
-__all__ = ("ConsentStore", "ConsentStoreError", "Erasure")
+__all__ = ("ConsentStore", "ConsentStoreError", "Eraser", "Erasure")
 
 #: The reason written on the suppression an erasure leaves; ``consent show`` and the
 #: recipient's page recognise an erasure by its method.
@@ -48,6 +48,12 @@ class Erasure:
     erased: int
     at: datetime
     suppression: ConsentEvent
+    #: What the other stores removed (``ConsentStore.erasers``), by what it was: "retry queue
+    #: rows": 2, ...
+    purged: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: The erasers that failed, with why: the address may still be there; erasing again
+    #: runs them again.
+    failures: tuple[str, ...] = ()
 
 
 T = TypeVar("T")
@@ -55,6 +61,11 @@ log = logging.getLogger("sendguard.consent")
 
 #: Told of every event ``add`` recorded (the webhooks' outbox); bulk imports are not told.
 Observer = Callable[[Sequence[ConsentEvent]], Awaitable[None]]
+#: Run after an erasure committed, with every stored spelling of the address and its tombstone
+#: subject: another store that holds the address (the API's tables, the retry queue, the bounce
+#: counters) removes it there and says what it removed ({"retry queue rows": 1}). The store
+#: itself knows none of them; the process and the CLI add them.
+Eraser = Callable[[Sequence[str], str], Awaitable[dict[str, int]]]
 
 
 class ConsentStoreError(Exception):
@@ -71,6 +82,7 @@ class ConsentStore(abc.ABC):
         self.timeout = float(timeout)
         self.where = where  # for messages: a path, or host:port/database (never a password)
         self.observers: list[Observer] = []
+        self.erasers: list[Eraser] = []
         # The secret of the erasure tombstones' keyed hash (stores.consent.erasure_key). Without
         # it nothing can be erased, and erased rows are not found by their address.
         self.erasure_key: bytes | None = None
@@ -183,7 +195,16 @@ class ConsentStore(abc.ABC):
             raise
         except Exception as exc:
             raise self._wrap(exc) from exc
-        return Erasure(erased, now, dataclasses.replace(stored, subject=subject.value))
+        purged: dict[str, int] = {}
+        failures: list[str] = []
+        for eraser in self.erasers:
+            try:
+                for what, count in (await eraser(spellings, tombstone)).items():
+                    purged[what] = purged.get(what, 0) + count
+            except Exception as exc:  # the tombstones stand; say what is left, erasing again retries
+                log.exception("an eraser failed after an erasure")
+                failures.append(f"{getattr(eraser, '__name__', eraser)}: {type(exc).__name__}: {exc}")
+        return Erasure(erased, now, dataclasses.replace(stored, subject=subject.value), purged, tuple(failures))
 
     async def basis(
         self,

@@ -90,6 +90,10 @@ class PauseStore(abc.ABC):
         """How many events ``counter`` had in the last ``window`` seconds; records nothing."""
 
     @abc.abstractmethod
+    async def forget(self, counter: str) -> int:
+        """Delete a counter (an erasure: a counter named after a person); 1 if it was there."""
+
+    @abc.abstractmethod
     async def _load(self) -> list[Pause]: ...
 
     @abc.abstractmethod
@@ -126,6 +130,9 @@ class MemoryPauseStore(PauseStore):
     async def count(self, counter: str, window: float) -> int:
         now = self.now()
         return sum(1 for moment in self._events.get(counter, ()) if moment > now - window)
+
+    async def forget(self, counter: str) -> int:
+        return 1 if self._events.pop(counter, None) is not None else 0
 
     async def _load(self) -> list[Pause]:
         now = self.now()
@@ -189,6 +196,9 @@ class RedisPauseStore(PauseStore):
         now_ms = int(self.now() * 1000)
         key = f"{self.prefix}events:{counter}"
         return int(await self.redis.zcount(key, now_ms - int(window * 1000) + 1, "+inf"))
+
+    async def forget(self, counter: str) -> int:
+        return int(await self.redis.delete(f"{self.prefix}events:{counter}"))
 
     async def _load(self) -> list[Pause]:
         keys = [key async for key in self.redis.scan_iter(match=f"{self.prefix}pause:*", count=100)]

@@ -17,7 +17,15 @@ from proxy.report.render import render
 from tests.browser.test_unsubscribe_browser import browser  # noqa: F401 - the Chromium fixture, shared
 from tests.report.sample import month_report
 
-TABLES = ("#basis-table", "#opt-in-evidence", "#refusals-table", "#opt-outs-table", "#rates-table", "#pauses-table")
+TABLES = (
+    "#basis-table",
+    "#opt-in-evidence",
+    "#refusals-table",
+    "#opt-outs-table",
+    "#rates-table",
+    "#pauses-table",
+    "#erasures-table",
+)
 CHARTS = ("daily", "basis", "refusals", "rates")
 
 
@@ -61,6 +69,9 @@ async def test_the_html_report_draws_its_charts_and_tables_and_prints(page: Any,
         assert await rows.count() > 0, table
         assert (await rows.first.inner_text()).strip(), table
         assert await page.locator(f"{table} td.empty").count() == 0, table
+    pauses = await page.inner_text("#pauses-table")
+    assert "blocklist:zen" in pauses and "class:commercial" in pauses, "a pause that held no mail is shown"
+    assert "2026-11-13T15:00:00Z" in await page.inner_text("#erasures-table")
     flagged = page.locator("#opt-outs-table .bad")
     assert await flagged.count() == 1 and "NOT HONOURED" in await flagged.inner_text()
     screenshot = tmp_path / "report.png"
@@ -119,4 +130,44 @@ async def test_the_evidence_pack_page(page: Any, tmp_path: Path) -> None:
     assert "198.51.100.7" in await page.inner_text("#history-table")
     assert await page.locator("#after-table .ok").inner_text() == "refused"
     await page.screenshot(path=str(tmp_path / "evidence.png"), full_page=True)
+    assert page.fetched == []
+
+
+@pytest.mark.timeout(120)
+async def test_the_evidence_pack_of_an_erased_address(page: Any, tmp_path: Path) -> None:
+    """Built by EvidencePack itself: it says the address was erased, when, and that commercial
+    mail stays refused, and shows only the refusal that came after."""
+    from datetime import UTC, datetime
+
+    from proxy.report.evidence import EvidencePack
+    from proxy.stores.consent_basis import evaluate
+    from proxy.stores.consent_events import ConsentEvent
+
+    tombstone = "erased:" + "cd" * 32
+    at = datetime(2026, 11, 10, 12, tzinfo=UTC)
+    erasure = ConsentEvent("suppressed", "address", "ann@example.org", at, "erasure", id=9, recorded_at=at,
+                           reason="erased on request (AVG art. 17): the personal data of 2 earlier event(s) removed",
+                           note="requested via admin")  # fmt: skip
+    pack = EvidencePack("ann@example.org")
+    pack.tombstone = tombstone
+    pack.set_history([erasure], evaluate([erasure], "ann@example.org", "*", "*"))
+    line = {"sender": "news@shop.example", "class": "commercial", "refused": {}, "outcome": "delivered",
+            "recipients": ["ann@example.org"], "upstream_reply": "250 ok", "copies": None, "policies": []}  # fmt: skip
+    pack.add({**line, "time": "2026-11-01T09:00:00Z", "txn": "before"})
+    pack.add({**line, "time": "2026-11-11T09:00:00Z", "txn": "after", "recipients": [], "outcome": "abandoned",
+              "refused": {"ann@example.org": "550 5.7.1 address suppressed"},
+              "policies": [{"policy": "consent", "stage": "rcpt", "action": "reject", "mode": "enforce",
+                            "recipient": "ann@example.org", "reason": "suppressed",
+                            "reply": "550 5.7.1 address suppressed"}]})  # fmt: skip
+    html_path = tmp_path / "erased.html"
+    html_path.write_text(render(pack.as_dict(), "html"), encoding="utf-8")
+    await page.goto(html_path.as_uri())
+    assert await page.text_content("h1") == f"Evidence pack: {tombstone}"
+    banner = await page.inner_text("#erasure")
+    assert "2026-11-10T12:00:00Z" in banner and "Commercial mail: refused" in banner
+    assert "1 earlier message decision(s)" in banner
+    assert await page.locator("#messages-table tbody tr").count() == 1
+    assert "after" in await page.inner_text("#messages-table") and "before" not in await page.inner_text(
+        "#messages-table"
+    )
     assert page.fetched == []

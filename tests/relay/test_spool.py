@@ -295,3 +295,25 @@ async def test_what_the_queue_worker_hears_counts_for_bounces_and_backoff(
     assert store is not None
     assert await eventually(lambda: sample(proxy, "sendguard_backoff_matches_total", rule="dead") == 1)
     assert [e.kind for e in await store.history("ben@example.org")] == ["suppressed"]
+
+
+def test_an_erasure_drops_the_copies_to_the_address_and_the_dsns_naming_it(tmp_path: Path) -> None:
+    """What an erasure takes from the queue: every copy to the address (any spelling) and the DSN
+    that quotes it; another recipient's copy of the same message stays (it is their mail), and
+    the old bytes are not left in the file or its WAL."""
+    spool = Spool(tmp_path / "spool.db")
+    later = time.time() + 3600
+    dsn = b"Content-Type: message/delivery-status\r\n\r\nFinal-Recipient: rfc822; Anna.Jansen@example.nl\r\n"
+    spool.add_sync(
+        [
+            Queued("copy", "t1", SENDER, "Anna.Jansen@Example.NL", b"To: anna\r\n\r\nsale for anna.jansen", later),
+            Queued("copy", "t1", SENDER, "piet@example.org", b"To: piet@example.org\r\n\r\nsale", later),
+            Queued("dsn", "t2", "", SENDER, dsn, later),
+            Queued("dsn", "t3", "", SENDER, b"Final-Recipient: rfc822; piet@example.org\r\n", later),
+        ]
+    )
+    assert sorted(spool.forget_sync(["anna.jansen@example.nl"])) == ["t1", "t2"]
+    assert sorted((e.kind, e.recipient) for e in spool.list_sync()) == [("copy", "piet@example.org"), ("dsn", SENDER)]
+    files = "".join(p.read_bytes().decode("latin-1") for p in tmp_path.glob("spool.db*"))
+    assert "anna.jansen" not in files.lower()
+    assert spool.forget_sync(["anna.jansen@example.nl"]) == []

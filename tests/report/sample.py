@@ -101,6 +101,17 @@ def month(seed: int = 11) -> tuple[list[ConsentEvent], list[dict[str, Any]]]:
                   "upstream_reply": "250 2.0.0 Ok", "copies": None, "outcome": "delivered"})  # fmt: skip
     events.append(ConsentEvent(SUPPRESSED, "address", "gone@example.org", START + timedelta(days=4), "hard_bounce",
                                id=2001, recorded_at=START + timedelta(days=4)))  # fmt: skip
+    # An erasure (its suppression under the keyed hash), and a pause that held no message: a
+    # blocklist listing over a weekend, when nothing was sent.
+    erased_at = START + timedelta(days=12, hours=15)
+    events.append(ConsentEvent(SUPPRESSED, "address", "erased:" + "ab" * 32, erased_at, "erasure", id=2002,
+                               recorded_at=erased_at, subject_original="erased", note="requested via admin",
+                               reason="erased on request (AVG art. 17): the personal data of 3 earlier event(s) "
+                                      "removed"))  # fmt: skip
+    listed = START + timedelta(days=13, hours=2)
+    lines.append({"time": _stamp(listed), "event": "pause", "scope": "class", "value": "commercial",
+                  "class": "commercial", "until": _stamp(listed + timedelta(hours=6)),
+                  "reason": "192.0.2.25 is listed on zen.spamhaus.org", "source": "blocklist:zen"})  # fmt: skip
     lines.sort(key=lambda entry: entry["time"])
     return events, lines
 

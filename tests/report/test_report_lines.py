@@ -305,3 +305,64 @@ def test_a_complaint_counts_against_the_sender_complained_about(
         report.add(line(at=delivered_before, policies=[consent("ann@example.org", "opt_in", at=delivered_before)]))
     rows = {r["sender_domain"]: r["complaints"] for r in report.as_dict()["rates"]}
     assert rows[domain] == 1 and sum(rows.values()) == 1
+
+
+def pause_line(at: datetime, until: datetime, scope: str = "class", value: str = "commercial",
+               source: str = "blocklist:zen") -> dict[str, Any]:  # fmt: skip
+    return {"time": stamp(at), "event": "pause", "scope": scope, "value": value, "class": "commercial",
+            "until": stamp(until), "reason": f"{value} paused", "source": source}  # fmt: skip
+
+
+def test_pauses_that_held_no_mail_are_shown_when_they_held_in_the_period() -> None:
+    start = PERIOD.start
+    report = ComplianceReport(PERIOD, sender_domain="shop.example")
+    report.add(pause_line(start - timedelta(hours=2), start + timedelta(hours=1)))  # set before, held into it
+    report.add(pause_line(start - timedelta(days=2), start - timedelta(days=1), source="old"))  # over before
+    report.add(pause_line(DAY, DAY + timedelta(hours=1), "sender", "other.example", "backoff:x"))  # another sender
+    report.add(pause_line(DAY, DAY + timedelta(hours=1), "sender", "shop.example", "bounces"))
+    report.add(pause_line(DAY + timedelta(minutes=40), DAY + timedelta(hours=2), "sender", "shop.example", "bounces"))
+    report.add(line(at=DAY + timedelta(minutes=5), outcome="tempfailed", upstream_reply=None, policies=[
+        {"policy": "pause", "stage": "mail", "action": "tempfail", "mode": "enforce",
+         "reason": "bounces: 9 of 40 hard-bounced"}]))  # fmt: skip
+    pauses = {p["source"]: p for p in report.as_dict()["pauses"]}
+    assert set(pauses) == {"blocklist:zen", "bounces"}
+    zen, bounces = pauses["blocklist:zen"], pauses["bounces"]
+    assert (zen["transactions"], zen["set"], zen["paused"], zen["first"]) == (0, 1, "class:commercial", None)
+    assert zen["until"] == "2026-11-01T01:00:00Z" and zen["reason"] == "commercial paused"
+    assert (bounces["transactions"], bounces["set"], bounces["until"]) == (1, 2, "2026-11-20T02:00:00Z")
+    assert bounces["reason"] == "bounces: 9 of 40 hard-bounced", "a held transaction's words are the example"
+    rows = list(csv.reader(io.StringIO(render(report.as_dict(), "csv"))))
+    assert ["pause", "blocklist:zen", "transactions", "0"] in rows
+
+
+def test_erasures_are_shown_without_whom_and_their_next_message_is_followed() -> None:
+    from proxy.report.redact import Redactor
+    from proxy.stores.consent_events import erasure_subject
+
+    key = b"k" * 32
+    tombstone = erasure_subject(key, "ann@example.org")
+    erasure = ConsentEvent(SUPPRESSED, "address", tombstone, DAY, "erasure", id=12, recorded_at=DAY,
+                           subject_original="erased", note="requested via admin",
+                           reason="erased on request (AVG art. 17): the personal data of 3 earlier event(s) removed")  # fmt: skip
+    report = ComplianceReport(PERIOD, erasure_key=key)
+    report.add_consent_events([erasure])
+    refusal = "550 5.7.1 <Ann@Example.org>: address suppressed"
+    report.add(line(at=LATER, recipients=(), refused={"Ann@Example.org": refusal}, outcome="abandoned",
+                    policies=[consent("Ann@Example.org", "suppressed", at=LATER)]))  # fmt: skip
+    data = report.as_dict()
+    assert data["erasures"] == {"total": 1, "events": [{"record": 12, "at": "2026-11-20T00:00:00Z", "events_erased": 3,
+                                "requested": "requested via admin",
+                                "commercial_mail": "refused (suppression under the keyed hash)"}]}  # fmt: skip
+    (track,) = data["opt_outs"]["events"]
+    assert track["subject"] == tombstone and track["next_message"]["result"] == "refused"
+    assert "ann@example.org" in json.dumps(data).lower(), "the audit log's reply still names her"
+    scrubbed = Redactor(key, [tombstone]).scrub(data)
+    assert "ann@example.org" not in json.dumps(scrubbed).lower()
+    assert "<[erased]>: address suppressed" in json.dumps(scrubbed)
+    # Without the key nothing is matched (and nothing can be redacted): the report says so by
+    # leaving the erasure's next message open.
+    blind = ComplianceReport(PERIOD)
+    blind.add_consent_events([erasure])
+    blind.add(line(at=LATER, recipients=(), refused={"Ann@Example.org": refusal}, outcome="abandoned",
+                   policies=[consent("Ann@Example.org", "suppressed", at=LATER)]))  # fmt: skip
+    assert blind.as_dict()["opt_outs"]["events"][0]["next_message"] is None

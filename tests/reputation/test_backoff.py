@@ -108,7 +108,10 @@ async def test_throttling_upstream_pauses_commercial_mail_and_transactional_keep
         == 1
     )
     assert registry.get_sample_value("sendguard_paused_transactions_total", {"scope": "class"}) == 1
-    audit = (await proxy.wait_audit(4))[2]
+    lines = await proxy.wait_audit(5)
+    (paused,) = [line for line in lines if line.get("event") == "pause"]  # the pause is on record as it is set
+    assert (paused["scope"], paused["value"], paused["source"]) == ("class", "commercial", "backoff:upstream-throttle")
+    audit = [line for line in lines if "txn" in line][2]
     assert audit["policies"][-1]["policy"] == "pause"
     assert audit["policies"][-1]["reason"].startswith("backoff:upstream-throttle: the upstream answered")
 

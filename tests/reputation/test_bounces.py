@@ -7,13 +7,19 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiosmtplib
+import pytest
 
+from proxy.api.erasure import counter_eraser
+from proxy.reputation.bounces import address_counter
 from proxy.stores.consent import (
     ConsentStoreConfig,
     open_consent_store,
 )
+from proxy.stores.limits_store import LimitStoreConfig
+from proxy.stores.pauses import MemoryPauseStore, PauseStore, RedisPauseStore
 from tests.conftest import Proxy, RawClient, message
 from tests.fakes import FakeUpstream, Faults
+from tests.services import RedisTarget
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 UpstreamFactory = Callable[..., Awaitable[FakeUpstream]]
@@ -211,3 +217,28 @@ async def test_a_burst_of_bounces_is_an_upstream_fault_not_dead_addresses(
     assert registry.get_sample_value("sendguard_bounce_bursts_total") == 1
     pauses = await proxy.app.runtime.pauses.active()
     assert [(p.scope, p.value, p.source) for p in pauses] == [("class", "commercial", "bounces:burst")]
+
+
+async def forget_behaves(pauses: PauseStore) -> None:
+    """The hard-bounce counter is keyed by a plain hash of the address: an erasure deletes it,
+    and only its own."""
+    try:
+        for address in ("anna@example.nl", "piet@example.org"):
+            await pauses.hit(address_counter(address), 3600)
+        erase = counter_eraser(pauses)
+        assert await erase(["anna@example.nl", "Anna@example.nl"], "erased:x") == {"bounce counters": 1}
+        assert await pauses.count(address_counter("anna@example.nl"), 3600) == 0
+        assert await pauses.count(address_counter("piet@example.org"), 3600) == 1
+        assert await erase(["anna@example.nl"], "erased:x") == {"bounce counters": 0}
+    finally:
+        await pauses.close()
+
+
+async def test_an_erasure_forgets_the_bounce_counter_in_memory() -> None:
+    await forget_behaves(MemoryPauseStore())
+
+
+@pytest.mark.redis
+async def test_an_erasure_forgets_the_bounce_counter_in_redis(redis_target: RedisTarget) -> None:
+    config = LimitStoreConfig(backend="redis", url=redis_target.url, key_prefix=redis_target.prefix)
+    await forget_behaves(RedisPauseStore(config))

@@ -238,3 +238,49 @@ async def test_a_store_error_during_erasure_is_a_store_error(backend: Backend) -
     await store.close()
     with pytest.raises(ConsentStoreError):
         await store.erase(BOB)
+
+
+async def test_an_eraser_that_fails_is_reported_and_the_others_still_run(store: ConsentStore) -> None:
+    """The erasers run after the tombstones are committed: one that fails is named in the answer
+    (the caller says "run it again"), the others still run, and the store's own erasure stands."""
+    seen: list[tuple[tuple[str, ...], str]] = []
+
+    async def erase_nowhere(spellings: Any, tombstone: str) -> dict[str, int]:
+        raise ConnectionError("the retry queue's disk is gone")
+
+    async def erase_somewhere(spellings: Any, tombstone: str) -> dict[str, int]:
+        seen.append((tuple(spellings), tombstone))
+        return {"rows": 2}
+
+    store.erasers.extend([erase_nowhere, erase_somewhere])
+    await store.add(opt_in(BOB))
+    erasure = await store.erase(BOB)
+    assert erasure.erased == 1 and erasure.purged == {"rows": 2}
+    assert erasure.failures == ("erase_nowhere: ConnectionError: the retry queue's disk is gone",)
+    assert seen == [(("bob.jansen@example.org",), erasure_subject(KEY.encode(), "bob.jansen@example.org"))]
+    assert all(e.erased_at is not None or e.method == "erasure" for e in await store.history(BOB))
+
+
+async def test_the_command_erases_nothing_when_the_retry_queue_cannot_be_opened(tmp_path: Path) -> None:
+    import io
+
+    import yaml
+
+    from proxy.cli.consent import EXIT_STORE_DOWN, build_parser, run_consent
+
+    spool = tmp_path / "spool.db"
+    spool.write_bytes(b"this is not a database" * 100)
+    config = tmp_path / "sendguard.yaml"
+    store_config = {"path": str(tmp_path / "consent.db"), "erasure_key": KEY}
+    config.write_text(yaml.safe_dump({"stores": {"consent": store_config}, "spool": {"path": str(spool)}}))
+    opened = await open_consent_store(ConsentStoreConfig(**store_config))
+    try:
+        await opened.add(opt_in(BOB))
+    finally:
+        await opened.close()
+    args = build_parser().parse_args(["consent", "erase", "--config", str(config), BOB])
+    out, err = io.StringIO(), io.StringIO()
+    assert await run_consent(args, out=out, err=err) == EXIT_STORE_DOWN
+    assert "cannot open the retry queue" in err.getvalue() and "nothing was erased" in err.getvalue()
+    with sqlite3.connect(tmp_path / "consent.db") as db:
+        assert db.execute("SELECT count(*) FROM consent_events WHERE erased_at IS NOT NULL").fetchone() == (0,)
