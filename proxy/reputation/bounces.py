@@ -155,12 +155,11 @@ class Bounces:
         if not domain:
             return  # bounces and auto-replies (MAIL FROM:<>) have no sender to pause
         window = self.config.rate_window
-        if count_tried:
-            tried = await self.pauses.hit(f"bounces:tried:{domain}", window)
-        else:
-            tried = await self.pauses.count(f"bounces:tried:{domain}", window)
+        if count_tried:  # every recipient: a tally (buckets), not one timestamp each
+            await self.pauses.tally(f"bounces:tried:{domain}", window)
         if not dead:
             return
+        tried = await self.pauses.tallied(f"bounces:tried:{domain}", window)
         bounced = await self.pauses.hit(f"bounces:hard:{domain}", window)
         if tried < self.config.min_recipients or bounced / tried <= self.config.rate_threshold:
             return

@@ -245,7 +245,7 @@ class Complaints:
         try:
             complaints = await self.pauses.hit(f"complaints:{domain}", config.rate_window)
             # Recipients tried by this sender in the window: counted by the bounce accounting.
-            tried = await self.pauses.count(f"bounces:tried:{domain}", config.rate_window)
+            tried = await self.pauses.tallied(f"bounces:tried:{domain}", config.rate_window)
             if tried < config.min_recipients or complaints / tried < config.rate_threshold:
                 return
             reason = (

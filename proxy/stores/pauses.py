@@ -4,7 +4,10 @@ When the upstream pushes back ("421 4.7.0 try again later", Gmail's 4.7.28, Micr
 5.7.708) or a blocklist lists us, sendguard pauses a class of mail or one sender for a while.
 A pause must hold on every instance at once, so it lives in Redis for several instances (a key
 with a TTL per pause) and in memory for one. The same store counts events in sliding windows
-("5 such replies in 10 minutes") with one atomic Lua call per event.
+("5 such replies in 10 minutes") with one atomic Lua call per event. Counts of frequent events
+(every recipient a sender domain tried, the bounce and complaint rates' denominator) are kept
+in buckets instead (``tally``): a window of a day over a million recipients is then 257 numbers,
+not a million timestamps.
 
 Reading the active pauses happens for every transaction, so ``active()`` answers from a
 snapshot refreshed at most once a second; a new pause reaches every instance within that.
@@ -90,6 +93,16 @@ class PauseStore(abc.ABC):
         """How many events ``counter`` had in the last ``window`` seconds; records nothing."""
 
     @abc.abstractmethod
+    async def tally(self, counter: str, window: float) -> None:
+        """Count one event of a frequent kind in ``window``-sized accounting (see ``tallied``);
+        constant memory per counter, whatever the rate."""
+
+    @abc.abstractmethod
+    async def tallied(self, counter: str, window: float) -> int:
+        """How many events ``tally`` counted in the last ``window`` seconds, to within one
+        bucket (``bucket_width``) at the window's old end: never fewer."""
+
+    @abc.abstractmethod
     async def forget(self, counter: str) -> int:
         """Delete a counter (an erasure: a counter named after a person); 1 if it was there."""
 
@@ -106,6 +119,14 @@ class PauseStore(abc.ABC):
         return None
 
 
+TALLY_BUCKETS = 256
+
+
+def bucket_width(window: float) -> float:
+    """Width of a tally's buckets: a 256th of its window (a day: 5.6 minutes), at least 1 s."""
+    return max(1.0, window / TALLY_BUCKETS)
+
+
 class MemoryPauseStore(PauseStore):
     refresh_interval = 0.0  # nothing to fetch
 
@@ -114,6 +135,8 @@ class MemoryPauseStore(PauseStore):
         self._pauses: dict[tuple[str, str, str], Pause] = {}
         self._events: dict[str, deque[float]] = {}
         self._hits = 0
+        #: counter -> (bucket width, buckets in time order, each [start second, events])
+        self._tallies: dict[str, tuple[float, deque[list[int]]]] = {}
 
     async def hit(self, counter: str, window: float) -> int:
         now = self.now()
@@ -131,8 +154,25 @@ class MemoryPauseStore(PauseStore):
         now = self.now()
         return sum(1 for moment in self._events.get(counter, ()) if moment > now - window)
 
+    async def tally(self, counter: str, window: float) -> None:
+        width = bucket_width(window)
+        start = int(self.now() // width * width)
+        width, buckets = self._tallies.setdefault(counter, (width, deque()))
+        if buckets and buckets[-1][0] == start:
+            buckets[-1][1] += 1
+            return
+        buckets.append([start, 1])
+        while buckets and buckets[0][0] + width <= self.now() - window:
+            buckets.popleft()
+
+    async def tallied(self, counter: str, window: float) -> int:
+        width, buckets = self._tallies.get(counter, (1.0, deque()))
+        since = self.now() - window
+        return sum(events for start, events in buckets if start + width > since)
+
     async def forget(self, counter: str) -> int:
-        return 1 if self._events.pop(counter, None) is not None else 0
+        found = self._events.pop(counter, None) is not None
+        return 1 if self._tallies.pop(counter, None) is not None or found else 0
 
     async def _load(self) -> list[Pause]:
         now = self.now()
@@ -157,6 +197,21 @@ redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return redis.call('ZCARD', KEYS[1])
 """
+# KEYS[1] = tally hash; ARGV = bucket start (s), bucket width (ms), oldest start kept, ttl_ms.
+# One field per bucket and the field "width" (ms, set by the first tally: a reader with another
+# window reads the same buckets); a new bucket drops the fields older than the window.
+_TALLY = """
+redis.call('HSETNX', KEYS[1], 'width', ARGV[2])
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if n == 1 then
+  local oldest = tonumber(ARGV[3])
+  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if field ~= 'width' and tonumber(field) < oldest then redis.call('HDEL', KEYS[1], field) end
+  end
+end
+return n
+"""
 # KEYS[1] = pause key; ARGV = json, ttl_ms, until. Only ever extends an existing pause.
 _PAUSE = """
 local current = redis.call('GET', KEYS[1])
@@ -180,6 +235,7 @@ class RedisPauseStore(PauseStore):
         )
         self._hit = self.redis.register_script(_HIT)
         self._pause = self.redis.register_script(_PAUSE)
+        self._tally = self.redis.register_script(_TALLY)
 
     def _key(self, scope: str, value: str, source: str) -> str:
         # One key per source: a backoff rule and a blocklist can pause the same class
@@ -197,8 +253,24 @@ class RedisPauseStore(PauseStore):
         key = f"{self.prefix}events:{counter}"
         return int(await self.redis.zcount(key, now_ms - int(window * 1000) + 1, "+inf"))
 
+    async def tally(self, counter: str, window: float) -> None:
+        width = bucket_width(window)
+        now = self.now()
+        start = int(now // width * width)
+        oldest = int((now - window - width) // 1) + 1  # a bucket's end must lie inside the window
+        ttl_ms = int((window + width) * 1000)
+        args = [start, int(width * 1000), oldest, ttl_ms]
+        await self._tally(keys=[f"{self.prefix}tally:{counter}"], args=args)
+
+    async def tallied(self, counter: str, window: float) -> int:
+        stored = await self.redis.hgetall(f"{self.prefix}tally:{counter}")
+        fields = {key.decode() if isinstance(key, bytes) else key: int(value) for key, value in stored.items()}
+        width = fields.pop("width", 1000) / 1000
+        since = self.now() - window
+        return sum(events for start, events in fields.items() if int(start) + width > since)
+
     async def forget(self, counter: str) -> int:
-        return int(await self.redis.delete(f"{self.prefix}events:{counter}"))
+        return int(await self.redis.delete(f"{self.prefix}events:{counter}", f"{self.prefix}tally:{counter}"))
 
     async def _load(self) -> list[Pause]:
         keys = [key async for key in self.redis.scan_iter(match=f"{self.prefix}pause:*", count=100)]
