@@ -59,40 +59,85 @@ class BodyCollector:
         self._max_line = max_line_length
         self._out = io.BytesIO()
         self._partial = b""  # the unfinished last line
+        # The unfinished line is already over the line limit and is not kept: whether the
+        # message is "too long" or "too much" waits for its CRLF (aiosmtpd checks the size
+        # first, once the whole line is in). ``_last`` is the stream's last byte then, which
+        # may be the CR of that CRLF.
+        self._doomed = False
+        self._last = b""
         self.received = 0  # bytes of the stream so far, dot-stuffing included (as aiosmtpd counts)
         self.state = BodyState.NOMINAL
 
     def feed(self, piece: bytes) -> None:
+        offset = self.received  # where ``piece`` starts in the stream
         self.received += len(piece)
-        if self.state is not BodyState.NOMINAL:
+        if self.state is not BodyState.NOMINAL or not piece:
             return
-        if self._max_size and self.received > self._max_size:
-            self._fail(BodyState.TOO_MUCH)
+        if self._doomed:
+            self._finish_doomed_line(piece, offset)
             return
         data = self._partial + piece if self._partial else piece
+        data_offset = offset - len(self._partial)
         cut = data.rfind(b"\r\n")
-        if cut == -1:
-            self._partial = data
-            if self._too_long(data):
-                self._fail(BodyState.TOO_LONG)
+        lines, partial = (data[: cut + 2], data[cut + 2 :]) if cut != -1 else (b"", data)
+        if lines:
+            # The CRLF counts towards a line's length (aiosmtpd compares the line with its CRLF).
+            if max(map(len, lines.split(b"\r\n"))) + 2 > self._max_line:
+                self._fail(self._verdict_for_long_line(lines, data_offset))
+                return
+            if self._over_size(data_offset + len(lines)):
+                self._fail(BodyState.TOO_MUCH)
+                return
+        if self._over_size(self.received):
+            # Every complete line fits; the bytes beyond the limit are in the unfinished
+            # line, whose size is checked before its length: "too much" whatever follows.
+            self._fail(BodyState.TOO_MUCH)
             return
-        lines, self._partial = data[: cut + 2], data[cut + 2 :]
-        # The CRLF counts towards a line's length (aiosmtpd compares the line with its CRLF).
-        longest = max(map(len, lines.split(b"\r\n"))) + 2
-        if longest > self._max_line or self._too_long(self._partial):
-            self._fail(BodyState.TOO_LONG)
+        if self._too_long(partial):
+            self._fail(None)
+            self._doomed = True
+            self._last = partial[-1:]
             return
-        if lines.startswith(b"."):  # whole lines only: the first byte starts a line
-            lines = lines[1:]
-        self._out.write(lines.replace(b"\r\n.", b"\r\n"))
+        self._partial = partial
+        if lines:
+            if lines.startswith(b"."):  # whole lines only: the first byte starts a line
+                lines = lines[1:]
+            self._out.write(lines.replace(b"\r\n.", b"\r\n"))
+
+    def _over_size(self, received: int) -> bool:
+        return self._max_size is not None and 0 < self._max_size < received
+
+    def _verdict_for_long_line(self, lines: bytes, lines_offset: int) -> BodyState:
+        """aiosmtpd's verdict when ``lines`` (whole lines starting at ``lines_offset`` in the
+        stream) hold a line over the limit: "too much" if the size limit is passed on or
+        before that line, "too long" if only after it. Only on a refusal: line by line."""
+        end = lines_offset
+        for line in lines.split(b"\r\n")[:-1]:
+            end += len(line) + 2
+            if len(line) + 2 > self._max_line:
+                break
+        return BodyState.TOO_MUCH if self._over_size(end) else BodyState.TOO_LONG
+
+    def _finish_doomed_line(self, piece: bytes, offset: int) -> None:
+        if self._last == b"\r" and piece.startswith(b"\n"):
+            line_end = offset + 1
+        else:
+            found = piece.find(b"\r\n")
+            if found == -1:
+                self._last = piece[-1:]
+                return
+            line_end = offset + found + 2
+        self._doomed = False
+        self.state = BodyState.TOO_MUCH if self._over_size(line_end) else BodyState.TOO_LONG
 
     def _too_long(self, partial: bytes) -> bool:
         """Whether an unfinished line is already too long, its CRLF included; a CR at its end
         may be the first half of that CRLF."""
         return len(partial) - partial.endswith(b"\r") + 2 > self._max_line
 
-    def _fail(self, state: BodyState) -> None:
-        self.state = state
+    def _fail(self, state: BodyState | None) -> None:
+        if state is not None:
+            self.state = state
         self._partial = b""
         self._out = io.BytesIO()  # drop what was collected at once: nothing of it will be used
 
@@ -100,7 +145,7 @@ class BodyCollector:
         """The message, once the end of data has been read (the body before it always ends
         with CRLF, so nothing is left unfinished). The buffer's bytes are returned as they
         are, not copied."""
-        if self._partial:  # cannot happen after a real end of data; never drop bytes silently
+        if self._partial or self._doomed:  # cannot happen after a real end of data; never drop bytes silently
             raise ValueError("the body does not end with a complete line")
         data = self._out.getvalue()
         self._out = io.BytesIO()

@@ -91,6 +91,19 @@ CASES = [
     ("line at the limit", b"x" * 8 + b"\r\n.\r\n", Outcome(BodyState.NOMINAL, b"x" * 8 + b"\r\n", b"")),
     ("line over the limit", b"x" * 9 + b"\r\n.\r\n", Outcome(BodyState.TOO_LONG, b"", b"")),
     ("over the size limit", b"abcd\r\n" * 6 + b".\r\n", Outcome(BodyState.TOO_MUCH, b"", b"")),
+    # The first spoiled line decides; within one line the size is checked first.
+    ("long line past the size limit", b"a\r\n" * 10 + b"x" * 12 + b"\r\n.\r\n", Outcome(BodyState.TOO_MUCH, b"", b"")),
+    (
+        "long line, then the size limit",
+        b"x" * 12 + b"\r\n" + b"abcd\r\n" * 5 + b".\r\n",
+        Outcome(BodyState.TOO_LONG, b"", b""),
+    ),
+    ("size limit, then a long line", b"abcd\r\n" * 6 + b"x" * 12 + b"\r\n.\r\n", Outcome(BodyState.TOO_MUCH, b"", b"")),
+    (
+        "long line of bare LFs past the limit",
+        b"a\r\n" * 9 + b"\n\nxxxxxxx\r\n.\r\n",
+        Outcome(BodyState.TOO_MUCH, b"", b""),
+    ),
 ]
 
 
