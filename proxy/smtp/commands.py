@@ -26,6 +26,7 @@ from proxy.relay.trace import Hop, client_name
 from proxy.relay.transaction import RelayTransaction
 from proxy.smtp.forwarding import XCLIENT_ATTRIBUTES, XFORWARD_ATTRIBUTES
 from proxy.smtp.listener import ListenerState, Services
+from proxy.smtp.reflection import ReflectedNames
 from proxy.smtp.session import SendguardSMTP, new_txn_id
 
 __all__ = ("AppHandle", "RelayHandler")
@@ -61,7 +62,7 @@ def _utf8(address: str) -> bool:
     return True
 
 
-class RelayHandler:
+class RelayHandler(ReflectedNames):
     """The aiosmtpd handler of one session: relay authorization, then the lockstep relay."""
 
     def __init__(self, app: AppHandle, listener: ListenerState) -> None:

@@ -27,6 +27,7 @@ from proxy.schema import address_in
 from proxy.smtp.body import END_LINE, BodyCollector, BodyState, ends_data
 from proxy.smtp.forwarding import ForwardSyntaxError, parse_attributes
 from proxy.smtp.listener import ListenerState, Services
+from proxy.smtp.reflection import ReflectedNames
 
 __all__ = ("SendguardSMTP", "SessionHandler", "new_txn_id")
 
@@ -73,7 +74,7 @@ class _Session(Session):
     login_data: object = None
 
 
-class SendguardSMTP(SMTP):
+class SendguardSMTP(ReflectedNames, SMTP):
     """aiosmtpd's SMTP with sendguard's limits, AUTH, replies and exception handling."""
 
     AuthLoginUsernameChallenge = "Username:"  # aiosmtpd's "User Name\x00" breaks Go and curl (#566)
