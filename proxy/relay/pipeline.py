@@ -188,7 +188,8 @@ class Pipeline:
             if not slot.commits:
                 continue  # most policies keep no state: no task, no timeout to set up
             try:
-                await asyncio.wait_for(slot.policy.commit(txn, outcome), slot.entry.timeout)
+                async with asyncio.timeout(slot.entry.timeout):
+                    await slot.policy.commit(txn, outcome)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -268,7 +269,9 @@ class Pipeline:
         started = time.perf_counter()
         error = False
         try:
-            verdict = await asyncio.wait_for(call(), entry.timeout)
+            # asyncio.timeout, not wait_for: the check runs in this task, not in a new one.
+            async with asyncio.timeout(entry.timeout):
+                verdict = await call()
         except asyncio.CancelledError:
             raise
         except Exception as exc:

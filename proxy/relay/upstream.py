@@ -298,7 +298,8 @@ async def _send_data(client: aiosmtplib.SMTP, message: Outgoing, step_limit: flo
                 protocol.write(block)
                 try:
                     # Waits only while the transport holds more than its high-water mark.
-                    await asyncio.wait_for(protocol._drain_helper(), step_limit)
+                    async with asyncio.timeout(step_limit):
+                        await protocol._drain_helper()
                 except TimeoutError:
                     raise aiosmtplib.SMTPTimeoutError("Timed out writing the message") from None
             response = await protocol.read_response(timeout=step_limit)
@@ -382,7 +383,8 @@ class SmtpUpstream:
             raise UpstreamUnavailable(r451_upstream_unavailable(txn_id))
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(self._slots.acquire(), self.config.timeouts.connect)
+            async with asyncio.timeout(self.config.timeouts.connect):
+                await self._slots.acquire()
         except TimeoutError:
             self._timing("pool_wait", started)
             log.warning("txn %s: all %d upstream connections busy", txn_id, self.config.pool.max_connections)

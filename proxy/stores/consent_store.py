@@ -288,7 +288,10 @@ class ConsentStore(abc.ABC):
 
     async def _bounded(self, call: Awaitable[T]) -> T:
         try:
-            return await asyncio.wait_for(call, self.timeout)
+            # asyncio.timeout, not wait_for: no task per call (3.11's wait_for wraps the
+            # coroutine in one), on the path of every recipient.
+            async with asyncio.timeout(self.timeout):
+                return await call
         except (ConsentStoreError, ConsentInputError, asyncio.CancelledError):
             raise
         except TimeoutError as exc:
