@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import fnmatch
+import functools
 import re
 import unicodedata
 import urllib.parse
@@ -42,12 +43,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from policies.base import Action, Policy, PolicyError, Transaction, Verdict
 from policies.list_unsubscribe import footer_edit, message_topic
 from policies.message import Link, ParsedMessage
-from policies.wordfiles import read_yaml_file
+from policies.wordfiles import load_yaml, read_yaml_file
 from proxy.schema import doc
 from proxy.stores.consent import normalize_topic
 
@@ -235,9 +234,10 @@ def read_words_file(path: str | Path) -> Vocabulary:
     return Vocabulary.from_mapping(read_yaml_file(path), str(path))
 
 
+@functools.cache  # immutable: every config build shares the shipped lists, parsed once
 def default_vocabulary() -> Vocabulary:
     text = resources.files("policies").joinpath("unsubscribe_words.yaml").read_text(encoding="utf-8")
-    return Vocabulary.from_mapping(yaml.safe_load(text), "unsubscribe_words.yaml")
+    return Vocabulary.from_mapping(load_yaml(text), "unsubscribe_words.yaml")
 
 
 def load_vocabulary(

@@ -8,16 +8,15 @@ with a "*" (compounds: "kortings*", "*rabatt") are found with ``str.find``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from policies.unsubscribe import fold
-from policies.wordfiles import read_yaml_file
+from policies.wordfiles import load_yaml, read_yaml_file
 
 __all__ = ("WORD_LISTS", "WordLists", "default_word_lists", "find", "load_word_lists", "tokens")
 
@@ -173,9 +172,10 @@ def _read_words_file(path: str | Path) -> WordLists:
     return WordLists.from_mapping(read_yaml_file(path), str(path))
 
 
+@functools.cache  # immutable: every config build shares the shipped lists, parsed once
 def default_word_lists() -> WordLists:
     text = resources.files("policies.commercial").joinpath("words.yaml").read_text(encoding="utf-8")
-    return WordLists.from_mapping(yaml.safe_load(text), "words.yaml")
+    return WordLists.from_mapping(load_yaml(text), "words.yaml")
 
 
 def load_word_lists(
