@@ -14,7 +14,9 @@ relay_throughput.py) plus:
 * DKIM with a fresh RSA-2048 key for the From domain (every copy is signed);
 * no blocklist zones (the watch would query the Internet for the DKIM domain);
 * ``upstream.copy_concurrency`` per target: ``copies-1`` sends the copies one after another,
-  ``copies-default`` as shipped (4 at once).
+  ``copies-default`` as shipped (4 at once); ``copies-default-w2`` is the shipped concurrency
+  with ``workers: 2`` (the state store in Redis, as two workers require; the consent store
+  stays SQLite, which the workers share).
 
 The targets run interleaved (each round starts with another), medians of ``--repeat`` runs.
 
@@ -54,7 +56,6 @@ from bench.relay_throughput import (  # noqa: E402
     BenchError,
     Sink,
     bench_config,
-    cpu_times,
     find_program,
     free_port,
     machine,
@@ -64,6 +65,7 @@ from bench.relay_throughput import (  # noqa: E402
     serve_command,
     snapshot_code,
     stop_process,
+    tree_cpu_times,
     versions,
     wait_for_ready,
     wait_until_quiet,
@@ -72,7 +74,8 @@ from bench.relay_throughput import (  # noqa: E402
 from proxy.reputation.dkim import generate_private_key, write_private_key  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-TARGETS = {"copies-1": 1, "copies-default": None}  # upstream.copy_concurrency (None: as shipped)
+#: target: (upstream.copy_concurrency, None: as shipped; workers, state in Redis when > 1)
+TARGETS = {"copies-1": (1, 1), "copies-default": (None, 1), "copies-default-w2": (None, 2)}
 SENDER, DOMAIN, RECIPIENT = "news@shop.example", "shop.example", "sub@bench.example"
 BODY_SIZE = 4000
 
@@ -169,9 +172,11 @@ def newsletter_file(workdir: Path) -> Path:
     return path
 
 
-def newsletter_config(workdir: Path, recipients: int, concurrency: int | None) -> tuple[Path, list[str]]:
+def newsletter_config(
+    workdir: Path, recipients: int, concurrency: int | None, workers: int = 1
+) -> tuple[Path, list[str]]:
     """bench_config's shipped config plus consent, one-click links, DKIM RSA-2048; returns the changes."""
-    base, changes = bench_config(workdir, audit=True, max_sessions=10)
+    base, changes = bench_config(workdir, audit=True, max_sessions=10, workers=workers, redis=workers > 1)
     config: dict[str, Any] = yaml.safe_load(base.read_text())
     key = workdir / "dkim-rsa.pem"
     if not key.exists():
@@ -199,7 +204,7 @@ def newsletter_config(workdir: Path, recipients: int, concurrency: int | None) -
         "dns.blocklists.zones: [] (no Internet lookups)",
         f"upstream.copy_concurrency: {concurrency if concurrency is not None else 'as shipped'}",
     ]
-    path = workdir / f"newsletter-{concurrency or 'default'}.yaml"
+    path = workdir / f"newsletter-{concurrency or 'default'}-w{workers}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path, changes
 
@@ -265,7 +270,7 @@ def run_once(workdir: Path, target: str, scenario: Scenario, recipients: int, qu
         "messages": messages,
         "recipients": recipients,
     }
-    config, _ = newsletter_config(workdir, recipients, TARGETS[target])
+    config, _ = newsletter_config(workdir, recipients, *TARGETS[target])
     sink = Sink(find_program("smtp-sink"), workdir)
     delayed = DelayedReplies(sink.port, scenario.delay_ms / 1000)
     process: subprocess.Popen[bytes] | None = None
@@ -315,11 +320,11 @@ def run_once(workdir: Path, target: str, scenario: Scenario, recipients: int, qu
             raise BenchError(f"warm-up failed: exit {warm.returncode}: {warm.stderr.decode(errors='replace')}")
         if quiet_wait > 0:
             result["waited_for_quiet_s"] = wait_until_quiet(quiet_wait)
-        user, system = cpu_times(process.pid)
+        user, system = tree_cpu_times(process.pid)  # with workers: the parent and its workers
         started = time.perf_counter()
         completed = send(messages)
         elapsed = time.perf_counter() - started
-        user2, system2 = cpu_times(process.pid)
+        user2, system2 = tree_cpu_times(process.pid)
         expected = (warmup + messages) * recipients
         delivered = sink.wait_delivered(expected) - warmup * recipients
         cpu = (user2 - user) + (system2 - system)
@@ -361,13 +366,14 @@ def summarise(runs: list[dict[str, Any]], scenarios: Sequence[Scenario]) -> list
                 and r["ok"]
             ]
             rates[target] = round(statistics.median(samples), 1) if samples else None
-        one, default = rates.get("copies-1"), rates.get("copies-default")
+        one, default, two = rates.get("copies-1"), rates.get("copies-default"), rates.get("copies-default-w2")
         summary.append(
             {
                 "sessions": scenario.sessions,
                 "upstream_delay_ms": scenario.delay_ms,
                 "recipients_per_s": rates,
                 "default_vs_one_at_a_time": round(default / one, 3) if one and default else None,
+                "w2_vs_w1": round(two / default, 3) if two and default else None,
             }
         )
     return summary
@@ -428,7 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rates = row["recipients_per_s"]
         print(
             f"{scenario.label:<30} copies 1: {rates['copies-1']} rcpt/s, default: {rates['copies-default']} rcpt/s, "
-            f"default / 1 = {row['default_vs_one_at_a_time']}"
+            f"default w2: {rates['copies-default-w2']} rcpt/s, default / 1 = {row['default_vs_one_at_a_time']}, "
+            f"w2 / w1 = {row['w2_vs_w1']}"
         )
     report = {
         "benchmark": "newsletter",
@@ -443,7 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {"sessions": s.sessions, "upstream_delay_ms": s.delay_ms, "messages": s.messages} for s in scenarios
             ],
             "repeat": repeat,
-            "targets": {t: c if c is not None else "as shipped" for t, c in TARGETS.items()},
+            "targets": {
+                t: {"copy_concurrency": c if c is not None else "as shipped", "workers": w}
+                for t, (c, w) in TARGETS.items()
+            },
             "message": f"about {BODY_SIZE} bytes of text/plain, X-Sendguard-Class: commercial, topic newsletter",
             "upstream": "smtp-sink; with a delay, through a TCP relay holding each of its replies that long",
             "sendguard_config": "config/sendguard.yaml with: " + "; ".join(changes),
