@@ -94,6 +94,9 @@ class RelayTransaction:
     #: After an internal error the transaction cannot go on: every later RCPT and DATA gets
     #: this 4xx (never a 503 that would bounce recipients) until the client starts anew.
     failed: Reply | None = None
+    #: Recipients the upstream answered at RCPT that the bounce-rate denominator has not
+    #: counted yet: counted in one store call at the end, or before a hard bounce is judged.
+    tried_uncounted: int = 0
     #: Set when ``end`` ran: committed, audited, counted; later calls to ``end`` do nothing.
     ended: bool = False
     #: Called once, as the transaction ends and before its clean-up (the session forgets it).
@@ -301,8 +304,29 @@ class RelayTransaction:
             log.error("txn %s: backoff bookkeeping failed: %s", self.txn.txn_id, exc)
 
     async def bounce(self, recipient: str, reply: Reply, *, tried: bool = True) -> None:
+        """The bounce bookkeeping of one upstream answer: at RCPT (``tried``: the recipient
+        counts towards the bounce rate's denominator) or for a copy (counted at its RCPT)."""
+        bounces = self.runtime.bounces
+        if tried and not bounces.is_dead(reply):
+            # Nothing to judge: only the count, which waits for the transaction's end so
+            # that 50 recipients are one store call (one Redis round trip), not 50.
+            self.tried_uncounted += 1
+            return
+        count = self.tried_uncounted + (1 if tried else 0)
+        self.tried_uncounted = 0
         try:
-            await self.runtime.bounces.recipient_tried(self.txn, recipient, reply, count_tried=tried)
+            await bounces.recipient_tried(self.txn, recipient, reply, count=count)
+        except Exception as exc:
+            self.services.metrics.state_errors.labels("bounces").inc()
+            log.error("txn %s: bounce bookkeeping failed: %s", self.txn.txn_id, exc)
+
+    async def count_tried(self) -> None:
+        """Count the recipients the bounce rate's denominator has not counted yet."""
+        count, self.tried_uncounted = self.tried_uncounted, 0
+        if not count:
+            return
+        try:
+            await self.runtime.bounces.count_tried(self.txn, count)
         except Exception as exc:
             self.services.metrics.state_errors.labels("bounces").inc()
             log.error("txn %s: bounce bookkeeping failed: %s", self.txn.txn_id, exc)
@@ -354,6 +378,7 @@ class RelayTransaction:
                 recipients = tuple(r for r, reply in self.copies.items() if self._copy_fate(r, reply) != "refused")
                 refused.update({r: reply for r, reply in self.copies.items() if self._copy_fate(r, reply) == "refused"})
             try:
+                await self.count_tried()
                 outcome_seen = Outcome(
                     delivered=delivered, delivered_recipients=recipients, refused_recipients=refused, reply=client_reply
                 )

@@ -48,6 +48,11 @@ __all__ = ("BounceConfig", "Bounces", "address_counter")
 log = logging.getLogger("sendguard.bounces")
 
 
+def _sender_domain(txn: Transaction) -> str:
+    """The envelope sender's domain, lowercased; "" for the null sender (bounces, auto-replies)."""
+    return txn.mail_from.rsplit("@", 1)[1].lower() if "@" in txn.mail_from else ""
+
+
 def address_counter(recipient: str) -> str:
     """The shared-state counter of one address's hard bounces. A plain hash of the address, so
     it names a person to anyone who tries addresses: an erasure deletes it
@@ -139,12 +144,21 @@ class Bounces:
     def is_dead(self, reply: Reply) -> bool:
         return reply.code >= 500 and any(fnmatch.fnmatchcase(reply.status, s) for s in self.config.statuses)
 
-    async def recipient_tried(
-        self, txn: Transaction, recipient: str, reply: Reply, *, count_tried: bool = True
-    ) -> None:
-        """Called for each recipient the upstream answered at RCPT, and for each one-recipient
-        copy's answer (``count_tried=False``: that recipient was counted at its RCPT)."""
-        domain = txn.mail_from.rsplit("@", 1)[1].lower() if "@" in txn.mail_from else ""
+    async def count_tried(self, txn: Transaction, count: int) -> None:
+        """Add ``count`` recipients the upstream accepted at RCPT to the sender domain's
+        bounce-rate denominator, in one store call: a transaction counts its accepted
+        recipients at its end (or before a hard bounce is judged), not one call per RCPT."""
+        domain = _sender_domain(txn)
+        if count > 0 and domain:
+            await self.pauses.tally(f"bounces:tried:{domain}", self.config.rate_window, count)
+
+    async def recipient_tried(self, txn: Transaction, recipient: str, reply: Reply, *, count: int = 1) -> None:
+        """Called for a recipient the upstream refused for good at RCPT, or for a one-recipient
+        copy's answer. ``count`` is how many recipients this adds to the sender domain's
+        denominator first: 1 for the recipient itself, plus those its transaction has had
+        accepted and not counted yet (``count_tried``); 0 for a copy, whose recipient was
+        counted at its RCPT."""
+        domain = _sender_domain(txn)
         dead = self.is_dead(reply)
         if dead:
             if self.metrics is not None:
@@ -155,8 +169,8 @@ class Bounces:
         if not domain:
             return  # bounces and auto-replies (MAIL FROM:<>) have no sender to pause
         window = self.config.rate_window
-        if count_tried:  # every recipient: a tally (buckets), not one timestamp each
-            await self.pauses.tally(f"bounces:tried:{domain}", window)
+        if count:  # every recipient: a tally (buckets), not one timestamp each
+            await self.pauses.tally(f"bounces:tried:{domain}", window, count)
         if not dead:
             return
         tried = await self.pauses.tallied(f"bounces:tried:{domain}", window)

@@ -93,9 +93,9 @@ class PauseStore(abc.ABC):
         """How many events ``counter`` had in the last ``window`` seconds; records nothing."""
 
     @abc.abstractmethod
-    async def tally(self, counter: str, window: float) -> None:
-        """Count one event of a frequent kind in ``window``-sized accounting (see ``tallied``);
-        constant memory per counter, whatever the rate."""
+    async def tally(self, counter: str, window: float, events: int = 1) -> None:
+        """Count ``events`` events of a frequent kind in ``window``-sized accounting (see
+        ``tallied``); constant memory per counter, whatever the rate."""
 
     @abc.abstractmethod
     async def tallied(self, counter: str, window: float) -> int:
@@ -154,14 +154,16 @@ class MemoryPauseStore(PauseStore):
         now = self.now()
         return sum(1 for moment in self._events.get(counter, ()) if moment > now - window)
 
-    async def tally(self, counter: str, window: float) -> None:
+    async def tally(self, counter: str, window: float, events: int = 1) -> None:
+        if events <= 0:
+            return
         width = bucket_width(window)
         start = int(self.now() // width * width)
         width, buckets = self._tallies.setdefault(counter, (width, deque()))
         if buckets and buckets[-1][0] == start:
-            buckets[-1][1] += 1
+            buckets[-1][1] += events
             return
-        buckets.append([start, 1])
+        buckets.append([start, events])
         while buckets and buckets[0][0] + width <= self.now() - window:
             buckets.popleft()
 
@@ -197,14 +199,14 @@ redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return redis.call('ZCARD', KEYS[1])
 """
-# KEYS[1] = tally hash; ARGV = bucket start (s), bucket width (ms), oldest start kept, ttl_ms.
+# KEYS[1] = tally hash; ARGV = bucket start (s), bucket width (ms), oldest start kept, ttl_ms, events.
 # One field per bucket and the field "width" (ms, set by the first tally: a reader with another
 # window reads the same buckets); a new bucket drops the fields older than the window.
 _TALLY = """
 redis.call('HSETNX', KEYS[1], 'width', ARGV[2])
-local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-if n == 1 then
+if n == tonumber(ARGV[5]) then
   local oldest = tonumber(ARGV[3])
   for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
     if field ~= 'width' and tonumber(field) < oldest then redis.call('HDEL', KEYS[1], field) end
@@ -253,13 +255,15 @@ class RedisPauseStore(PauseStore):
         key = f"{self.prefix}events:{counter}"
         return int(await self.redis.zcount(key, now_ms - int(window * 1000) + 1, "+inf"))
 
-    async def tally(self, counter: str, window: float) -> None:
+    async def tally(self, counter: str, window: float, events: int = 1) -> None:
+        if events <= 0:
+            return
         width = bucket_width(window)
         now = self.now()
         start = int(now // width * width)
         oldest = int((now - window - width) // 1) + 1  # a bucket's end must lie inside the window
         ttl_ms = int((window + width) * 1000)
-        args = [start, int(width * 1000), oldest, ttl_ms]
+        args = [start, int(width * 1000), oldest, ttl_ms, events]
         await self._tally(keys=[f"{self.prefix}tally:{counter}"], args=args)
 
     async def tallied(self, counter: str, window: float) -> int:

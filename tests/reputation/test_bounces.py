@@ -115,6 +115,33 @@ async def test_a_high_hard_bounce_rate_pauses_the_senders_commercial_mail(
     assert registry.get_sample_value("sendguard_bounce_pauses_total") == 1
 
 
+async def test_a_transactions_accepted_recipients_count_before_its_hard_bounce_is_judged(
+    upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory
+) -> None:
+    """The denominator counts a transaction's accepted recipients in one call, at its end; a
+    hard bounce within it is judged with those before it counted (1 of 5, not 1 of 1)."""
+    upstream = await upstream_factory(faults=Faults(rcpt_replies={"old@example.org": DEAD.format("old@example.org")}))
+    proxy = await proxy_factory(upstream.address, {"bounces": {"rate_threshold": 0.1, "min_recipients": 5}})
+    pauses = proxy.app.runtime.pauses
+    window = proxy.app.runtime.bounces.config.rate_window
+    client = await RawClient.connect(proxy.port)
+    await client.cmd("EHLO client.test")
+    await client.cmd("MAIL FROM:<news@example.com>")
+    for n in range(4):
+        assert (await client.cmd(f"RCPT TO:<ok{n}@example.org>"))[0] == 250
+    assert await pauses.tallied("bounces:tried:example.com", window) == 0  # waits for the end or a bounce
+    assert (await client.cmd("RCPT TO:<old@example.org>"))[0] == 550
+    assert await pauses.tallied("bounces:tried:example.com", window) == 5
+    assert [p.reason for p in await pauses.active() if p.value == "example.com"] == [
+        "1 of the last 5 recipients of example.com hard-bounced (20.0%, more than 10%); clean the list"
+    ]
+    # Accepted after the bounce, then abandoned (RSET): still tried, counted at the end.
+    assert (await client.cmd("RCPT TO:<ok9@example.org>"))[0] == 250
+    assert (await client.cmd("RSET"))[0] == 250
+    assert await pauses.tallied("bounces:tried:example.com", window) == 6
+    await client.close()
+
+
 async def test_a_suppressed_address_is_never_offered_to_the_upstream_again(
     upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
@@ -154,7 +181,7 @@ async def test_a_repeated_hard_bounce_is_recorded_once(tmp_path: Path) -> None:
         txn = Transaction(txn_id="t", listener="local", client_ip="127.0.0.1", mail_from="shop@example.com")
         dead = Reply(550, "5.1.1", "User unknown")
         for _ in range(3):  # e.g. copies of one message, each refused by the upstream
-            await bounces.recipient_tried(txn, "gone@example.org", dead, count_tried=False)
+            await bounces.recipient_tried(txn, "gone@example.org", dead, count=0)
         assert [e.kind for e in await store.history("gone@example.org")] == ["suppressed"]
         refusal = await bounces.refusal(txn, "gone@example.org")
         assert refusal is not None and refusal.code == 550

@@ -23,16 +23,25 @@ class Clock:
         return self.now
 
 
-async def tally_behaves(make: Callable[[Clock], PauseStore], fields: Callable[[], Awaitable[int]] | None) -> None:
+async def tally_behaves(
+    make: Callable[[Clock], PauseStore], fields: Callable[[], Awaitable[int]] | None, *, batched: bool = False
+) -> None:
+    """``batched``: the 40 events of each bucket are one call (a transaction's recipients),
+    which must count exactly as 40 calls do."""
     clock = Clock()
     store = make(clock)
     try:
         width = bucket_width(DAY)
         assert width == DAY / 256
+        await store.tally("bounces:tried:example.com", DAY, 0)  # nothing to count: nothing counted
+        assert await store.tallied("bounces:tried:example.com", DAY) == 0
         # a day and a half of traffic, 40 recipients every bucket's width
         for _ in range(384):
-            for _ in range(40):
-                await store.tally("bounces:tried:example.com", DAY)
+            if batched:
+                await store.tally("bounces:tried:example.com", DAY, 40)
+            else:
+                for _ in range(40):
+                    await store.tally("bounces:tried:example.com", DAY)
             clock.now += width
         clock.now -= width  # the last events were counted now
         counted = await store.tallied("bounces:tried:example.com", DAY)
@@ -50,19 +59,21 @@ async def tally_behaves(make: Callable[[Clock], PauseStore], fields: Callable[[]
         await store.close()
 
 
-async def test_a_tally_in_memory_counts_the_window_in_constant_space() -> None:
+@pytest.mark.parametrize("batched", [False, True], ids=["one call per event", "one call per batch"])
+async def test_a_tally_in_memory_counts_the_window_in_constant_space(batched: bool) -> None:
     stores: list[MemoryPauseStore] = []
 
     def make(clock: Clock) -> PauseStore:
         stores.append(MemoryPauseStore(clock=clock))
         return stores[0]
 
-    await tally_behaves(make, None)
+    await tally_behaves(make, None, batched=batched)
     assert len(stores[0]._tallies.get("bounces:tried:example.com", ())) <= 257
 
 
 @pytest.mark.redis
-async def test_a_tally_in_redis_counts_the_window_in_constant_space(redis_target: RedisTarget) -> None:
+@pytest.mark.parametrize("batched", [False, True], ids=["one call per event", "one call per batch"])
+async def test_a_tally_in_redis_counts_the_window_in_constant_space(redis_target: RedisTarget, batched: bool) -> None:
     config = LimitStoreConfig(backend="redis", url=redis_target.url, key_prefix=redis_target.prefix)
     stores: list[RedisPauseStore] = []
 
@@ -73,4 +84,4 @@ async def test_a_tally_in_redis_counts_the_window_in_constant_space(redis_target
     async def fields() -> int:
         return int(await stores[0].redis.hlen(f"{redis_target.prefix}tally:bounces:tried:example.com"))
 
-    await tally_behaves(make, fields)
+    await tally_behaves(make, fields, batched=batched)
