@@ -396,6 +396,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet-wait", type=float, default=20.0, help="wait up to this long for an idle machine")
     parser.add_argument("--output", type=Path, help="JSON file (default bench/results/newsletter[-quick].json)")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
+    parser.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"comma-separated subset of {','.join(TARGETS)} (default all; copies-default-w2 needs "
+        "Redis at $SENDGUARD_BENCH_REDIS, default redis://127.0.0.1:6379/0)",
+    )
     args = parser.parse_args(argv)
     scenarios = args.scenario or list(QUICK_SCENARIOS if args.quick else FULL_SCENARIOS)
     repeat = 1 if args.quick else args.repeat
@@ -405,7 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     clock = time.perf_counter()
     runs: list[dict[str, Any]] = []
-    targets = list(TARGETS)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if not targets or any(t not in TARGETS for t in targets):
+        parser.error(f"--targets: choose from {', '.join(TARGETS)}")
     code_versions = versions()
     try:
         with work_directory(args.keep) as workdir:
@@ -453,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "targets": {
                 t: {"copy_concurrency": c if c is not None else "as shipped", "workers": w}
                 for t, (c, w) in TARGETS.items()
+                if t in targets
             },
             "message": f"about {BODY_SIZE} bytes of text/plain, X-Sendguard-Class: commercial, topic newsletter",
             "upstream": "smtp-sink; with a delay, through a TCP relay holding each of its replies that long",

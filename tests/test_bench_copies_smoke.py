@@ -6,6 +6,7 @@ the relay under load, and the Postfix target of the throughput benchmark."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,10 @@ import pytest
 
 from tests.conftest import ROOT, need_program
 from tests.postfix import need_postfix
+from tests.services import RedisTarget
 
 
-def run(script: str, *args: str, cwd: Path, timeout: float = 170) -> None:
+def run(script: str, *args: str, cwd: Path, timeout: float = 170, env: dict[str, str] | None = None) -> None:
     completed = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), *args],
         capture_output=True,
@@ -24,6 +26,7 @@ def run(script: str, *args: str, cwd: Path, timeout: float = 170) -> None:
         timeout=timeout,
         check=False,
         cwd=cwd,
+        env={**os.environ, **(env or {})},
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
@@ -41,6 +44,7 @@ def test_the_newsletter_benchmark_counts_every_copy(tmp_path: Path) -> None:
         "--recipients=4",
         "--repeat=1",
         "--quiet-wait=0",
+        "--targets=copies-1,copies-default",
         f"--output={output}",
         cwd=tmp_path,
     )
@@ -56,6 +60,32 @@ def test_the_newsletter_benchmark_counts_every_copy(tmp_path: Path) -> None:
         assert run_["delivered_copies"] == run_["messages"] * 4  # one upstream message per recipient
         assert run_["recipients_per_s"] > 0
     assert all(row["default_vs_one_at_a_time"] > 0 for row in report["summary"])
+
+
+@pytest.mark.external
+@pytest.mark.redis
+@pytest.mark.timeout(180)
+async def test_the_newsletter_benchmark_runs_two_workers_on_redis(tmp_path: Path, redis_target: RedisTarget) -> None:
+    need_program("smtp-source")
+    need_program("smtp-sink")
+    output = tmp_path / "newsletter.json"
+    run(
+        "newsletter.py",
+        "--scenario=2:0:2",
+        "--recipients=4",
+        "--repeat=1",
+        "--quiet-wait=0",
+        "--targets=copies-default,copies-default-w2",
+        f"--output={output}",
+        cwd=tmp_path,
+        env={"SENDGUARD_BENCH_REDIS": redis_target.url},
+    )
+    report = json.loads(output.read_text())
+    assert report["ok"] is True
+    assert [r["target"] for r in report["runs"]] == ["copies-default", "copies-default-w2"]
+    assert all(r["delivered_copies"] == 2 * 4 for r in report["runs"])
+    assert report["parameters"]["targets"]["copies-default-w2"]["workers"] == 2
+    assert report["summary"][0]["w2_vs_w1"] > 0
 
 
 @pytest.mark.external
