@@ -59,6 +59,7 @@ from bench.relay_throughput import (  # noqa: E402
     find_program,
     free_port,
     machine,
+    parse_targets,
     peak_rss_mib,
     run_errors,
     sendguard_command,
@@ -411,9 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     clock = time.perf_counter()
     runs: list[dict[str, Any]] = []
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if not targets or any(t not in TARGETS for t in targets):
-        parser.error(f"--targets: choose from {', '.join(TARGETS)}")
+    targets = parse_targets(parser, args.targets, tuple(TARGETS))
     code_versions = versions()
     try:
         with work_directory(args.keep) as workdir:

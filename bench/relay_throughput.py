@@ -851,6 +851,15 @@ def run_benchmark(
     }
 
 
+def parse_targets(parser: argparse.ArgumentParser, text: str, known: Sequence[str]) -> list[str]:
+    """A ``--targets`` list (comma-separated), each one of ``known``; a usage error otherwise."""
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = sorted(set(targets) - set(known))
+    if unknown or not targets:
+        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return targets
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Throughput of smtp-source -> [nothing | naive relay | sendguard] -> smtp-sink on 127.0.0.1."
@@ -885,12 +894,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="JSON file (default: bench/results/relay_throughput[-quick].json)")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (configs, relay logs)")
     args = parser.parse_args(argv)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    known = (*TARGETS, *EXTRA_TARGETS)
-    unknown = sorted(set(targets) - set(known))
-    if unknown or not targets:
-        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    args.targets = targets
+    args.targets = parse_targets(parser, args.targets, (*TARGETS, *EXTRA_TARGETS))
     if args.messages is None:
         args.messages = QUICK_MESSAGES if args.quick else FULL_MESSAGES
     if args.messages <= 0 or args.repeat <= 0:

@@ -151,7 +151,7 @@ class Drainer:
             log.error("spool: backoff bookkeeping for txn %s failed: %s", entry.txn_id, exc)
         if stage in ("rcpt", "data"):
             try:
-                await runtime.bounces.recipient_tried(txn, entry.recipient, reply, count=0)
+                await runtime.bounces.recipient_tried(txn, entry.recipient, reply)
             except Exception as exc:
                 self.metrics.state_errors.labels("bounces").inc()
                 log.error("spool: bounce bookkeeping for txn %s failed: %s", entry.txn_id, exc)

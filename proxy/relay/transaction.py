@@ -306,16 +306,15 @@ class RelayTransaction:
     async def bounce(self, recipient: str, reply: Reply, *, tried: bool = True) -> None:
         """The bounce bookkeeping of one upstream answer: at RCPT (``tried``: the recipient
         counts towards the bounce rate's denominator) or for a copy (counted at its RCPT)."""
-        bounces = self.runtime.bounces
-        if tried and not bounces.is_dead(reply):
-            # Nothing to judge: only the count, which waits for the transaction's end so
-            # that 50 recipients are one store call (one Redis round trip), not 50.
+        if tried:
+            # Counted at the transaction's end: 50 recipients are one store call (one Redis
+            # round trip), not 50.
             self.tried_uncounted += 1
+        if not self.runtime.bounces.is_dead(reply):
             return
-        count = self.tried_uncounted + (1 if tried else 0)
-        self.tried_uncounted = 0
+        await self.count_tried()  # a hard bounce is judged with the recipients before it counted
         try:
-            await bounces.recipient_tried(self.txn, recipient, reply, count=count)
+            await self.runtime.bounces.recipient_tried(self.txn, recipient, reply)
         except Exception as exc:
             self.services.metrics.state_errors.labels("bounces").inc()
             log.error("txn %s: bounce bookkeeping failed: %s", self.txn.txn_id, exc)

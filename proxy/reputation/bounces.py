@@ -145,34 +145,28 @@ class Bounces:
         return reply.code >= 500 and any(fnmatch.fnmatchcase(reply.status, s) for s in self.config.statuses)
 
     async def count_tried(self, txn: Transaction, count: int) -> None:
-        """Add ``count`` recipients the upstream accepted at RCPT to the sender domain's
-        bounce-rate denominator, in one store call: a transaction counts its accepted
-        recipients at its end (or before a hard bounce is judged), not one call per RCPT."""
+        """Add ``count`` recipients the upstream answered at RCPT to the sender domain's
+        bounce-rate denominator, in one store call: a transaction counts its recipients at
+        its end, or before a hard bounce among them is judged, not one call per RCPT."""
         domain = _sender_domain(txn)
-        if count > 0 and domain:
+        if domain:  # bounces and auto-replies (MAIL FROM:<>) have no sender to pause
             await self.pauses.tally(f"bounces:tried:{domain}", self.config.rate_window, count)
 
-    async def recipient_tried(self, txn: Transaction, recipient: str, reply: Reply, *, count: int = 1) -> None:
-        """Called for a recipient the upstream refused for good at RCPT, or for a one-recipient
-        copy's answer. ``count`` is how many recipients this adds to the sender domain's
-        denominator first: 1 for the recipient itself, plus those its transaction has had
-        accepted and not counted yet (``count_tried``); 0 for a copy, whose recipient was
-        counted at its RCPT."""
+    async def recipient_tried(self, txn: Transaction, recipient: str, reply: Reply) -> None:
+        """Called for an upstream answer to one recipient (at RCPT, or a one-recipient copy's),
+        once that recipient is counted in the denominator (``count_tried``): a hard bounce
+        counts toward the address's suppression and the sender domain's bounce rate."""
+        if not self.is_dead(reply):
+            return
+        if self.metrics is not None:
+            self.metrics.hard_bounces.inc()
+        counted = not await self._burst(txn) and self.config.suppress and self.consent is not None
+        if counted and await self._bounced_enough(recipient):
+            await self._suppress(txn, recipient, reply)
         domain = _sender_domain(txn)
-        dead = self.is_dead(reply)
-        if dead:
-            if self.metrics is not None:
-                self.metrics.hard_bounces.inc()
-            counted = not await self._burst(txn) and self.config.suppress and self.consent is not None
-            if counted and await self._bounced_enough(recipient):
-                await self._suppress(txn, recipient, reply)
         if not domain:
             return  # bounces and auto-replies (MAIL FROM:<>) have no sender to pause
         window = self.config.rate_window
-        if count:  # every recipient: a tally (buckets), not one timestamp each
-            await self.pauses.tally(f"bounces:tried:{domain}", window, count)
-        if not dead:
-            return
         tried = await self.pauses.tallied(f"bounces:tried:{domain}", window)
         bounced = await self.pauses.hit(f"bounces:hard:{domain}", window)
         if tried < self.config.min_recipients or bounced / tried <= self.config.rate_threshold:

@@ -94,7 +94,7 @@ class BodyCollector:
             self._fail(BodyState.TOO_MUCH)
             return
         if self._too_long(partial):
-            self._fail(None)
+            self._drop()
             self._doomed = True
             self._last = partial[-1:]
             return
@@ -107,16 +107,21 @@ class BodyCollector:
     def _over_size(self, received: int) -> bool:
         return self._max_size is not None and 0 < self._max_size < received
 
+    def _long_line_verdict(self, line_end: int) -> BodyState:
+        """aiosmtpd's verdict for a line over the limit that ends at ``line_end`` in the stream:
+        "too much" if the size limit is passed on or before that line (the size is checked
+        first), "too long" if only after it."""
+        return BodyState.TOO_MUCH if self._over_size(line_end) else BodyState.TOO_LONG
+
     def _verdict_for_long_line(self, lines: bytes, lines_offset: int) -> BodyState:
-        """aiosmtpd's verdict when ``lines`` (whole lines starting at ``lines_offset`` in the
-        stream) hold a line over the limit: "too much" if the size limit is passed on or
-        before that line, "too long" if only after it. Only on a refusal: line by line."""
+        """The verdict when ``lines`` (whole lines starting at ``lines_offset`` in the stream)
+        hold a line over the limit: its first such line decides. Only on a refusal: line by line."""
         end = lines_offset
         for line in lines.split(b"\r\n")[:-1]:
             end += len(line) + 2
             if len(line) + 2 > self._max_line:
                 break
-        return BodyState.TOO_MUCH if self._over_size(end) else BodyState.TOO_LONG
+        return self._long_line_verdict(end)
 
     def _finish_doomed_line(self, piece: bytes, offset: int) -> None:
         if self._last == b"\r" and piece.startswith(b"\n"):
@@ -128,18 +133,21 @@ class BodyCollector:
                 return
             line_end = offset + found + 2
         self._doomed = False
-        self.state = BodyState.TOO_MUCH if self._over_size(line_end) else BodyState.TOO_LONG
+        self.state = self._long_line_verdict(line_end)
 
     def _too_long(self, partial: bytes) -> bool:
         """Whether an unfinished line is already too long, its CRLF included; a CR at its end
         may be the first half of that CRLF."""
         return len(partial) - partial.endswith(b"\r") + 2 > self._max_line
 
-    def _fail(self, state: BodyState | None) -> None:
-        if state is not None:
-            self.state = state
+    def _fail(self, state: BodyState) -> None:
+        self.state = state
+        self._drop()
+
+    def _drop(self) -> None:
+        """Let go of what was collected at once: nothing of it will be used."""
         self._partial = b""
-        self._out = io.BytesIO()  # drop what was collected at once: nothing of it will be used
+        self._out = io.BytesIO()
 
     def message(self) -> bytes:
         """The message, once the end of data has been read (the body before it always ends

@@ -181,7 +181,7 @@ async def test_a_repeated_hard_bounce_is_recorded_once(tmp_path: Path) -> None:
         txn = Transaction(txn_id="t", listener="local", client_ip="127.0.0.1", mail_from="shop@example.com")
         dead = Reply(550, "5.1.1", "User unknown")
         for _ in range(3):  # e.g. copies of one message, each refused by the upstream
-            await bounces.recipient_tried(txn, "gone@example.org", dead, count=0)
+            await bounces.recipient_tried(txn, "gone@example.org", dead)
         assert [e.kind for e in await store.history("gone@example.org")] == ["suppressed"]
         refusal = await bounces.refusal(txn, "gone@example.org")
         assert refusal is not None and refusal.code == 550
